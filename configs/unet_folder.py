@@ -1,0 +1,38 @@
+"""U-Net on your own images: a folder of images with same-named PNG masks of class ids.
+
+  python train.py --config configs/unet_folder.py:NUM_CLASSES --workdir /tmp/unet_folder \
+      --config.dataset.data_dir=/path/to/data
+
+Layout: DATA_DIR/{train,validation}/images/NAME.{jpg,png} and
+DATA_DIR/{train,validation}/masks/NAME.png (single-channel or palette PNG; 255 = ignore).
+"""
+
+from configs import unet_shapes
+
+
+def get_config(arg=None):
+  num_classes = int(arg) if arg else 2
+  config = unet_shapes.get_config()
+  config.image_size = (256, 256)
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 5000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 200
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+
+  config.dataset.name = "folder"
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "validation"
+  config.dataset.shuffle_buffer = 1000
+  config.dataset.class_names = tuple(f"class_{i}" for i in range(num_classes))
+  config.dataset.train_kwargs = {}
+  config.dataset.eval_kwargs = {}
+  config.augment.min_scale = 0.5
+  config.augment.max_scale = 1.5
+
+  config.model.num_classes = num_classes
+  config.model.depth = 4
+  config.model.base_width = 32
+  return config

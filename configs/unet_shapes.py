@@ -1,0 +1,69 @@
+"""U-Net on the embedded shapes data set: the quickstart.
+
+  python train.py --config configs/unet_shapes.py --workdir /tmp/unet_shapes
+
+About 5 minutes on a 2-core CPU; reaches a validation mean IoU above 0.85.
+`--config configs/unet_shapes.py:tiny` is a seconds-long version for smoke tests.
+"""
+
+import ml_collections
+
+from segjax.data.shapes import CLASS_NAMES
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 16
+  config.eval_batch_size = 50
+  config.image_size = (64, 64)
+  config.num_train_steps = 1200
+  config.optimizer = "adamw"
+  config.learning_rate = 3e-3
+  config.weight_decay = 1e-4
+  config.schedule = "cosine"
+  config.warmup_steps = 50
+  config.grad_clip_norm = 0.0
+  config.log_every_steps = 50
+  config.eval_every_steps = 400
+  config.checkpoint_every_steps = 400
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "shapes"
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "validation"
+  config.dataset.ignore_label = 255
+  config.dataset.shuffle_buffer = 2000
+  config.dataset.class_names = CLASS_NAMES
+  config.dataset.train_kwargs = dict(num_examples=2000, image_size=config.image_size)
+  config.dataset.eval_kwargs = dict(num_examples=200, image_size=config.image_size)
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.min_scale = 0.75
+  config.augment.max_scale = 1.25
+  config.augment.flip = True
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "unet"
+  config.model.num_classes = len(CLASS_NAMES)
+  config.model.depth = 3
+  config.model.base_width = 16
+  config.model.norm = "batch"
+  config.model.dropout_rate = 0.0
+  config.model.upsampling = "transpose"
+
+  if arg == "tiny":
+    config.batch_size = 4
+    config.eval_batch_size = 6
+    config.image_size = (32, 32)
+    config.num_train_steps = 20
+    config.warmup_steps = 2
+    config.log_every_steps = 5
+    config.eval_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.dataset.train_kwargs = dict(num_examples=40, image_size=config.image_size)
+    config.dataset.eval_kwargs = dict(num_examples=10, image_size=config.image_size)
+    config.model.depth = 2
+    config.model.base_width = 8
+  return config

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the train state together with the tf.data iterator position.
+
+Saving both in one `Composite` checkpoint makes resume exact: the run continues at the same
+step with the same next batch. Orbax writes to a temporary directory and renames it once
+complete, so an interrupted save never leaves a half-written checkpoint that restore would
+pick up (`latest_step` only sees committed steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from etils import epath
+
+
+class TFIteratorHandler(ocp.CheckpointHandler):
+  """Saves a tf.data iterator, one directory per process (t5x `DatasetCheckpointHandler`)."""
+
+  def _dir(self, directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+  def save(self, directory: epath.Path, args: "TFIterator") -> None:
+    d = self._dir(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tf.train.Checkpoint(it=args.it).write(os.fspath(d / "tfdata"))
+
+  def restore(self, directory: epath.Path, args: "TFIterator") -> tf.data.Iterator:
+    path = self._dir(directory) / "tfdata"
+    tf.train.Checkpoint(it=args.it).read(os.fspath(path)).assert_consumed()
+    return args.it
+
+
+@ocp.args.register_with_handler(TFIteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class TFIterator(ocp.args.CheckpointArgs):
+  it: tf.data.Iterator
+
+
+def checkpoint_manager(workdir: str, *, save_every_steps: int,
+                       keep: int = 2) -> ocp.CheckpointManager:
+  """Saves every `save_every_steps` steps (and whenever forced), keeping the latest `keep`."""
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+    save_decision_policy=policies.FixedIntervalPolicy(save_every_steps),
+    preservation_policy=policies.LatestN(keep),
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None, *,
+         force: bool = False) -> bool:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = TFIterator(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
+            step: int | None = None):
+  """(state, step) from `step` or the latest checkpoint; the iterator is restored in place.
+
+  `abstract_state` gives the structure, shapes, dtypes and target shardings
+  (e.g. `jax.eval_shape` of the state initializer with shardings attached).
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = TFIterator(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"], step

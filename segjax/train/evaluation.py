@@ -1,0 +1,64 @@
+"""Evaluation of a trained checkpoint: what `evaluate.py` runs.
+
+Writes `workdir/eval_metrics.json` and, on request, PNG panels to `workdir/visualizations/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from segjax import visualize
+from segjax.train import checkpoint, parallel
+from segjax.train.evaluator import Evaluator
+from segjax.train.loop import build_model, initial_state
+from segjax.train.semantic import apply_model
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, mesh):
+  """(variables, step) of the latest checkpoint in `workdir`."""
+  _, abstract_state = initial_state(config, model, mesh)
+  manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
+  with manager:
+    state, step = checkpoint.restore(manager, abstract_state)
+  return {"params": state.params, "batch_stats": state.batch_stats}, step
+
+
+def write_visualizations(config, evaluator: Evaluator, model, variables, directory: str,
+                         count: int) -> list[str]:
+  """PNG panels (image | ground truth | prediction) for the first `count` eval examples."""
+  os.makedirs(directory, exist_ok=True)
+  predict = jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, None, train=False)[0], -1))
+  paths = []
+  for batch in evaluator.dataset.as_numpy_iterator():
+    preds = np.asarray(predict(variables, batch["image"]))
+    for image, label, pred, real in zip(batch["image"], batch["mask"], preds,
+                                        batch["example_mask"]):
+      if not real or len(paths) == count:
+        return paths
+      path = os.path.join(directory, f"{len(paths):04d}.png")
+      visualize.save_png(
+        visualize.side_by_side(image, label, pred, config.model.num_classes), path)
+      paths.append(path)
+  return paths
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        num_visualizations: int = 0) -> dict:
+  mesh = parallel.make_mesh()
+  model = build_model(config)
+  variables, step = restore_variables(config, workdir, model, mesh)
+  evaluator = Evaluator(config, model=model, mesh=mesh)
+  metrics = {"step": step, **evaluator.run(variables)}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+    if num_visualizations:
+      write_visualizations(config, evaluator, model, variables,
+                           os.path.join(workdir, "visualizations"), num_visualizations)
+  return metrics

@@ -1,0 +1,48 @@
+"""Jitted evaluation over a whole split, summing per-batch statistics on device.
+
+Every process runs the same number of padded batches, so the sums cover every example of
+the split exactly once however it divides into batches and hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from segjax.data import pipeline
+from segjax.train import parallel, semantic
+
+
+class Evaluator:
+  """`Evaluator(config, model=..., mesh=...).run(variables) -> dict` of metrics."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, model, mesh):
+    self.config = config
+    self.mesh = mesh
+    batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
+    kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    self.dataset, num_batches = pipeline.eval_dataset(config, **kwargs)
+    if jax.process_count() > 1:
+      most = int(np.max(multihost_utils.process_allgather(np.int32(num_batches))))
+      if most != num_batches:
+        self.dataset, num_batches = pipeline.eval_dataset(config, num_batches=most, **kwargs)
+    self.num_batches = num_batches
+    step = functools.partial(semantic.eval_step, model=model,
+                             num_classes=config.model.num_classes,
+                             ignore_label=config.dataset.ignore_label)
+    replicated = parallel.replicated(mesh)
+    self._step = jax.jit(step, in_shardings=(replicated, parallel.data_sharded(mesh)),
+                         out_shardings=replicated)
+
+  def run(self, variables: dict) -> dict:
+    sums = None
+    for batch in self.dataset.as_numpy_iterator():
+      out = self._step(variables, parallel.to_global(batch, self.mesh))
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    sums = jax.tree.map(np.asarray, sums)
+    return semantic.summarize(sums, class_names=self.config.dataset.get("class_names"))

@@ -1,0 +1,47 @@
+"""Metric writing: one JSON object per line in `workdir/metrics.jsonl`, and a readable log line.
+
+Only process 0 writes (big_vision `BigVisionMetricWriter`); other processes get a writer that
+does nothing, so calling code needs no `if process_index == 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+  """Appends `{"step": ..., **metrics}` to `metrics.jsonl` and logs it with progress."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, num_train_steps: int | None = None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self.num_train_steps = num_train_steps
+    self._start = time.time()
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(self._format(record), flush=True)
+
+  def _format(self, record: dict) -> str:
+    step = record["step"]
+    progress = f"step {step}"
+    if self.num_train_steps:
+      progress += f"/{self.num_train_steps} ({100 * step / self.num_train_steps:.0f}%)"
+    values = " ".join(
+      f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+      for k, v in record.items() if k != "step" and not isinstance(v, list))
+    return f"[{time.time() - self._start:7.1f}s] {progress} {values}"

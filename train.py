@@ -1,0 +1,24 @@
+"""Trains a segjax model: `python train.py --config configs/unet_shapes.py --workdir DIR`."""
+
+from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before TF loads)
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  cli.hide_gpus_from_tensorflow()
+  cli.quiet_logging()
+  from segjax.train.loop import train_and_evaluate
+
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
