@@ -1,0 +1,192 @@
+"""U-Net semantic segmentation (Ronneberger, Fischer and Brox, 2015, arXiv:1505.04597).
+
+An encoder of `depth` levels (two 3x3 convs, then 2x2 max pooling; width doubling per level),
+a bottleneck, and a mirrored decoder that upsamples, concatenates the encoder features of the
+same level (skip connection) and applies two 3x3 convs. Unlike the paper, convolutions use
+'SAME' padding, so for any H, W divisible by 2**depth the logits have the input's size.
+
+Decoder upsampling, chosen by `upsampling`:
+  * "transpose": 2x2 transposed convolution, stride 2 (the paper's "up-convolution").
+  * "max_unpool": a 1x1 conv to the skip's width, then max unpooling with the indices
+    remembered by the encoder's pooling at that level (SegNet, Badrinarayanan et al., 2015).
+  * "nearest" / "bilinear": a 1x1 conv to the skip's width, then a fixed resize. The 1x1 conv
+    runs before the resize because both are linear per pixel / per channel and so commute;
+    it is 4x cheaper at the low resolution.
+
+Shapes: B batch, H, W image size, K classes.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.layers import unpool
+
+NORMS = ("batch", "group", "none")
+UPSAMPLINGS = ("transpose", "max_unpool", "nearest", "bilinear")
+
+
+def _num_groups(channels: int, max_groups: int = 32) -> int:
+  """The largest divisor of `channels` that is at most `max_groups`."""
+  return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+class ConvBlock(nn.Module):
+  """Two 3x3 'SAME' convolutions, each followed by normalization and ReLU.
+
+  Attributes:
+    features: output channels of both convolutions.
+    norm: "batch", "group" or "none".
+    bn_momentum: BatchNorm running-average momentum.
+    axis_name: BatchNorm cross-device axis name (pmap / shard_map), or None.
+    dtype: computation dtype; parameters stay float32.
+  """
+  features: int
+  norm: str = "batch"
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(2):
+      # A bias before a normalization with its own shift is redundant.
+      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=self.norm == "none",
+                  dtype=self.dtype, param_dtype=jnp.float32, name=f"conv_{i}")(x)
+      if self.norm == "batch":
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         axis_name=self.axis_name, dtype=self.dtype,
+                         param_dtype=jnp.float32, name=f"norm_{i}")(x)
+      elif self.norm == "group":
+        x = nn.GroupNorm(num_groups=_num_groups(self.features), dtype=self.dtype,
+                         param_dtype=jnp.float32, name=f"norm_{i}")(x)
+      x = nn.relu(x)
+    return x
+
+
+class UpBlock(nn.Module):
+  """Upsamples by 2, concatenates the skip features, then a `ConvBlock`.
+
+  Attributes:
+    features: output channels; also the channels the upsampled input is brought to.
+    upsampling: one of `UPSAMPLINGS`.
+    norm: "batch", "group" or "none".
+    bn_momentum: BatchNorm running-average momentum.
+    axis_name: BatchNorm cross-device axis name, or None.
+    dtype: computation dtype.
+  """
+  features: int
+  upsampling: str = "transpose"
+  norm: str = "batch"
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool,
+               pool_indices: jax.Array | None = None) -> jax.Array:
+    """x: (B, h, w, C_in); skip: (B, 2h, 2w, features); pool_indices: (B, h, w, features)."""
+    if self.upsampling == "transpose":
+      x = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), padding="SAME",
+                           dtype=self.dtype, param_dtype=jnp.float32, name="upsample")(x)
+    else:
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                  name="upsample")(x)
+      if self.upsampling == "max_unpool":
+        if pool_indices is None:
+          raise ValueError("upsampling='max_unpool' needs the encoder's pool_indices.")
+        x = unpool.max_unpool(x, pool_indices, skip.shape)
+      elif self.upsampling == "nearest":
+        x = unpool.nearest_unpool(x, 2)
+      else:
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
+    # Kept only when "intermediates" is mutable: lets tests and debugging see the upsampling.
+    self.sow("intermediates", "upsampled", x)
+    x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+    return ConvBlock(self.features, norm=self.norm, bn_momentum=self.bn_momentum,
+                     axis_name=self.axis_name, dtype=self.dtype, name="conv_block")(x, train=train)
+
+
+class UNet(nn.Module):
+  """U-Net returning per-pixel class logits and named intermediate features.
+
+  Attributes:
+    num_classes: K, the number of output classes.
+    depth: number of pooling steps; H and W must be divisible by 2**depth.
+    base_width: channels of the first level; level i has base_width * 2**i, the bottleneck
+      base_width * 2**depth.
+    norm: "batch" (BatchNorm, running statistics in the "batch_stats" collection), "group"
+      (GroupNorm with min(32, C) groups, or the largest divisor of C below that) or "none".
+    dropout_rate: dropout after the bottleneck (paper: "at the end of the contracting path");
+      needs a "dropout" rng when training with a rate > 0.
+    upsampling: "transpose", "max_unpool", "nearest" or "bilinear" (see module docstring).
+    bn_momentum: BatchNorm running-average momentum.
+    axis_name: BatchNorm cross-device axis name for data-parallel training, or None.
+    dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
+      logits are returned as float32.
+  """
+  num_classes: int
+  depth: int = 4
+  base_width: int = 64
+  norm: str = "batch"
+  dropout_rate: float = 0.0
+  upsampling: str = "transpose"
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  def _check(self, x: jax.Array) -> None:
+    if self.norm not in NORMS:
+      raise ValueError(f"Unknown norm {self.norm!r}; expected one of {NORMS}.")
+    if self.upsampling not in UPSAMPLINGS:
+      raise ValueError(f"Unknown upsampling {self.upsampling!r}; expected one of {UPSAMPLINGS}.")
+    if self.depth < 0:
+      raise ValueError(f"depth must be >= 0, got {self.depth}.")
+    if x.ndim != 4:
+      raise ValueError(f"UNet expects images of shape (B, H, W, C), got {x.shape}.")
+    h, w = x.shape[1:3]
+    factor = 2**self.depth
+    if h % factor or w % factor:
+      raise ValueError(
+          f"UNet with depth={self.depth} needs H and W divisible by 2**depth={factor}; "
+          f"got an input of size H={h}, W={w}.")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Maps images (B, H, W, C) to logits (B, H, W, K) float32 and a dict of features.
+
+    The aux dict holds "encoder_{i}" (B, H/2**i, W/2**i, base_width*2**i) before pooling,
+    "bottleneck" (B, H/2**depth, W/2**depth, base_width*2**depth) after dropout, and
+    "decoder_{i}" with the same shape as "encoder_{i}".
+    """
+    self._check(x)
+    block_kw = dict(norm=self.norm, bn_momentum=self.bn_momentum, axis_name=self.axis_name,
+                    dtype=self.dtype)
+    aux = {}
+    skips, all_indices = [], []
+    for i in range(self.depth):
+      x = ConvBlock(self.base_width * 2**i, name=f"down_{i}", **block_kw)(x, train=train)
+      aux[f"encoder_{i}"] = x
+      skips.append(x)
+      if self.upsampling == "max_unpool":
+        x, indices = unpool.max_pool_with_argmax(x, 2)
+        all_indices.append(indices)
+      else:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        all_indices.append(None)
+
+    x = ConvBlock(self.base_width * 2**self.depth, name="bottleneck", **block_kw)(x, train=train)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    aux["bottleneck"] = x
+
+    for i in reversed(range(self.depth)):
+      x = UpBlock(self.base_width * 2**i, upsampling=self.upsampling, name=f"up_{i}",
+                  **block_kw)(x, skips[i], train=train, pool_indices=all_indices[i])
+      aux[f"decoder_{i}"] = x
+
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                     name="head")(x)
+    return logits.astype(jnp.float32), aux
