@@ -89,7 +89,7 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   """(dataset, num_batches): this process's share of the eval split, padded to full batches.
 
   Every process must run the same number of batches; pass the largest `num_batches` over
-  processes (`eval_num_batches`) when the shares differ in size.
+  processes (as `segjax.train.evaluator.Evaluator` does) when the shares differ in size.
   """
   ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
                    process_count=process_count, **config.dataset.get("eval_kwargs", {}))
@@ -97,8 +97,12 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   if num_examples < 0:
     raise ValueError(f"Source {config.dataset.name!r} split {config.dataset.eval_split!r} has "
                      "unknown cardinality; the evaluator needs a known size.")
+  needed = math.ceil(num_examples / local_batch_size)
   if num_batches is None:
-    num_batches = math.ceil(num_examples / local_batch_size)
+    num_batches = needed
+  elif num_batches < needed:
+    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
+                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
   size = tuple(config.image_size)
 
   def prepare(features):

@@ -23,6 +23,7 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 
 _MIN_VISIBLE_FRACTION = 0.5
 _MIN_COLOUR_DISTANCE = 60.0
+_MIN_SIDE = 16  # A shape needs 16 pixels; smaller images could never hold one.
 
 
 def _regular_polygon(cx, cy, radius, num_vertices, angle):
@@ -83,7 +84,7 @@ def generate_example(
   max_instances: int = 8,
   noise_std: float = 8.0,
 ) -> dict[str, np.ndarray]:
-  """One example as numpy arrays, a pure function of its arguments.
+  """One example as numpy arrays, a pure function of its arguments; sides of 16 pixels or more.
 
   Returns:
     image: uint8 (H, W, 3). mask: uint8 (H, W), class ids (0 = background).
@@ -96,6 +97,9 @@ def generate_example(
   if max_shapes > max_instances:
     raise ValueError(f"max_shapes={max_shapes} exceeds max_instances={max_instances}.")
   height, width = image_size
+  if min(height, width) < _MIN_SIDE:
+    raise ValueError(f"image_size={tuple(image_size)} is too small for shapes; both sides must "
+                     f"be at least {_MIN_SIDE} pixels.")
   rng = np.random.default_rng([seed, SPLITS[split], index])
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
   image = _background(rng, height, width, xx, yy)
@@ -103,9 +107,10 @@ def generate_example(
   full_areas, classes = [], []
   num_shapes = rng.integers(1, max_shapes + 1)
   min_side = min(height, width)
-  for _ in range(10 * num_shapes):
-    if len(classes) == num_shapes:
-      break
+  attempts = 0
+  # Draw until the image holds a shape: a small image can reject 10 draws in a row.
+  while len(classes) < num_shapes and (attempts < 10 * num_shapes or not classes):
+    attempts += 1
     class_id = int(rng.integers(1, NUM_CLASSES))
     radius = rng.uniform(0.1, 0.25) * min_side
     cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
