@@ -27,6 +27,8 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.eval_every_steps = 400
   config.checkpoint_every_steps = 400
+  config.parallelism = "jit"  # Or "pmap"; either splits `batch_size` over all devices.
+  config.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"

@@ -1,6 +1,6 @@
 """Shapes: a procedurally generated segmentation data set, segjax's embedded default.
 
-Each image shows 1 to `max_shapes` filled shapes (circle, square, triangle, star) of random
+Each image shows 1 to `max_shapes` filled shapes (circle, square, triangle, cross) of random
 size, colour, position and overlap on a textured, noisy background. The class is the shape,
 never the colour: colours are drawn independently of the class. Later shapes occlude earlier
 ones; a shape is only placed if every earlier shape keeps at least half of its area visible,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-CLASS_NAMES = ("background", "circle", "square", "triangle", "star")
+CLASS_NAMES = ("background", "circle", "square", "triangle", "cross")
 NUM_CLASSES = len(CLASS_NAMES)
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 
@@ -47,10 +47,10 @@ def _shape_mask(class_id, xx, yy, cx, cy, radius, angle):
     return (np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)
   if CLASS_NAMES[class_id] == "triangle":
     return _inside_convex_polygon(xx, yy, _regular_polygon(cx, cy, radius, 3, angle))
-  if CLASS_NAMES[class_id] == "star":  # Hexagram: two overlaid triangles.
-    up = _regular_polygon(cx, cy, radius, 3, angle)
-    down = _regular_polygon(cx, cy, radius, 3, angle + np.pi / 3)
-    return _inside_convex_polygon(xx, yy, up) | _inside_convex_polygon(xx, yy, down)
+  if CLASS_NAMES[class_id] == "cross":  # Axis-aligned plus sign, arms a third as wide.
+    half, arm = radius / np.sqrt(2), radius / (3 * np.sqrt(2))
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    return ((dx <= half) & (dy <= arm)) | ((dx <= arm) & (dy <= half))
   raise ValueError(f"No shape for class id {class_id}.")
 
 
@@ -112,7 +112,7 @@ def generate_example(
   while len(classes) < num_shapes and (attempts < 10 * num_shapes or not classes):
     attempts += 1
     class_id = int(rng.integers(1, NUM_CLASSES))
-    radius = rng.uniform(0.1, 0.25) * min_side
+    radius = rng.uniform(0.15, 0.3) * min_side
     cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
     shape = _shape_mask(class_id, xx, yy, cx, cy, radius, rng.uniform(0, 2 * np.pi))
     if shape.sum() < 16:

@@ -18,6 +18,7 @@ from segjax.train import checkpoint, parallel
 from segjax.train.evaluator import Evaluator
 from segjax.train.loop import build_model, initial_state
 from segjax.train.semantic import apply_model
+from segjax.train.writer import to_json_value
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, mesh):
@@ -54,10 +55,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)
   evaluator = Evaluator(config, model=model, mesh=mesh)
-  metrics = {"step": step, **evaluator.run(variables)}
+  run_variables = parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (
+    variables)
+  metrics = {"step": step, **evaluator.run(run_variables)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
+      json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
     if num_visualizations:
       write_visualizations(config, evaluator, model, variables,
                            os.path.join(workdir, "visualizations"), num_visualizations)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from segjax.data import pipeline
 from segjax.models import create_model
@@ -45,7 +46,13 @@ class _StopRequest:
 
 
 def build_model(config: ml_collections.ConfigDict):
-  return create_model(config.model)
+  """The model of `config.model`, computing in `config.dtype`; BatchNorm synchronised over
+  the pmap axis in pmap mode (under jit, statistics are global already)."""
+  model_config = config.model.to_dict()
+  model_config["dtype"] = config.get("dtype", "float32")
+  if config.get("parallelism", "jit") == "pmap":
+    model_config["axis_name"] = parallel.PMAP_AXIS
+  return create_model(model_config)
 
 
 def initial_state(config: ml_collections.ConfigDict, model, mesh):
@@ -69,6 +76,45 @@ def _check_finite(step: int, values: dict) -> None:
                        "with --jax_debug_nans.")
 
 
+class _Runner:
+  """The train step in the configured parallelism, and conversions of state and batches."""
+
+  def __init__(self, config, loss_fn, mesh):
+    self.mesh = mesh
+    self.pmap = parallel.check_parallelism(config.get("parallelism", "jit")) == "pmap"
+    if self.pmap:
+      axis = parallel.PMAP_AXIS
+      step = functools.partial(train_step, loss_fn=functools.partial(loss_fn, axis_name=axis),
+                               axis_name=axis)
+      self.step = jax.pmap(step, axis_name=axis, in_axes=(0, 0, None), donate_argnums=0)
+    else:
+      replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+      self.step = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
+                          in_shardings=(replicated, sharded, replicated),
+                          out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def batch(self, local_batch):
+    return parallel.to_pmap_batch(local_batch) if self.pmap else parallel.to_global(
+      local_batch, self.mesh)
+
+  def to_run_state(self, state):
+    return parallel.to_pmap_state(state) if self.pmap else state
+
+  def to_global_state(self, state):
+    """The state as replicated global arrays: what checkpoints hold."""
+    return parallel.from_pmap_state(state, self.mesh) if self.pmap else state
+
+  def fetch(self, tree):
+    return parallel.first_replica(tree) if self.pmap else parallel.fetch(tree)
+
+
+def _all_processes_agree(flag: bool) -> bool:
+  """True if any process says so: every process must stop at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to `config.num_train_steps`, resuming if `workdir` has a checkpoint.
 
@@ -90,17 +136,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
   if manager.latest_step() is not None:
     state, start_step = checkpoint.restore(manager, abstract_state, train_iter)
-    logging.info("Resumed from step %d.", start_step)
     print(f"Resuming from checkpoint at step {start_step}.", flush=True)
   else:
     state, start_step = init(), 0
 
   loss_fn = functools.partial(semantic.loss_fn, model=model,
                               ignore_label=config.dataset.ignore_label)
-  replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
-                    in_shardings=(replicated, sharded, replicated),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+  runner = _Runner(config, loss_fn, mesh)
+  state = runner.to_run_state(state)
   evaluator = Evaluator(config, model=model, mesh=mesh)
   writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)
   schedule = learning_rate_schedule(config)
@@ -111,13 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timer_step, timer_start = start_step, time.perf_counter()
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = parallel.to_global(next(train_iter), mesh)
-      state, metrics = step_fn(state, batch, rng)
+      state, metrics = runner.step(state, runner.batch(next(train_iter)), rng)
       pending.append(metrics)
       is_last = step == config.num_train_steps
-      if step % config.log_every_steps == 0 or is_last:
-        summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
-                   for k in pending[0]}
+      is_log_step = step % config.log_every_steps == 0 or is_last
+      if is_log_step:
+        summary = {k: float(np.mean([runner.fetch(m[k]) for m in pending])) for k in pending[0]}
         _check_finite(step, summary)
         elapsed = time.perf_counter() - timer_start
         summary["learning_rate"] = float(schedule(step - 1))
@@ -125,16 +167,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, summary)
         pending, timer_step, timer_start = [], step, time.perf_counter()
       if step % config.eval_every_steps == 0 or is_last:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        eval_metrics = evaluator.run(variables)
+        eval_metrics = evaluator.run(
+          {"params": state.params, "batch_stats": state.batch_stats})
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         timer_step, timer_start = step, time.perf_counter()
-      stopping = stop.requested
-      checkpoint.save(manager, step, state, train_iter, force=is_last or stopping)
+      # Multi-process runs agree on stopping at log steps only: a collective every step costs.
+      stopping = (stop.requested if jax.process_count() == 1 else
+                  is_log_step and _all_processes_agree(stop.requested))
+      if stopping or is_last or manager.should_save(step):
+        checkpoint.save(manager, step, runner.to_global_state(state), train_iter,
+                        force=is_last or stopping)
       if stopping:
         manager.wait_until_finished()
         print(f"Stopped at step {step}; checkpoint saved.", flush=True)
         break
+    if jax.process_count() > 1:
+      multihost_utils.assert_equal(runner.fetch(state.params),
+                                   "Parameters differ between processes after training.")
   finally:
     manager.wait_until_finished()
     manager.close()

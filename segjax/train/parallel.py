@@ -1,16 +1,61 @@
-"""Device mesh and shardings for data-parallel steps (jit with NamedSharding).
+"""Data parallelism: a device mesh with jit shardings (the default), or pmap (the legacy path).
 
-One mesh axis, "data": the batch is split over every device of every process and the train
-state is replicated. Each process feeds its local slice of the global batch.
+`jit` mode: one mesh axis, "data"; the batch is split over every device of every process and
+the train state is replicated. Each process feeds its local slice of the global batch.
+`pmap` mode: the state is stacked over local devices, each process feeds
+(local_devices, per_device_batch, ...) arrays, and steps average over `PMAP_AXIS`.
+Both compute batch-norm statistics over the global batch.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
+from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+PMAP_AXIS = "batch"
+PARALLELISMS = ("jit", "pmap")
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run; a no-op for a plain single-process run.
+
+  With no arguments, `jax.distributed.initialize()` finds the cluster itself on Cloud TPU,
+  Slurm and Kubernetes; elsewhere give all three (coordinator "host:port").
+  """
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError("Multi-process runs need --coordinator_address, --num_processes and "
+                       f"--process_id together; got {explicit}.")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _on_managed_cluster():
+    jax.distributed.initialize()
+
+
+# Environment variables that mean "this is one process of several", and when they do.
+_CLUSTER_ENV = {
+  "JAX_COORDINATOR_ADDRESS": lambda v: bool(v),
+  "TPU_WORKER_HOSTNAMES": lambda v: "," in v,  # A multi-host Cloud TPU slice.
+  "SLURM_NTASKS": lambda v: int(v) > 1,
+  "OMPI_COMM_WORLD_SIZE": lambda v: int(v) > 1,
+}
+
+
+def _on_managed_cluster() -> bool:
+  return any(k in os.environ and is_multi(os.environ[k]) for k, is_multi in _CLUSTER_ENV.items())
+
+
+def check_parallelism(name: str) -> str:
+  if name not in PARALLELISMS:
+    raise ValueError(f"Unknown config.parallelism {name!r}; known: {PARALLELISMS}.")
+  return name
 
 
 def make_mesh() -> Mesh:
@@ -39,3 +84,40 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
   sharding = data_sharded(mesh)
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def to_pmap_batch(local_batch: dict) -> dict:
+  """(B_local, ...) -> (local_devices, B_local / local_devices, ...) for pmap."""
+  n = jax.local_device_count()
+  return jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), local_batch)
+
+
+def to_pmap_state(tree):
+  """A replicated global pytree -> stacked over local devices, as pmap takes it."""
+  return jax_utils.replicate(jax.tree.map(lambda x: x.addressable_shards[0].data, tree))
+
+
+def from_pmap_state(tree, mesh: Mesh):
+  """A pytree stacked over local devices by pmap -> replicated global arrays on `mesh`.
+
+  Copies one local replica to each device, with no cross-device gather (the replicas of a
+  pmap state are identical).
+  """
+  sharding = replicated(mesh)
+
+  def convert(x):
+    first = x.addressable_shards[0].data[0]
+    copies = [jax.device_put(first, d) for d in mesh.local_devices]
+    return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, copies)
+
+  return jax.tree.map(convert, tree)
+
+
+def first_replica(tree):
+  """Host copy of a pmap output that is the same on every device (e.g. after psum)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def fetch(tree):
+  """Host numpy copy of replicated global arrays; works when other processes hold devices too."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -24,13 +24,23 @@ def apply_model(model, variables: dict, image: jax.Array, rng: jax.Array | None,
 
 
 def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
-            ignore_label: int = 255, class_weights=None) -> tuple:
+            ignore_label: int = 255, class_weights=None, axis_name: str | None = None) -> tuple:
+  """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch.
+
+  Under pmap (`axis_name`), the per-device mean is rescaled by this device's share of the
+  labelled pixels, so that averaging over devices gives the mean over the global batch, as
+  one device would compute it, however unevenly the ignored pixels fall.
+  """
   logits, updates = apply_model(model, variables, batch["image"], rng, train=train)
   loss = losses.pixel_cross_entropy(logits, batch["mask"], ignore_label=ignore_label,
                                     class_weights=class_weights)
   labelled = batch["mask"] != ignore_label
   correct = (jnp.argmax(logits, -1) == batch["mask"]) & labelled
   accuracy = correct.sum() / jnp.maximum(labelled.sum(), 1)
+  if axis_name is not None:
+    count = labelled.sum()
+    share = count * jax.lax.psum(1, axis_name) / jnp.maximum(jax.lax.psum(count, axis_name), 1)
+    loss, accuracy = loss * share, accuracy * share
   return loss, ({"pixel_accuracy": accuracy}, updates)
 
 

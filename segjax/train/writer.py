@@ -14,9 +14,15 @@ import time
 import numpy as np
 
 
-def _to_python(value):
+def to_json_value(value):
+  """Python scalars and lists from numpy/jax values; NaN (an absent class's IoU) as None."""
+  if isinstance(value, str):
+    return value
   value = np.asarray(value)
-  return value.item() if value.ndim == 0 else value.tolist()
+  if value.ndim:
+    return [to_json_value(v) for v in value]
+  value = value.item()
+  return None if isinstance(value, float) and math.isnan(value) else value
 
 
 class MetricWriter:
@@ -31,7 +37,7 @@ class MetricWriter:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    record = {"step": int(step), **{k: to_json_value(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     print(self._format(record), flush=True)

@@ -1,0 +1,143 @@
+"""Data parallelism: 8 simulated devices train like 1, pmap like jit, 2 processes like 1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import unet_shapes
+from segjax.data import pipeline
+from segjax.train import checkpoint, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 6
+# Float32 sums over 8 shards are reordered relative to 1 device: a few ulps per step, which
+# Adam's normalisation can amplify for near-zero gradients. Tolerances for 6 steps:
+PARAM_ATOL = 2e-5
+LOSS_RTOL = 1e-5
+
+
+def _train(workdir, *, devices=1, extra=(), process_id=None, num_processes=None, port=None):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  args = [sys.executable, "train.py", "--config", "configs/unet_shapes.py:tiny",
+          "--workdir", str(workdir), f"--config.num_train_steps={STEPS}",
+          "--config.log_every_steps=1", f"--config.eval_every_steps={STEPS}",
+          f"--config.checkpoint_every_steps={STEPS}", "--config.batch_size=8",
+          "--config.eval_batch_size=8", *extra]
+  if process_id is not None:
+    args += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+             f"--process_id={process_id}"]
+  return subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+
+
+def _finish(proc):
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  return out
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return ([r["loss"] for r in records if "loss" in r],
+          [r for r in records if "eval/mean_iou" in r][-1])
+
+
+def _params(workdir):
+  config = unet_shapes.get_config("tiny")
+  mesh = jax.make_mesh((1,), ("data",))
+  model = loop.build_model(config)
+  _, abstract = loop.initial_state(config, model, mesh)
+  manager = checkpoint.checkpoint_manager(str(workdir), save_every_steps=1)
+  with manager:
+    state, step = checkpoint.restore(manager, abstract)
+  assert step == STEPS
+  return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+def _assert_same_training(dir_a, dir_b):
+  losses_a, eval_a = _losses(dir_a)
+  losses_b, eval_b = _losses(dir_b)
+  assert len(losses_a) == len(losses_b) == STEPS
+  np.testing.assert_allclose(losses_a, losses_b, rtol=LOSS_RTOL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=1e-4),
+               _params(dir_a), _params(dir_b))
+  assert eval_a["eval/mean_iou"] == pytest.approx(eval_b["eval/mean_iou"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_device")
+  _finish(_train(workdir))
+  return workdir
+
+
+def test_eight_devices_train_like_one(one_device_run, tmp_path):
+  out = _finish(_train(tmp_path, devices=8))
+  _assert_same_training(one_device_run, tmp_path)
+  assert "step 6/6" in out
+
+
+def test_pmap_trains_like_jit(one_device_run, tmp_path):
+  _finish(_train(tmp_path, devices=8, extra=["--config.parallelism=pmap"]))
+  _assert_same_training(one_device_run, tmp_path)
+
+
+def test_batch_size_must_divide_over_devices(tmp_path):
+  out, _ = _train(tmp_path, devices=3).communicate(timeout=300)
+  assert "config.batch_size=8 is the global batch and must be divisible by the number of " \
+         "devices, 3" in out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together(tmp_path):
+  port = _free_port()
+  procs = [_train(tmp_path, devices=1, process_id=i, num_processes=2, port=port)
+           for i in range(2)]
+  # Each process asserts at the end that its parameters equal the other's (the loop's
+  # `multihost_utils.assert_equal`), so both exiting cleanly means identical parameters.
+  outs = [_finish(p) for p in procs]
+  # Only process 0 logs.
+  assert "step 6/6" in outs[0] and "step 6/6" not in outs[1]
+  # One checkpoint both processes wrote: identical parameters by construction, with each
+  # process's own data-iterator position.
+  data_dir = os.path.join(tmp_path, "checkpoints", str(STEPS), "data")
+  assert sorted(os.listdir(data_dir)) == ["process_0-of-2", "process_1-of-2"]
+  losses, eval_2proc = _losses(tmp_path)
+  assert len(losses) == STEPS and np.all(np.isfinite(losses))
+  # The 2-process evaluation equals a 1-process evaluation of the same checkpoint.
+  proc = subprocess.run(
+    [sys.executable, "evaluate.py", "--config", "configs/unet_shapes.py:tiny", "--workdir",
+     str(tmp_path), "--config.eval_batch_size=8"], cwd=REPO, text=True, capture_output=True,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(os.path.join(tmp_path, "eval_metrics.json")) as f:
+    single = json.load(f)
+  assert single["mean_iou"] == pytest.approx(eval_2proc["eval/mean_iou"], abs=1e-6)
+  assert single["pixel_accuracy"] == pytest.approx(eval_2proc["eval/pixel_accuracy"], abs=1e-6)
+
+
+def test_processes_read_disjoint_halves():
+  config = unet_shapes.get_config("tiny")
+  shards = [list(pipeline.make_source(config.dataset, "train", process_index=i, process_count=2,
+                                      **config.dataset.train_kwargs).as_numpy_iterator())
+            for i in range(2)]
+  everything = list(pipeline.make_source(config.dataset, "train", process_index=0,
+                                         process_count=1, **config.dataset.train_kwargs)
+                    .as_numpy_iterator())
+  keys = [{e["image"].tobytes() for e in shard} for shard in shards]
+  assert len(shards[0]) == len(shards[1]) == len(everything) // 2
+  assert not keys[0] & keys[1]
+  assert keys[0] | keys[1] == {e["image"].tobytes() for e in everything}
