@@ -1,0 +1,110 @@
+"""Anchors for FPN levels (Lin et al. 2017, "Feature Pyramid Networks", Sec. 4.1).
+
+Numbers follow detectron2 `modeling/anchor_generator.py` `DefaultAnchorGenerator`:
+- cell anchors are centred on (0, 0): for each size `s` (outer loop) and aspect ratio `r = h / w`
+  (inner loop), `w = sqrt(s * s / r)`, `h = r * w`, box `[-w/2, -h/2, w/2, h/2]` (not rounded,
+  unlike torchvision, which rounds them to whole pixels);
+- a level with stride `t` and a `(Hf, Wf)` feature map places them at `((j + offset) * t,
+  (i + offset) * t)`, offset 0 by default (torchvision's placement too);
+- the anchors of a level are ordered `(i, j, a)`, row-major locations then cell anchors, so the
+  flat index of anchor `a` at location `(i, j)` is `(i * Wf + j) * A + a`, matching a conv head
+  output `(Hf, Wf, A * k)` reshaped to `(Hf * Wf * A, k)`.
+
+Shapes depend only on the (static) image size, so the anchors are NumPy constants that `jit`
+folds in; nothing here depends on data.
+"""
+
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+
+FPN_STRIDES = (4, 8, 16, 32, 64)  # levels P2..P6
+FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
+  """Anchors `(A, 4)`, `A = len(sizes) * len(aspect_ratios)`, centred on the origin."""
+  out = []
+  for size in sizes:
+    area = float(size) ** 2
+    for ratio in aspect_ratios:
+      w = math.sqrt(area / ratio)
+      h = ratio * w
+      out.append([-w / 2, -h / 2, w / 2, h / 2])
+  return np.asarray(out, np.float32)
+
+
+def grid_anchors(
+    grid_size: Tuple[int, int], stride: float, cells: np.ndarray, offset: float = 0.0
+) -> np.ndarray:
+  """Anchors `(Hf * Wf * A, 4)` of one level: `cells` `(A, 4)` shifted to every grid location."""
+  hf, wf = grid_size
+  shift_x = (np.arange(wf, dtype=np.float32) + offset) * stride
+  shift_y = (np.arange(hf, dtype=np.float32) + offset) * stride
+  sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")
+  shifts = np.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4)
+  return (shifts + cells[None]).reshape(-1, 4).astype(np.float32)
+
+
+def feature_grid_sizes(
+    image_size: Tuple[int, int], strides: Sequence[int] = FPN_STRIDES
+) -> Tuple[Tuple[int, int], ...]:
+  """Feature map sizes `((Hf, Wf), ...)` of a backbone with these strides: `ceil(size / stride)`.
+
+  That is what stride-2 convolutions with 'SAME' padding (and FPN's P6 max-pool) produce; pass
+  the real feature shapes to `multilevel_anchors` if a backbone differs.
+  """
+  h, w = image_size
+  return tuple((-(-h // s), -(-w // s)) for s in strides)
+
+
+def multilevel_anchors(
+    grid_sizes: Sequence[Tuple[int, int]],
+    strides: Sequence[int] = FPN_STRIDES,
+    sizes: Sequence[Sequence[float]] = FPN_SIZES,
+    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+    offset: float = 0.0,
+) -> Tuple[np.ndarray, ...]:
+  """Anchors of every level, a tuple of `(Hf_l * Wf_l * A, 4)`, finest level first.
+
+  Defaults are detectron2's Mask R-CNN FPN setting: one size per level 32..512, aspect ratios
+  0.5/1/2 (3 anchors per location), strides 4..64. Concatenate the levels (`np.concatenate`)
+  for matching; keep them apart to pair them with per-level head outputs.
+  """
+  if not len(grid_sizes) == len(strides) == len(sizes):
+    raise ValueError(
+        f"need one grid size, stride and size list per level, got {len(grid_sizes)}, "
+        f"{len(strides)} and {len(sizes)}")
+  return tuple(
+      grid_anchors(g, s, cell_anchors(z, aspect_ratios), offset)
+      for g, s, z in zip(grid_sizes, strides, sizes))
+
+
+def image_anchors(
+    image_size: Tuple[int, int],
+    strides: Sequence[int] = FPN_STRIDES,
+    sizes: Sequence[Sequence[float]] = FPN_SIZES,
+    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+    offset: float = 0.0,
+) -> np.ndarray:
+  """All anchors `(N, 4)` of an image of `(H, W)` pixels, levels concatenated finest first.
+
+  `N = sum_l ceil(H / s_l) * ceil(W / s_l) * A` is static (`num_anchors`): 267,069 for the
+  default levels on an (800, 1333) image.
+  """
+  return np.concatenate(multilevel_anchors(
+      feature_grid_sizes(image_size, strides), strides, sizes, aspect_ratios, offset))
+
+
+def num_anchors(
+    image_size: Tuple[int, int],
+    strides: Sequence[int] = FPN_STRIDES,
+    sizes: Sequence[Sequence[float]] = FPN_SIZES,
+    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+) -> int:
+  """The static anchor count `N` of `image_anchors` for an image of `(H, W)` pixels."""
+  return sum(
+      hf * wf * len(z) * len(aspect_ratios)
+      for (hf, wf), z in zip(feature_grid_sizes(image_size, strides), sizes))

@@ -1,0 +1,97 @@
+"""Multi-level ROI pooling over FPN levels (Lin et al. 2017, "Feature Pyramid Networks", Eq. 1).
+
+As detectron2 `modeling/poolers.py` `ROIPooler`: a box of size `s = sqrt(area)` goes to level
+`floor(4 + log2(s / 224 + 1e-8))` (canonical box 224 pixels at level 4), clamped to the levels
+present (P2-P5 for Mask R-CNN), and is ROIAligned there with `spatial_scale = 1 / 2**level`.
+
+With static shapes every box must be pooled in one pass: the levels are flattened into one
+`(sum_l H_l W_l, C)` table and each box reads its own level through a per-box base offset,
+row length and scale (`roi_align_flat`), so the cost is that of one ROIAlign over the R boxes,
+not one per level.
+"""
+
+import re
+from typing import Mapping, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax.ops.boxes import box_area
+from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO
+from segjax.ops.roi_align import roi_align_flat
+
+Array = jax.Array
+# A list of (H_l, W_l, C) maps, finest first, or a dict keyed by level: 2 or "p2".
+Features = Union[Sequence[Array], Mapping[Union[int, str], Array]]
+
+
+def assign_boxes_to_levels(
+    boxes: Array,
+    min_level: int = 2,
+    max_level: int = 5,
+    canonical_box_size: float = 224.0,
+    canonical_level: int = 4,
+) -> Array:
+  """FPN level `(R,)` int32 in `[min_level, max_level]` of each box `(R, 4)` (image pixels).
+
+  Empty boxes (padding) go to `min_level`.
+  """
+  size = jnp.sqrt(box_area(boxes))
+  level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size + 1e-8))
+  return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def _levels(features: Features, min_level: int) -> Tuple[Tuple[int, ...], Tuple[Array, ...]]:
+  if isinstance(features, Mapping):
+    items = sorted((int(re.sub(r"^[pP]", "", str(k))), v) for k, v in features.items())
+    levels = tuple(k for k, _ in items)
+    if levels != tuple(range(levels[0], levels[0] + len(levels))):
+      raise ValueError(f"FPN levels must be consecutive, got {levels}")
+    return levels, tuple(v for _, v in items)
+  return tuple(range(min_level, min_level + len(features))), tuple(features)
+
+
+def multilevel_roi_align(
+    features: Features,
+    boxes: Array,
+    output_size: Tuple[int, int],
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    *,
+    min_level: int = 2,
+    canonical_box_size: float = 224.0,
+    canonical_level: int = 4,
+    max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+) -> Array:
+  """ROIAlign of each box on its FPN level.
+
+  Args:
+    features: FPN maps `(H_l, W_l, C)` of stride `2**l`, as a list starting at `min_level`
+      or a dict keyed by level (`{2: p2, ...}` or `{"p2": p2, ...}`). Pass P2-P5 only, not P6.
+    boxes: `(R, 4)` boxes `[x1, y1, x2, y2]` in image pixels; padding rows are fine.
+    output_size: static `(h, w)`: (7, 7) for the box head, (14, 14) for the mask head.
+    sampling_ratio: samples per bin and axis; 0 (detectron2's default) for adaptive.
+    aligned: ROIAlignV2 half-pixel offset.
+    min_level: level of `features[0]` when `features` is a list.
+    canonical_box_size, canonical_level: the level assignment of `assign_boxes_to_levels`.
+    max_sampling_ratio: static cap of the adaptive grid (see `roi_align`).
+
+  Returns:
+    `(R, h, w, C)` pooled features; `jax.vmap` over images for a batch.
+  """
+  levels, maps = _levels(features, min_level)
+  c = maps[0].shape[-1]
+  if any(m.ndim != 3 or m.shape[-1] != c for m in maps):
+    raise ValueError(f"need (H, W, {c}) maps, got {[m.shape for m in maps]}")
+  sizes = np.array([m.shape[:2] for m in maps], np.int32)  # (L, 2)
+  bases = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]]).astype(np.int32)
+  scales = np.array([2.0 ** -l for l in levels], np.float32)
+  table = jnp.concatenate([m.reshape(-1, c) for m in maps], axis=0)
+
+  level = assign_boxes_to_levels(boxes, levels[0], levels[-1], canonical_box_size,
+                                 canonical_level) - levels[0]
+  return roi_align_flat(
+      table, boxes, jnp.asarray(bases)[level], jnp.asarray(sizes[:, 0])[level],
+      jnp.asarray(sizes[:, 1])[level], jnp.asarray(scales)[level], output_size,
+      sampling_ratio, aligned, max_sampling_ratio)
