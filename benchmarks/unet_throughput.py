@@ -14,7 +14,7 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -24,58 +24,68 @@ flags.DEFINE_integer("repeats", 20, "Timed steps; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 
 
-def _time(fn, args, repeats, warmup):
+def _compile(fn, *args):
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  out = None
+  return compiled, time.perf_counter() - start
+
+
+def _median_seconds(run, repeats, warmup):
   for _ in range(warmup):
-    out = compiled(*args)
-  jax.block_until_ready(out)
+    run()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    run()
     times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
+  return statistics.median(times)
 
 
 def main(argv):
   del argv
   from segjax.train import loop, parallel, semantic
-  from segjax.train.steps import train_step
+  from segjax.train.evaluator import Evaluator
 
   config = flags.FLAGS.config
   mesh = parallel.make_mesh()
   model = loop.build_model(config)
   init, _ = loop.initial_state(config, model, mesh)
-  state = init()
-  b, (h, w) = config.batch_size, config.image_size
-  batch = parallel.to_global({
-    "image": jax.random.normal(jax.random.key(0), (b, h, w, 3)),
-    "mask": jax.random.randint(jax.random.key(1), (b, h, w), 0, config.model.num_classes),
-    "example_mask": jnp.ones((b,), bool),
-  }, mesh)
-  rng = jax.random.key(0)
-  replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   loss_fn = functools.partial(semantic.loss_fn, model=model)
-  # No donation here: the same state is fed to every timed repeat.
-  train = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
-                  in_shardings=(replicated, sharded, replicated))
-  evaluate = jax.jit(functools.partial(semantic.eval_step, model=model,
-                                       num_classes=config.model.num_classes),
-                     in_shardings=(replicated, sharded))
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  runner = loop.StepRunner(config, loss_fn, mesh)
+  evaluator = Evaluator(config, model=model, mesh=mesh)
+  b, (h, w) = parallel.local_batch_size(config.batch_size), config.image_size
+  rng = np.random.default_rng(0)
+  local = {
+    "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+    "mask": rng.integers(0, config.model.num_classes, (b, h, w)).astype(np.int32),
+    "example_mask": np.ones((b,), bool),
+  }
+  key = jax.random.key(0)
+  state = runner.to_run_state(init())
+  train_batch = runner.batch({k: local[k] for k in ("image", "mask")})
+  train, train_compile = _compile(runner.step, state, train_batch, key)
+
+  def train_once():
+    nonlocal state
+    state, metrics = train(state, train_batch, key)
+    jax.block_until_ready(metrics)
+
   repeats, warmup = flags.FLAGS.repeats, flags.FLAGS.warmup
-  train_compile, train_s = _time(train, (state, batch, rng), repeats, warmup)
-  eval_compile, eval_s = _time(evaluate, (variables, batch), repeats, warmup)
+  train_s = _median_seconds(train_once, repeats, warmup)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  eval_batch = evaluator.put(local)
+  evaluate, eval_compile = _compile(evaluator.step, variables, eval_batch)
+  eval_s = _median_seconds(lambda: jax.block_until_ready(evaluate(variables, eval_batch)),
+                           repeats, warmup)
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   print(f"U-Net depth={config.model.depth} base_width={config.model.base_width} "
-        f"upsampling={config.model.upsampling} batch={b} image={h}x{w} on {devices}")
-  print(f"train:     {b / train_s:8.1f} images/s  (median step {1e3 * train_s:.1f} ms over "
-        f"{repeats}; compile {train_compile:.1f} s)")
-  print(f"inference: {b / eval_s:8.1f} images/s  (median step {1e3 * eval_s:.1f} ms over "
-        f"{repeats}; compile {eval_compile:.1f} s)")
+        f"upsampling={config.model.upsampling} dtype={config.dtype} "
+        f"parallelism={config.parallelism} batch={config.batch_size} image={h}x{w} "
+        f"on {devices}")
+  print(f"train:     {config.batch_size / train_s:8.1f} images/s  (median step "
+        f"{1e3 * train_s:.1f} ms over {repeats}; compile {train_compile:.1f} s)")
+  print(f"inference: {config.batch_size / eval_s:8.1f} images/s  (median step "
+        f"{1e3 * eval_s:.1f} ms over {repeats}; compile {eval_compile:.1f} s)")
 
 
 if __name__ == "__main__":

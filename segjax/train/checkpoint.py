@@ -76,3 +76,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, 
     items["data"] = TFIterator(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], step
+
+
+def restore_variables(manager: ocp.CheckpointManager, abstract_variables: dict, *,
+                      step: int | None = None):
+  """({"params", "batch_stats"}, step): only the model's variables, whatever the optimizer."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+  args = ocp.args.PyTreeRestore(
+    abstract_variables, restore_args=ocp.checkpoint_utils.construct_restore_args(
+      abstract_variables), partial_restore=True)
+  restored = manager.restore(step, args=ocp.args.Composite(state=args))
+  return dict(restored["state"]), step

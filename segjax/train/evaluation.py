@@ -25,9 +25,9 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, me
   """(variables, step) of the latest checkpoint in `workdir`."""
   _, abstract_state = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
+  abstract = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
   with manager:
-    state, step = checkpoint.restore(manager, abstract_state)
-  return {"params": state.params, "batch_stats": state.batch_stats}, step
+    return checkpoint.restore_variables(manager, abstract)
 
 
 def write_visualizations(config, evaluator: Evaluator, model, variables, directory: str,

@@ -38,19 +38,19 @@ class Evaluator:
     self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     if self.parallelism == "pmap":
       axis = parallel.PMAP_AXIS
-      self._step = jax.pmap(lambda v, b: jax.lax.psum(step(v, b), axis), axis_name=axis)
-      self._put = parallel.to_pmap_batch
+      self.step = jax.pmap(lambda v, b: jax.lax.psum(step(v, b), axis), axis_name=axis)
+      self.put = parallel.to_pmap_batch
     else:
       replicated = parallel.replicated(mesh)
-      self._step = jax.jit(step, in_shardings=(replicated, parallel.data_sharded(mesh)),
+      self.step = jax.jit(step, in_shardings=(replicated, parallel.data_sharded(mesh)),
                            out_shardings=replicated)
-      self._put = functools.partial(parallel.to_global, mesh=mesh)
+      self.put = functools.partial(parallel.to_global, mesh=mesh)
 
   def run(self, variables: dict) -> dict:
     """Metrics of `variables`: replicated global arrays (jit), or stacked per device (pmap)."""
     sums = None
     for batch in self.dataset.as_numpy_iterator():
-      out = self._step(variables, self._put(batch))
+      out = self.step(variables, self.put(batch))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     sums = parallel.first_replica(sums) if self.parallelism == "pmap" else parallel.fetch(sums)
     return semantic.summarize(sums, class_names=self.config.dataset.get("class_names"))

@@ -76,7 +76,7 @@ def _check_finite(step: int, values: dict) -> None:
                        "with --jax_debug_nans.")
 
 
-class _Runner:
+class StepRunner:
   """The train step in the configured parallelism, and conversions of state and batches."""
 
   def __init__(self, config, loss_fn, mesh):
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   loss_fn = functools.partial(semantic.loss_fn, model=model,
                               ignore_label=config.dataset.ignore_label)
-  runner = _Runner(config, loss_fn, mesh)
+  runner = StepRunner(config, loss_fn, mesh)
   state = runner.to_run_state(state)
   evaluator = Evaluator(config, model=model, mesh=mesh)
   writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)

@@ -31,4 +31,4 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   state = state.apply_gradients(grads=grads,
                                 batch_stats=updates.get("batch_stats", state.batch_stats))
-  return state, {**metrics, "grad_norm": optax.global_norm(grads)}
+  return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
