@@ -1,0 +1,148 @@
+"""Instance data ops: detectron2's detection transforms on feature dicts (Wu et al. 2019).
+
+Resizing follows detectron2 `ResizeShortestEdge` (the Mask R-CNN recipe of He et al. 2017:
+shorter side 800, longer at most 1333), padding follows `ImageList.from_tensors` (bottom and
+right, normalized image padded with 0, i.e. the mean colour), flipping `HFlipTransform`.
+
+Every op has the contract `op(features: dict, ...) -> dict` over these keys:
+  image: (H, W, 3) uint8 or float32.
+  boxes: (K, 4) float32 `[x1, y1, x2, y2]` absolute pixels of the current image.
+  classes: (K,) int, 1..C; 0 on padding rows.
+  instance_masks: (K, H, W) uint8 in {0, 1}.
+  valid: (K,) bool, instances to learn from. is_crowd: (K,) bool, COCO crowd regions to keep
+    out of matching; a crowd row has `valid == False`; padding rows have both False.
+  image_size: (2,) int32 true (h, w) of the image content, before padding.
+  scale: () float32, resized size / original size (original coordinates = these / scale).
+K may be dynamic until `pad_instances`. Boxes, masks and image always move together. Random
+ops take a stateless `seed` (shape (2,) int), as in `segjax.data.ops`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
+
+INSTANCE_KEYS = ("boxes", "classes", "instance_masks", "valid", "is_crowd")
+
+
+def with_size(features: dict) -> dict:
+  """Adds `image_size` (the image's (h, w)) and `scale` 1.0, unless a resize set them."""
+  size = tf.shape(features["image"])[:2]
+  return {"image_size": tf.cast(size, tf.int32), "scale": tf.constant(1.0), **features}
+
+
+def resize_output_size(height, width, shorter: int, longer: int | None):
+  """(new_h, new_w, scale) of detectron2 `ResizeShortestEdge.get_output_shape`.
+
+  Scales so that the shorter side becomes `shorter`, unless the longer side would then exceed
+  `longer`, in which case the longer side becomes `longer`; sides round half up.
+  """
+  height = tf.cast(height, tf.float32)
+  width = tf.cast(width, tf.float32)
+  scale = shorter / tf.minimum(height, width)
+  if longer is not None:
+    scale = tf.minimum(scale, longer / tf.maximum(height, width))
+  new_h = tf.cast(tf.floor(height * scale + 0.5), tf.int32)
+  new_w = tf.cast(tf.floor(width * scale + 0.5), tf.int32)
+  return new_h, new_w, scale
+
+
+def resize_shorter_longer(features: dict, shorter: int, longer: int | None = None) -> dict:
+  """Resizes image (bilinear), masks (nearest) and boxes by detectron2's shortest-edge rule.
+
+  Boxes scale by new_w / w and new_h / h, exactly as the pixels move; `scale` records the
+  (pre-rounding) factor and `image_size` the new (h, w).
+  """
+  features = with_size(features)
+  hw = tf.shape(features["image"])[:2]
+  new_h, new_w, scale = resize_output_size(hw[0], hw[1], shorter, longer)
+  size = tf.stack([new_h, new_w])
+  image = tf.image.resize(features["image"], size, method="bilinear")
+  if features["image"].dtype == tf.uint8:  # Keep uint8 so that later ops see one dtype.
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  masks = tf.image.resize(features["instance_masks"][..., None], size, method="nearest")[..., 0]
+  factors = tf.cast(size, tf.float32) / tf.cast(hw, tf.float32)
+  boxes = features["boxes"] * tf.stack([factors[1], factors[0], factors[1], factors[0]])
+  return {**features, "image": image, "instance_masks": masks, "boxes": boxes,
+          "image_size": size, "scale": features["scale"] * scale}
+
+
+def random_flip_left_right(features: dict, seed) -> dict:
+  """Mirrors image, masks and boxes together with probability 1/2: x1' = W - x2, x2' = W - x1.
+
+  W is the current image width, so flip before padding. Padding rows stay all zeros.
+  """
+  flip = tf.random.stateless_uniform([], seed) < 0.5
+  width = tf.cast(tf.shape(features["image"])[1], tf.float32)
+  boxes = features["boxes"]
+  present = features["valid"] | features.get("is_crowd", tf.zeros_like(features["valid"]))
+  flipped_boxes = tf.where(
+    present[:, None], tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0],
+                                boxes[:, 3]], axis=-1), boxes)
+  image = tf.cond(flip, lambda: features["image"][:, ::-1], lambda: features["image"])
+  masks = tf.cond(flip, lambda: features["instance_masks"][:, :, ::-1],
+                  lambda: features["instance_masks"])
+  boxes = tf.cond(flip, lambda: flipped_boxes, lambda: boxes)
+  return {**features, "image": image, "instance_masks": masks, "boxes": boxes}
+
+
+def normalize(features: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+  """Float32 image standardized per channel; classes int32, boxes float32."""
+  image = (tf.cast(features["image"], tf.float32) - mean) / std
+  return {**features, "image": image, "classes": tf.cast(features["classes"], tf.int32),
+          "boxes": tf.cast(features["boxes"], tf.float32)}
+
+
+def pad_to_multiple(features: dict, size: tuple[int, int] | None = None,
+                    multiple: int = 32) -> dict:
+  """Pads image (zeros) and masks (zeros) bottom and right; boxes and `image_size` unchanged.
+
+  With `size` (h, w), a multiple of `multiple`, the output has that static shape and an image
+  larger than `size` raises; without it, each side rounds up to a multiple of `multiple`
+  (a dynamic shape, so not for jitted training).
+  """
+  features = with_size(features)
+  hw = tf.shape(features["image"])[:2]
+  if size is None:
+    target = (hw + multiple - 1) // multiple * multiple
+  else:
+    size = tuple(int(s) for s in size)
+    if size[0] % multiple or size[1] % multiple:
+      raise ValueError(f"Padded size {size} is not a multiple of {multiple}; the FPN's "
+                       f"strides need it.")
+    target = tf.constant(size)
+    check = tf.debugging.assert_less_equal(
+      hw, target, message=f"An image resized to more than the padded size {size} (h, w); "
+      "lower dataset.max_size or raise image_size.")
+    with tf.control_dependencies([check]):
+      hw = tf.identity(hw)
+  pad_h, pad_w = target[0] - hw[0], target[1] - hw[1]
+  image = tf.pad(features["image"], [[0, pad_h], [0, pad_w], [0, 0]])
+  masks = tf.pad(features["instance_masks"], [[0, 0], [0, pad_h], [0, pad_w]])
+  if size is not None:
+    image = tf.ensure_shape(image, size + (3,))
+    masks = tf.ensure_shape(masks, (None,) + size)
+  return {**features, "image": image, "instance_masks": masks}
+
+
+def pad_instances(features: dict, max_instances: int) -> dict:
+  """Pads the instance rows with zeros to a static `max_instances`; more rows raise.
+
+  Sources truncate to `max_instances` already (see `segjax.data.coco`), so the check only
+  catches a wiring mistake.
+  """
+  count = tf.shape(features["classes"])[0]
+  check = tf.debugging.assert_less_equal(
+    count, max_instances, message=f"More than max_instances={max_instances} instance rows.")
+  with tf.control_dependencies([check]):
+    pad = max_instances - count
+  out = dict(features)
+  if "is_crowd" not in out:
+    out["is_crowd"] = tf.zeros_like(features["valid"])
+  for key in INSTANCE_KEYS:
+    value = out[key]
+    paddings = [[0, pad]] + [[0, 0]] * (len(value.shape) - 1)
+    padded = tf.pad(value, paddings)
+    out[key] = tf.ensure_shape(padded, (max_instances,) + tuple(value.shape[1:]))
+  return out

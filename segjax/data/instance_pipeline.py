@@ -1,0 +1,197 @@
+"""The tf.data pipeline for instance segmentation (Mask R-CNN, He et al. 2017; detectron2 style).
+
+source -> resize by shorter/longer side -> flip -> normalize -> pad to a fixed size -> pad the
+instances to `max_instances` -> batch. Training batches are infinite, shuffled and of fixed
+shape; evaluation batches cover this process's share of the split exactly once, padded at the
+end with `example_mask == False` rows (as `segjax.data.pipeline.eval_dataset`).
+
+Batches (B = local batch size, (H, W) = config.image_size, K = config.dataset.max_instances):
+  image: (B, H, W, 3) float32, normalized with the ImageNet mean and std; 0 on padding.
+  boxes: (B, K, 4) float32 `[x1, y1, x2, y2]` absolute pixels of the padded image.
+  classes: (B, K) int32 contiguous labels 1..C; 0 on padding rows.
+  instance_masks: (B, K, H, W) uint8 in {0, 1}.
+  valid: (B, K) bool, instances to learn from.
+  is_crowd: (B, K) bool, COCO crowd regions (`valid` False there): exclude them from matching.
+  image_size: (B, 2) int32 (h, w) of the image content before padding; rows
+    `image_size[0]:` and columns `image_size[1]:` are padding.
+Evaluation batches add:
+  image_id: (B,) int64 the COCO image id (shapes: the example index); -1 on padding rows.
+  scale: (B,) float32 resized / original size; original coordinates = coordinates / scale.
+  original_size: (B, 2) int32 (h, w) of the original image, for pasting masks back exactly.
+  example_mask: (B,) bool, False on padding rows.
+
+Config keys read:
+  config.image_size: (H, W) padded size, multiples of 32 (the FPN's largest stride).
+  config.seed: shuffling and augmentation seed.
+  config.augment.flip: random horizontal flip in training.
+  config.dataset.name: "shapes" (segjax.data.shapes, with instances) or "coco"
+    (segjax.data.coco).
+  config.dataset.data_dir, .train_split, .eval_split: where the source reads.
+  config.dataset.max_instances: K. config.dataset.overflow: "truncate" | "skip" | "error"
+    for images with more instances (coco only; evaluation never skips: "skip" truncates).
+  config.dataset.min_size, .max_size: detectron2 `ResizeShortestEdge` shorter side and
+    longest side (COCO: 800, 1333); None or absent: no resizing. max_size must not exceed
+    min(config.image_size), so that every orientation fits the padded size.
+  config.dataset.shuffle_buffer: shapes' shuffle buffer (its examples live in memory). COCO
+    permutes image indices before decoding instead, so no decoded image waits in a buffer.
+  config.dataset.train_kwargs, .eval_kwargs (optional): extra source arguments, e.g. shapes'
+    num_examples, image_size, seed, max_shapes, or coco's annotation_file, image_dir.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import ml_collections
+import tensorflow as tf
+
+from segjax.data import instance_ops
+from segjax.data.coco import coco_instances
+from segjax.data.pipeline import _options
+from segjax.data.shapes import shapes
+
+TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
+EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
+
+
+def shapes_instances(split: str, *, data_dir: str | None, process_index: int = 0,
+                     process_count: int = 1, max_instances: int = 8, overflow: str = "truncate",
+                     shuffle_seed: int | None = None, shuffle_buffer: int = 1000,
+                     **kwargs) -> tf.data.Dataset:
+  """The shapes set in the instance source contract of `segjax.data.coco`.
+
+  `image_id` is the example index in the split, so `segjax.coco_eval.shapes_to_coco` builds
+  the matching ground truth. Shapes never overflow (`max_shapes <= max_instances` is checked).
+  """
+  del overflow
+  ds = shapes(split, data_dir=data_dir, process_index=process_index,
+              process_count=process_count, max_instances=max_instances, with_instances=True,
+              **kwargs)
+
+  @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
+  def to_instances(i, features):
+    # shapes gives process p the examples p, p + n, p + 2n, ... (its docstring).
+    image_id = tf.cast(process_index + i * process_count, tf.int64)
+    return {**{k: features[k] for k in instance_ops.INSTANCE_KEYS if k in features},
+            "image": features["image"], "is_crowd": tf.zeros_like(features["valid"]),
+            "image_id": image_id}
+
+  ds = ds.enumerate().map(to_instances)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed)
+  return ds
+
+
+INSTANCE_SOURCES: dict[str, Callable[..., tf.data.Dataset]] = {
+  "shapes": shapes_instances,
+  "coco": coco_instances,
+}
+
+
+def make_instance_source(config: ml_collections.ConfigDict, split: str, *, process_index: int,
+                         process_count: int, overflow: str, shuffle_seed: int | None = None,
+                         **kwargs) -> tf.data.Dataset:
+  """This process's share of `split` from the source named by `config.dataset.name`."""
+  dataset = config.dataset
+  if dataset.name not in INSTANCE_SOURCES:
+    raise ValueError(f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
+                     f"known: {sorted(INSTANCE_SOURCES)}.")
+  if dataset.name == "shapes":  # Only shapes keeps decoded examples in its shuffle buffer.
+    kwargs["shuffle_buffer"] = dataset.get("shuffle_buffer", 1000)
+  return INSTANCE_SOURCES[dataset.name](
+    split, data_dir=dataset.get("data_dir"), process_index=process_index,
+    process_count=process_count, max_instances=dataset.max_instances, overflow=overflow,
+    shuffle_seed=shuffle_seed, **kwargs)
+
+
+def _check_sizes(config) -> tuple[tuple[int, int], int | None, int | None]:
+  size = tuple(int(s) for s in config.image_size)
+  min_size, max_size = config.dataset.get("min_size"), config.dataset.get("max_size")
+  if size[0] % 32 or size[1] % 32:
+    raise ValueError(f"config.image_size={size} must be multiples of 32 (the FPN's strides).")
+  if max_size is not None and max_size > min(size):
+    raise ValueError(f"config.dataset.max_size={max_size} exceeds min(config.image_size)="
+                     f"{min(size)}: a resized image could overflow the padded size.")
+  return size, min_size, max_size
+
+
+def _prepare(features, flip_seed, *, config, keys):
+  """Resize, flip (when `flip_seed` is given), normalize and pad one example."""
+  size, min_size, max_size = _check_sizes(config)
+  original_size = tf.cast(tf.shape(features["image"])[:2], tf.int32)
+  features = instance_ops.with_size(features)
+  if min_size is not None:
+    features = instance_ops.resize_shorter_longer(features, min_size, max_size)
+  if flip_seed is not None:
+    features = instance_ops.random_flip_left_right(features, flip_seed)
+  features = instance_ops.normalize(features)
+  features = instance_ops.pad_to_multiple(features, size)
+  features = instance_ops.pad_instances(features, config.dataset.max_instances)
+  features = {**features, "original_size": original_size, "example_mask": tf.constant(True)}
+  return {k: features[k] for k in keys}
+
+
+def instance_train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
+                           process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Infinite augmented batches of `local_batch_size` for this process (contract above).
+
+  The flip of the i-th example this process reads is seeded by (config.seed, process_index,
+  i): reproducible, and different on every host and epoch.
+  """
+  _check_sizes(config)
+  ds = make_instance_source(config, config.dataset.train_split, process_index=process_index,
+                            process_count=process_count,
+                            overflow=config.dataset.get("overflow", "truncate"),
+                            shuffle_seed=config.seed + process_index,
+                            **config.dataset.get("train_kwargs", {}))
+  ds = ds.repeat().enumerate()
+  base_seed = tf.constant([config.seed, process_index], tf.int64)
+  flip = config.augment.get("flip", False)
+
+  @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
+  def augment(index, features):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    return _prepare(features, seed if flip else None, config=config, keys=TRAIN_KEYS)
+
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
+                          process_index: int = 0, process_count: int = 1,
+                          num_batches: int | None = None) -> tuple[tf.data.Dataset, int]:
+  """(dataset, num_batches): this process's share of the eval split, padded to full batches.
+
+  Every process must run the same number of batches; pass the largest `num_batches` over
+  processes when the shares differ in size. An image is never skipped in evaluation
+  (overflow "skip" truncates), so that the scores cover the whole split.
+  """
+  _check_sizes(config)
+  overflow = config.dataset.get("overflow", "truncate")
+  ds = make_instance_source(config, config.dataset.eval_split, process_index=process_index,
+                            process_count=process_count,
+                            overflow="truncate" if overflow == "skip" else overflow,
+                            **config.dataset.get("eval_kwargs", {}))
+  num_examples = int(ds.cardinality())
+  if num_examples < 0:
+    raise ValueError(f"Source {config.dataset.name!r} split {config.dataset.eval_split!r} has "
+                     "unknown cardinality; the evaluator needs a known size.")
+  needed = math.ceil(num_examples / local_batch_size)
+  if num_batches is None:
+    num_batches = needed
+  elif num_batches < needed:
+    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
+                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
+  @tf.autograph.experimental.do_not_convert
+  def prepare(features):
+    return _prepare(features, None, config=config, keys=EVAL_KEYS)
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
+  padding["image_id"] = tf.constant(-1, tf.int64)
+  padding["scale"] = tf.constant(1.0)  # Never divide by zero on padding rows.
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches

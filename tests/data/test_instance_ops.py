@@ -1,0 +1,154 @@
+"""Tests for segjax/data/instance_ops.py, each op eagerly and inside tf.data."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segjax.data import instance_ops
+
+
+def detectron2_output_shape(h, w, short, max_size):
+  """detectron2 `ResizeShortestEdge.get_output_shape`, verbatim."""
+  scale = short * 1.0 / min(h, w)
+  if h < w:
+    newh, neww = short, scale * w
+  else:
+    newh, neww = scale * h, short
+  if max(newh, neww) > max_size:
+    scale = max_size * 1.0 / max(newh, neww)
+    newh = newh * scale
+    neww = neww * scale
+  return int(newh + 0.5), int(neww + 0.5)
+
+
+def example(height=12, width=20, k=3, seed=0):
+  """An image with k rectangle instances (the last a padding row) and their boxes."""
+  rng = np.random.default_rng(seed)
+  image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+  masks = np.zeros((k, height, width), np.uint8)
+  boxes = np.zeros((k, 4), np.float32)
+  for i, (y0, x0, y1, x1) in enumerate([(1, 2, 5, 9), (6, 11, 11, 19)][:k - 1]):
+    masks[i, y0:y1, x0:x1] = 1
+    boxes[i] = [x0, y0, x1, y1]
+  valid = np.arange(k) < k - 1
+  return {"image": image, "boxes": boxes, "classes": np.where(valid, 2, 0).astype(np.int32),
+          "instance_masks": masks, "valid": valid, "is_crowd": np.zeros(k, bool)}
+
+
+def run(op, features, in_dataset):
+  """The op eagerly, or mapped over a one-element tf.data.Dataset (graph mode)."""
+  if not in_dataset:
+    return {k: np.asarray(v) for k, v in op(features).items()}
+  ds = tf.data.Dataset.from_tensors(features).map(op)
+  return next(ds.as_numpy_iterator())
+
+
+def nearest_resize(array, size):
+  """Half-pixel-centre nearest neighbour, the rule of tf.image.resize(method="nearest")."""
+  ys = np.minimum(((np.arange(size[0]) + 0.5) * array.shape[-2] / size[0]).astype(int),
+                  array.shape[-2] - 1)
+  xs = np.minimum(((np.arange(size[1]) + 0.5) * array.shape[-1] / size[1]).astype(int),
+                  array.shape[-1] - 1)
+  return array[..., ys[:, None], xs]
+
+
+@pytest.mark.parametrize("h, w, short, long", [
+  (480, 640, 800, 1333), (640, 480, 800, 1333), (427, 640, 800, 1333), (200, 1000, 800, 1333),
+  (1000, 200, 800, 1333), (12, 20, 16, 24), (64, 64, 64, 64), (333, 500, 600, 1000)])
+def test_output_size_matches_detectron2(h, w, short, long):
+  new_h, new_w, scale = instance_ops.resize_output_size(h, w, short, long)
+  assert (int(new_h), int(new_w)) == detectron2_output_shape(h, w, short, long)
+  assert float(scale) == pytest.approx(min(short / min(h, w), long / max(h, w)))
+
+
+@pytest.mark.parametrize("in_dataset", [False, True])
+def test_resize_moves_boxes_masks_and_records_size(in_dataset):
+  features = example()
+  out = run(lambda f: instance_ops.resize_shorter_longer(f, 16, 24), features, in_dataset)
+  new_h, new_w = detectron2_output_shape(12, 20, 16, 24)  # Capped by the longer side: 14x24.
+  assert (new_h, new_w) == (14, 24)
+  assert out["image"].shape == (14, 24, 3) and out["image"].dtype == np.uint8
+  np.testing.assert_array_equal(out["image_size"], [14, 24])
+  assert out["scale"] == pytest.approx(24 / 20)
+  np.testing.assert_array_equal(out["instance_masks"],
+                                nearest_resize(features["instance_masks"], (14, 24)))
+  np.testing.assert_allclose(out["boxes"], features["boxes"] * [24 / 20, 14 / 12, 24 / 20,
+                                                                14 / 12], rtol=1e-6)
+  np.testing.assert_array_equal(out["valid"], features["valid"])
+
+
+def test_integer_upscale_keeps_masks_exact():
+  features = example()
+  out = instance_ops.resize_shorter_longer(features, 24, 100)
+  np.testing.assert_array_equal(
+    out["instance_masks"], np.kron(features["instance_masks"], np.ones((1, 2, 2), np.uint8)))
+  np.testing.assert_allclose(out["boxes"], 2 * features["boxes"])
+
+
+def flip_seed(flip: bool):
+  for s in range(100):
+    if (float(tf.random.stateless_uniform([], [s, 0])) < 0.5) == flip:
+      return tf.constant([s, 0])
+  raise AssertionError
+
+
+@pytest.mark.parametrize("in_dataset", [False, True])
+def test_flip_moves_image_boxes_and_masks_together(in_dataset):
+  features = example()
+  flip, keep = flip_seed(True), flip_seed(False)  # Eager: the search is Python control flow.
+  out = run(lambda f: instance_ops.random_flip_left_right(f, flip), features, in_dataset)
+  np.testing.assert_array_equal(out["image"], features["image"][:, ::-1])
+  np.testing.assert_array_equal(out["instance_masks"], features["instance_masks"][:, :, ::-1])
+  b = features["boxes"]
+  np.testing.assert_allclose(out["boxes"][:2], np.stack(
+    [20 - b[:2, 2], b[:2, 1], 20 - b[:2, 0], b[:2, 3]], -1))
+  np.testing.assert_array_equal(out["boxes"][2], 0)  # Padding rows stay zero.
+  for i in range(2):  # The box still encloses exactly its mask.
+    ys, xs = np.nonzero(out["instance_masks"][i])
+    np.testing.assert_allclose(out["boxes"][i], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+  same = run(lambda f: instance_ops.random_flip_left_right(f, keep), features, in_dataset)
+  for key in ("image", "boxes", "instance_masks"):
+    np.testing.assert_array_equal(same[key], features[key])
+
+
+@pytest.mark.parametrize("in_dataset", [False, True])
+def test_pad_to_fixed_size(in_dataset):
+  features = instance_ops.normalize(example())
+  out = run(lambda f: instance_ops.pad_to_multiple(f, (32, 64)), features, in_dataset)
+  assert out["image"].shape == (32, 64, 3) and out["instance_masks"].shape == (3, 32, 64)
+  np.testing.assert_array_equal(out["image"][:12, :20], np.asarray(features["image"]))
+  assert not out["image"][12:].any() and not out["image"][:, 20:].any()
+  assert not out["instance_masks"][:, 12:].any() and not out["instance_masks"][:, :, 20:].any()
+  np.testing.assert_array_equal(out["boxes"], features["boxes"])
+  np.testing.assert_array_equal(out["image_size"], [12, 20])
+
+
+def test_pad_static_shape_and_errors():
+  ds = tf.data.Dataset.from_tensors(example()).map(
+    lambda f: instance_ops.pad_to_multiple(f, (32, 32)))
+  assert ds.element_spec["image"].shape == (32, 32, 3)
+  with pytest.raises(ValueError, match="not a multiple of 32"):
+    instance_ops.pad_to_multiple(example(), (40, 64))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="more than the padded size"):
+    instance_ops.pad_to_multiple(example(height=40), (32, 32))
+  dynamic = instance_ops.pad_to_multiple(example(height=33, width=20), multiple=32)
+  assert dynamic["image"].shape == (64, 32, 3)
+
+
+def test_pad_instances_and_normalize():
+  features = {k: v[:2] if k != "image" else v for k, v in example().items()}
+  del features["is_crowd"]
+  ds = tf.data.Dataset.from_tensors(features).map(
+    lambda f: instance_ops.pad_instances(instance_ops.normalize(f), 5))
+  assert ds.element_spec["boxes"].shape == (5, 4)
+  assert ds.element_spec["instance_masks"].shape == (5, 12, 20)
+  out = next(ds.as_numpy_iterator())
+  np.testing.assert_array_equal(out["valid"], [True, True, False, False, False])
+  np.testing.assert_array_equal(out["is_crowd"], np.zeros(5, bool))
+  np.testing.assert_array_equal(out["classes"], [2, 2, 0, 0, 0])
+  assert out["classes"].dtype == np.int32 and out["image"].dtype == np.float32
+  mean = 255 * np.array([0.485, 0.456, 0.406])
+  std = 255 * np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(out["image"], (features["image"] - mean) / std, rtol=1e-5)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="More than max_instances=1"):
+    instance_ops.pad_instances(features, 1)
