@@ -38,8 +38,11 @@ def get_config(arg=None):
   config.dataset.ignore_label = 255
   config.dataset.shuffle_buffer = 2000
   config.dataset.class_names = CLASS_NAMES
-  config.dataset.train_kwargs = dict(num_examples=2000, image_size=config.image_size)
-  config.dataset.eval_kwargs = dict(num_examples=200, image_size=config.image_size)
+  # Generated at the training size: a reference, so `--config.image_size` carries over.
+  config.dataset.train_kwargs = ml_collections.ConfigDict(
+    dict(num_examples=2000, image_size=config.get_ref("image_size")))
+  config.dataset.eval_kwargs = ml_collections.ConfigDict(
+    dict(num_examples=200, image_size=config.get_ref("image_size")))
 
   config.augment = ml_collections.ConfigDict()
   config.augment.min_scale = 0.75
@@ -64,8 +67,8 @@ def get_config(arg=None):
     config.log_every_steps = 5
     config.eval_every_steps = 10
     config.checkpoint_every_steps = 10
-    config.dataset.train_kwargs = dict(num_examples=40, image_size=config.image_size)
-    config.dataset.eval_kwargs = dict(num_examples=10, image_size=config.image_size)
+    config.dataset.train_kwargs.num_examples = 40
+    config.dataset.eval_kwargs.num_examples = 10
     config.model.depth = 2
     config.model.base_width = 8
   return config

@@ -74,6 +74,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   ds = ds.repeat().enumerate()
   base_seed = tf.constant([config.seed, process_index], tf.int64)
 
+  @tf.autograph.experimental.do_not_convert
   def augment(index, features):
     seed = tf.random.experimental.stateless_fold_in(base_seed, index)
     return _augment({k: features[k] for k in ("image", "mask")}, seed, config=config)
@@ -105,6 +106,7 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
                      f"{num_examples} examples need {needed} batches of {local_batch_size}.")
   size = tuple(config.image_size)
 
+  @tf.autograph.experimental.do_not_convert
   def prepare(features):
     features = ops.normalize(ops.resize({k: features[k] for k in ("image", "mask")}, size))
     return {**features, "example_mask": tf.constant(True)}

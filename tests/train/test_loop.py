@@ -147,3 +147,20 @@ def test_bad_config_override_is_a_clear_error(tmp_path, override, expected):
   assert proc.returncode != 0
   assert expected in out
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_bfloat16_computes_in_bf16_with_float32_state(tmp_path):
+  config = unet_shapes.get_config("tiny")
+  config.dtype = "bfloat16"
+  config.num_train_steps = 10
+  model = loop.build_model(config)
+  _, abstract = loop.initial_state(config, model, jax.make_mesh((1,), ("data",)))
+  assert {x.dtype for x in jax.tree.leaves((abstract.params, abstract.opt_state))
+          if hasattr(x, "dtype") and x.ndim} == {np.dtype("float32")}
+  sample = np.zeros((1, *config.image_size, 3), np.float32)
+  variables = model.init(jax.random.key(0), sample, train=False)
+  _, intermediates = model.apply(variables, sample, train=False, mutable=["intermediates"])
+  assert {x.dtype for x in jax.tree.leaves(intermediates)} == {jax.numpy.dtype("bfloat16")}
+  loop.train_and_evaluate(config, str(tmp_path))
+  losses = [r["loss"] for r in _records(str(tmp_path)) if "loss" in r]
+  assert losses[-1] < losses[0] and np.all(np.isfinite(losses))
