@@ -3,11 +3,35 @@
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.models.mask_rcnn import MaskRCNN
 from segjax.models.unet import UNet
 
-MODELS = {"unet": UNet}
+MODELS = {"unet": UNet, "mask_rcnn": MaskRCNN}
+
+
+def _build(cls, kwargs: dict, where: str, base: nn.Module | None = None) -> nn.Module:
+  """`cls(**kwargs)` (or `base.clone(**kwargs)`), building nested submodule sections too."""
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  fields = {k: f for k, f in fields.items() if k not in ("parent", "name")}
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise ValueError(
+        f"Model {where} has no attribute(s) {unknown}; accepted keys: {sorted(fields)}.")
+  for key, value in kwargs.items():
+    field = fields[key]
+    default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
+               else field.default)
+    if isinstance(default, nn.Module) and hasattr(value, "items"):
+      # A section such as config.model.rpn updates that submodule's defaults.
+      kwargs[key] = _build(type(default), dict(value.items()), f"{where}.{key}", default)
+    elif key == "dtype" and isinstance(value, str):
+      kwargs[key] = jnp.dtype(value)
+    elif isinstance(value, list):
+      kwargs[key] = tuple(value)
+  return base.clone(**kwargs) if base is not None else cls(**kwargs)
 
 
 def create_model(model_config: Any):
@@ -16,7 +40,9 @@ def create_model(model_config: Any):
   Args:
     model_config: an ml_collections ConfigDict (or any mapping) with `name` and the module's
       attributes, e.g. for "unet": num_classes, depth, base_width, norm, dropout_rate,
-      upsampling and optionally dtype (a string such as "bfloat16"). Keys left out take the
+      upsampling and optionally dtype (a string such as "bfloat16"). A section for a
+      submodule attribute updates that submodule's defaults, e.g. for "mask_rcnn":
+      `backbone.depth`, `rpn.anchor_sizes`, `roi_heads.num_classes`. Keys left out take the
       module's defaults.
 
   Raises:
@@ -26,15 +52,7 @@ def create_model(model_config: Any):
   name = kwargs.pop("name", None)
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
-  cls = MODELS[name]
-  fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(
-        f"Model {name!r} has no attribute(s) {unknown}; accepted keys: {sorted(fields)}.")
-  if isinstance(kwargs.get("dtype"), str):
-    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-  return cls(**kwargs)
+  return _build(MODELS[name], kwargs, repr(name))
 
 
-__all__ = ["MODELS", "UNet", "create_model"]
+__all__ = ["MODELS", "MaskRCNN", "UNet", "create_model"]

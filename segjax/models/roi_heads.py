@@ -1,0 +1,423 @@
+"""ROI box and mask heads of Mask R-CNN (He et al. 2017, "Mask R-CNN", arXiv:1703.06870).
+
+As detectron2 `modeling/roi_heads/roi_heads.py` `StandardROIHeads` with the 1x settings:
+
+- training (`label_and_sample_proposals`): ground-truth boxes join the proposals, each is
+  matched at IoU 0.5 (below: background), 512 per image are sampled at 25 % foreground;
+- box branch (`_forward_box`): multi-level ROIAlignV2 7x7 (adaptive sampling), two 1024-d
+  fully connected layers with ReLU, class logits and class-specific box deltas (weights 10, 10,
+  5, 5); `box_loss`: cross-entropy over the sample and L1 (`SMOOTH_L1_BETA = 0`) of the ground
+  truth class's deltas on foregrounds, both divided by the number of sampled ROIs;
+- mask branch (`_forward_mask`): ROIAlignV2 14x14, four 3x3 convs of 256 with ReLU, a 2x2
+  stride-2 transposed conv with ReLU and a 1x1 conv to per-class 28x28 logits; `mask_loss`:
+  per-pixel BCE of the ground-truth class's channel on foregrounds against `mask_targets`
+  (the ground-truth mask ROIAligned into the proposal, thresholded at 0.5);
+- inference (`postprocess`, `postprocess_masks`): softmax scores, per-class decoded and
+  clipped boxes, score > 0.05, per-class NMS 0.5, the 100 best detections, the mask head run
+  on them, the detected class's mask probabilities pasted into the image.
+
+Class layout as torchvision: label 0 is background, 1..K the classes; class logits, box deltas
+and mask logits all have K + 1 entries (the background's deltas and mask are unused), so
+torchvision's `num_classes=91` is `num_classes=90` here (detectron2 omits those unused rows).
+
+Shapes: B batch, K classes (K + 1 with background), P proposals, G ground-truth slots,
+S sampled ROIs, F = `int(S * positive_fraction)` foreground slots, D detections, M mask side.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from segjax import ops
+from segjax.models.rpn import smooth_l1_loss
+
+Array = jax.Array
+
+# detectron2 `c2_xavier_fill` (fully connected box head) and `c2_msra_fill` (mask convs).
+xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def label_and_sample_proposals(
+    proposals: Array,
+    proposal_valid: Array,
+    gt_boxes: Array,
+    gt_classes: Array,
+    gt_valid: Array,
+    rng: Array,
+    *,
+    num_samples: int = 512,
+    positive_fraction: float = 0.25,
+    iou_threshold: float = 0.5,
+    add_gt: bool = True,
+) -> dict[str, Array]:
+  """Training ROIs of one image with their targets; `jax.vmap` it for a batch.
+
+  Args:
+    proposals: `(P, 4)` RPN proposals; `proposal_valid` `(P,)` bool.
+    gt_boxes: `(G, 4)`; gt_classes: `(G,)` int in 1..K; gt_valid: `(G,)` bool.
+    rng: PRNG key of the sampling.
+    num_samples: static S.
+    positive_fraction: at most `int(S * positive_fraction)` foregrounds, placed first.
+    iou_threshold: foreground from this IoU with the best ground truth.
+    add_gt: add the ground-truth boxes to the proposals (detectron2 and torchvision do).
+
+  Returns:
+    `{"boxes": (S, 4) ROIs, "classes": (S,) int32 target class (0 background),
+    "gt_index": (S,) int32 matched ground truth, "gt_boxes": (S, 4) its box,
+    "valid": (S,) bool}`. Foregrounds fill the first slots, then backgrounds, then padding.
+  """
+  if add_gt:
+    proposals = jnp.concatenate([gt_boxes.astype(proposals.dtype), proposals])
+    proposal_valid = jnp.concatenate([gt_valid, proposal_valid])
+  matched, labels = ops.match_boxes(gt_boxes, proposals, gt_valid, thresholds=(iou_threshold,),
+                                    labels=(0, 1), allow_low_quality_matches=False)
+  classes = jnp.where(labels == 1, gt_classes[matched], 0).astype(jnp.int32)
+  # Padded proposals and padded ground truth must never be sampled: label them ignored.
+  idx, valid = ops.sample_balanced(rng, jnp.where(proposal_valid, classes, -1), num_samples,
+                                   positive_fraction, bg_label=0)
+  gt_index = jnp.where(valid, matched[idx], 0)
+  return {
+      "boxes": jnp.where(valid[:, None], proposals[idx], 0.0),
+      "classes": jnp.where(valid, classes[idx], 0),
+      "gt_index": gt_index,
+      "gt_boxes": jnp.where(valid[:, None], gt_boxes[gt_index], 0.0),
+      "valid": valid,
+  }
+
+
+def box_loss(
+    class_logits: Array,
+    box_deltas: Array,
+    proposals: Array,
+    gt_classes: Array,
+    gt_boxes: Array,
+    valid: Array,
+    *,
+    weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
+    smooth_l1_beta: float = 0.0,
+) -> tuple[dict[str, Array], dict[str, Array]]:
+  """Fast R-CNN losses (detectron2 `FastRCNNOutputLayers.losses`) over all sampled ROIs.
+
+  Args:
+    class_logits: `(..., S, K + 1)`.
+    box_deltas: `(..., S, K + 1, 4)` class-specific deltas.
+    proposals: `(..., S, 4)` the ROIs the deltas apply to.
+    gt_classes: `(..., S)` int target classes, 0 background.
+    gt_boxes: `(..., S, 4)` matched ground-truth boxes (used on foregrounds only).
+    valid: `(..., S)` bool sampled ROIs.
+    weights: box-coder weights.
+    smooth_l1_beta: 0 for L1.
+
+  Returns:
+    `({"loss_cls", "loss_box_reg"}, {"cls_accuracy", "fg_cls_accuracy", "num_fg_rois",
+    "num_bg_rois"})`. Both losses are sums over ROIs divided by the number of valid ROIs;
+    the counts are per-image means (images being the leading axes).
+  """
+  logits = class_logits.astype(jnp.float32)
+  labels = jnp.where(valid, gt_classes, 0)
+  fg = valid & (labels > 0)
+  count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  deltas = jnp.take_along_axis(
+      box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
+  targets = ops.encode_boxes(gt_boxes, proposals, weights)
+  loc = smooth_l1_loss(deltas - targets, smooth_l1_beta).sum(-1)
+  pred = jnp.argmax(logits, -1)
+  correct = pred == labels
+  losses = {
+      "loss_cls": jnp.sum(jnp.where(valid, ce, 0.0)) / count,
+      "loss_box_reg": jnp.sum(jnp.where(fg, loc, 0.0)) / count,
+  }
+  num_fg = jnp.sum(fg)
+  num_images = valid.size // valid.shape[-1]
+  metrics = {
+      "cls_accuracy": jnp.sum(correct & valid) / count,
+      "fg_cls_accuracy": jnp.sum(correct & fg) / jnp.maximum(num_fg, 1),
+      "num_fg_rois": num_fg / num_images,
+      "num_bg_rois": jnp.sum(valid & ~fg) / num_images,
+  }
+  return losses, metrics
+
+
+def mask_loss(
+    mask_logits: Array,
+    targets: Array,
+    gt_classes: Array,
+    valid: Array,
+) -> tuple[dict[str, Array], dict[str, Array]]:
+  """Mask R-CNN mask loss (detectron2 `mask_rcnn_loss`): mean per-pixel BCE on foregrounds.
+
+  Args:
+    mask_logits: `(..., R, M, M, K + 1)` per-class logits.
+    targets: `(..., R, M, M)` {0, 1} targets (`ops.mask_targets`).
+    gt_classes: `(..., R)` int; only the channel of this class is trained.
+    valid: `(..., R)` bool; ROIs with class 0 (background) never count.
+
+  Returns:
+    `({"loss_mask"}, {"mask_accuracy"})`: the BCE averaged over the M * M pixels of every
+    foreground ROI (0, with zero gradient, when there is none), and the share of those pixels
+    predicted right at logit 0.
+  """
+  fg = valid & (gt_classes > 0)
+  logits = jnp.take_along_axis(
+      mask_logits.astype(jnp.float32),
+      jnp.where(fg, gt_classes, 0)[..., None, None, None], axis=-1)[..., 0]
+  bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
+  pixels = jnp.maximum(jnp.sum(fg) * logits.shape[-1] * logits.shape[-2], 1).astype(jnp.float32)
+  weight = fg[..., None, None]
+  correct = (logits > 0) == (targets > 0.5)
+  return ({"loss_mask": jnp.sum(jnp.where(weight, bce, 0.0)) / pixels},
+          {"mask_accuracy": jnp.sum(correct & weight) / pixels})
+
+
+def postprocess(
+    class_logits: Array,
+    box_deltas: Array,
+    proposals: Array,
+    proposal_valid: Array,
+    image_size: Array,
+    *,
+    weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    max_detections: int = 100,
+) -> dict[str, Array]:
+  """Detections of one image (detectron2 `fast_rcnn_inference_single_image`); vmap for a batch.
+
+  Every (proposal, foreground class) pair is a candidate box: class-specific deltas decoded
+  and clipped to `image_size`, scored by the softmax probability of that class; candidates
+  scoring above `score_thresh` go through per-class NMS and the best `max_detections` stay.
+
+  Args:
+    class_logits: `(P, K + 1)`; box_deltas: `(P, K + 1, 4)`.
+    proposals: `(P, 4)`; proposal_valid: `(P,)` bool.
+    image_size: `(2,)` true height and width.
+
+  Returns:
+    `{"boxes": (D, 4), "scores": (D,), "classes": (D,) int32 in 1..K, "valid": (D,) bool}`,
+    best first; invalid rows are zeros.
+  """
+  p, k1 = class_logits.shape
+  scores = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[:, 1:]
+  boxes = ops.decode_boxes(box_deltas[:, 1:].astype(jnp.float32), proposals[:, None], weights)
+  boxes = ops.clip_boxes(boxes, image_size)
+  finite = jnp.all(jnp.isfinite(boxes), axis=-1) & jnp.isfinite(scores)
+  boxes = jnp.where(finite[..., None], boxes, 0.0).reshape(p * (k1 - 1), 4)
+  scores = jnp.where(finite & proposal_valid[:, None], scores, -jnp.inf).reshape(-1)
+  classes = jnp.tile(jnp.arange(1, k1, dtype=jnp.int32), p)
+  idx, valid = ops.batched_nms(boxes, scores, classes, nms_thresh, max_detections,
+                               score_threshold=score_thresh)
+  return {
+      "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
+      "scores": jnp.where(valid, scores[idx], 0.0),
+      "classes": jnp.where(valid, classes[idx], 0),
+      "valid": valid,
+  }
+
+
+def postprocess_masks(
+    mask_logits: Array,
+    classes: Array,
+    boxes: Array,
+    valid: Array,
+    image_shape: tuple[int, int],
+    threshold: float = 0.5,
+) -> tuple[Array, Array]:
+  """Masks of detections of one image (detectron2 `mask_rcnn_inference` + `paste_masks`).
+
+  Args:
+    mask_logits: `(D, M, M, K + 1)`; classes: `(D,)` detected classes; boxes: `(D, 4)`;
+      valid: `(D,)` bool.
+    image_shape: static `(H, W)` of the pasted masks.
+    threshold: binarization of the pasted probabilities.
+
+  Returns:
+    `mask_probs` `(D, M, M)` float32 sigmoid of the detected class's channel, and
+    `masks` `(D, H, W)` bool pasted at the boxes; both zero for invalid rows.
+  """
+  logits = jnp.take_along_axis(mask_logits.astype(jnp.float32),
+                               classes[:, None, None, None], axis=-1)[..., 0]
+  probs = jnp.where(valid[:, None, None], jax.nn.sigmoid(logits), 0.0)
+  masks = ops.paste_masks(probs, boxes, image_shape, threshold) & valid[:, None, None]
+  return probs, masks
+
+
+class BoxHead(nn.Module):
+  """Two fully connected layers and the box predictor (detectron2 `FastRCNNConvFCHead` and
+  `FastRCNNOutputLayers`).
+
+  Attributes:
+    num_classes: K; outputs have K + 1 entries with background 0.
+    fc_dims: widths of the fully connected layers.
+    dtype: computation dtype; outputs are float32.
+  """
+  num_classes: int
+  fc_dims: tuple[int, ...] = (1024, 1024)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    """Pooled `(..., h, w, C)` to logits `(..., K + 1)` and deltas `(..., K + 1, 4)`."""
+    lead = x.shape[:-3]
+    x = x.reshape(lead + (-1,)).astype(self.dtype)
+    for i, d in enumerate(self.fc_dims):
+      x = nn.relu(nn.Dense(d, kernel_init=xavier_fill, dtype=self.dtype,
+                           param_dtype=jnp.float32, name=f"fc{i + 1}")(x))
+    k1 = self.num_classes + 1
+    logits = nn.Dense(k1, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
+                      param_dtype=jnp.float32, name="cls_score")(x)
+    deltas = nn.Dense(4 * k1, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
+                      param_dtype=jnp.float32, name="bbox_pred")(x)
+    return logits.astype(jnp.float32), deltas.reshape(lead + (k1, 4)).astype(jnp.float32)
+
+
+class MaskHead(nn.Module):
+  """Mask head (detectron2 `MaskRCNNConvUpsampleHead`): convs, 2x up-convolution, predictor.
+
+  Attributes:
+    num_classes: K; K + 1 mask channels with background 0.
+    conv_dims: channels of the 3x3 convs.
+    dtype: computation dtype; logits are float32.
+  """
+  num_classes: int
+  conv_dims: tuple[int, ...] = (256, 256, 256, 256)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`."""
+    lead, tail = x.shape[:-3], x.shape[-3:]
+    x = x.reshape((-1,) + tail).astype(self.dtype)
+    for i, d in enumerate(self.conv_dims):
+      x = nn.relu(nn.Conv(d, (3, 3), padding="SAME", kernel_init=msra_fill, dtype=self.dtype,
+                          param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
+    x = nn.relu(nn.ConvTranspose(self.conv_dims[-1], (2, 2), strides=(2, 2), padding="VALID",
+                                 kernel_init=msra_fill, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name="deconv")(x))
+    x = nn.Conv(self.num_classes + 1, (1, 1), kernel_init=nn.initializers.normal(0.001),
+                dtype=self.dtype, param_dtype=jnp.float32, name="predictor")(x)
+    return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
+
+
+class ROIHeads(nn.Module):
+  """Box and mask heads on FPN features with their sampling and inference settings (1x).
+
+  Attributes:
+    num_classes: K foreground classes (labels 1..K, 0 background).
+    batch_size_per_image: ROIs sampled per image for training.
+    positive_fraction: foreground share of the sample.
+    iou_threshold: proposal-to-ground-truth IoU from which a ROI is foreground.
+    box_resolution: ROIAlign output side of the box head.
+    mask_resolution: ROIAlign output side of the mask head (logits are twice that).
+    sampling_ratio: ROIAlign samples per bin and axis; 0 adaptive (detectron2).
+    fc_dims: box head fully connected widths.
+    mask_conv_dims: mask head conv widths.
+    box_reg_weights: box-coder weights of the class-specific deltas.
+    smooth_l1_beta: box-delta loss; 0 is L1.
+    score_thresh: inference score threshold.
+    nms_thresh: inference per-class NMS IoU threshold.
+    detections_per_image: D, detections kept per image.
+    mask_threshold: binarization of the pasted mask probabilities.
+    dtype: computation dtype of the heads; outputs are float32.
+  """
+  num_classes: int = 80
+  batch_size_per_image: int = 512
+  positive_fraction: float = 0.25
+  iou_threshold: float = 0.5
+  box_resolution: int = 7
+  mask_resolution: int = 14
+  sampling_ratio: int = 0
+  fc_dims: tuple[int, ...] = (1024, 1024)
+  mask_conv_dims: tuple[int, ...] = (256, 256, 256, 256)
+  box_reg_weights: tuple[float, ...] = ops.BOX_HEAD_WEIGHTS
+  smooth_l1_beta: float = 0.0
+  score_thresh: float = 0.05
+  nms_thresh: float = 0.5
+  detections_per_image: int = 100
+  mask_threshold: float = 0.5
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.box_head = BoxHead(self.num_classes, self.fc_dims, self.dtype)
+    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype)
+
+  def _pool(self, features: Mapping[str, Array], boxes: Array, resolution: int) -> Array:
+    """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
+    maps = {k: v for k, v in features.items() if k != "p6"}
+    fn = lambda f, b: ops.multilevel_roi_align(f, b, (resolution, resolution),
+                                               self.sampling_ratio)
+    return jax.vmap(fn)(maps, boxes)
+
+  def _forward_box(self, features: Mapping[str, Array], boxes: Array) -> tuple[Array, Array]:
+    """Logits `(B, R, K + 1)` and deltas `(B, R, K + 1, 4)` of ROIs `(B, R, 4)`."""
+    return self.box_head(self._pool(features, boxes, self.box_resolution))
+
+  def _forward_mask(self, features: Mapping[str, Array], boxes: Array) -> Array:
+    """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`."""
+    return self.mask_head(self._pool(features, boxes, self.mask_resolution))
+
+  def __call__(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
+               image_size: Array, image_shape: tuple[int, int]) -> dict[str, Array]:
+    """Inference: detections of a batch.
+
+    Args:
+      features: FPN maps `{"p2": (B, H_2, W_2, C), ...}`.
+      proposals: `{"boxes": (B, P, 4), "valid": (B, P)}`.
+      image_size: `(B, 2)` true height and width, for clipping.
+      image_shape: static `(H, W)` of the input (padded) image, the size masks are pasted at.
+
+    Returns:
+      `{"boxes": (B, D, 4), "scores": (B, D), "classes": (B, D) int32, "mask_probs":
+      (B, D, 2m, 2m) float32, "instance_masks": (B, D, H, W) bool, "valid": (B, D) bool}`.
+    """
+    class_logits, box_deltas = self._forward_box(features, proposals["boxes"])
+    post = lambda c, d, p, v, s: postprocess(
+        c, d, p, v, s, weights=self.box_reg_weights, score_thresh=self.score_thresh,
+        nms_thresh=self.nms_thresh, max_detections=self.detections_per_image)
+    detections = jax.vmap(post)(class_logits, box_deltas, proposals["boxes"],
+                                proposals["valid"], image_size)
+    mask_logits = self._forward_mask(features, detections["boxes"])
+    paste = lambda m, c, b, v: postprocess_masks(m, c, b, v, image_shape, self.mask_threshold)
+    probs, masks = jax.vmap(paste)(mask_logits, detections["classes"], detections["boxes"],
+                                   detections["valid"])
+    return {**detections, "mask_probs": probs, "instance_masks": masks}
+
+  def losses(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
+             targets: Mapping[str, Array],
+             rng: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Training losses of a batch.
+
+    Args:
+      features: FPN maps.
+      proposals: `{"boxes": (B, P, 4), "valid": (B, P)}` (no gradient).
+      targets: the batch's `boxes` `(B, G, 4)`, `classes` `(B, G)`, `instance_masks`
+        `(B, G, H, W)` and `valid` `(B, G)`.
+      rng: PRNG key of the ROI sampling.
+
+    Returns:
+      `({"loss_cls", "loss_box_reg", "loss_mask"}, metrics)`.
+    """
+    b = proposals["boxes"].shape[0]
+    sample = lambda p, pv, gb, gc, gv, key: label_and_sample_proposals(
+        p, pv, gb, gc, gv, key, num_samples=self.batch_size_per_image,
+        positive_fraction=self.positive_fraction, iou_threshold=self.iou_threshold)
+    rois = jax.vmap(sample)(proposals["boxes"], proposals["valid"], targets["boxes"],
+                            targets["classes"], targets["valid"], jax.random.split(rng, b))
+    class_logits, box_deltas = self._forward_box(features, rois["boxes"])
+    losses, metrics = box_loss(class_logits, box_deltas, rois["boxes"], rois["classes"],
+                               rois["gt_boxes"], rois["valid"], weights=self.box_reg_weights,
+                               smooth_l1_beta=self.smooth_l1_beta)
+    # Foregrounds come first in the sample, so the mask head only needs the first F slots.
+    f = max(int(self.batch_size_per_image * self.positive_fraction), 1)
+    fg = {k: v[:, :f] for k, v in rois.items()}
+    mask_logits = self._forward_mask(features, fg["boxes"])
+    m = mask_logits.shape[-2]
+    mask_target = jax.vmap(lambda g, i, r: ops.mask_targets(g, i, r, m))(
+        targets["instance_masks"], fg["gt_index"], fg["boxes"])
+    mask_losses, mask_metrics = mask_loss(mask_logits, mask_target, fg["classes"], fg["valid"])
+    return {**losses, **mask_losses}, {**metrics, **mask_metrics}
