@@ -23,8 +23,12 @@ def throughput(config: str, batch_size: int, devices: int, *overrides: str) -> t
          "TF_CPP_MIN_LOG_LEVEL": "2"}
   out = subprocess.run(
     [sys.executable, os.path.join(HERE, "unet_throughput.py"), "--config", config,
-     f"--config.batch_size={batch_size}", "--repeats", "10", *overrides],
-    env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, check=True).stdout
+     f"--config.batch_size={batch_size}", f"--config.eval_batch_size={batch_size}",
+     "--repeats", "10", *overrides],
+    env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"{devices} devices, {overrides}: {out.stderr[-2000:]}")
+  out = out.stdout
   train = re.search(r"train:\s+([\d.]+) images/s.*compile ([\d.]+) s", out)
   infer = re.search(r"inference:\s+([\d.]+) images/s", out)
   return float(train[1]), float(infer[1]), float(train[2])

@@ -23,8 +23,8 @@ from its image's, or a mask that is not single-channel; the tf error names both 
 import os
 
 import numpy as np
-from PIL import Image
 import tensorflow as tf
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 

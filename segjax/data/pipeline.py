@@ -13,7 +13,7 @@ Batches are dicts of numpy-convertible tensors:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 import tensorflow as tf

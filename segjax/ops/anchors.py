@@ -15,7 +15,7 @@ folds in; nothing here depends on data.
 """
 
 import math
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.n
 
 
 def grid_anchors(
-    grid_size: Tuple[int, int], stride: float, cells: np.ndarray, offset: float = 0.0
+    grid_size: tuple[int, int], stride: float, cells: np.ndarray, offset: float = 0.0
 ) -> np.ndarray:
   """Anchors `(Hf * Wf * A, 4)` of one level: `cells` `(A, 4)` shifted to every grid location."""
   hf, wf = grid_size
@@ -49,8 +49,8 @@ def grid_anchors(
 
 
 def feature_grid_sizes(
-    image_size: Tuple[int, int], strides: Sequence[int] = FPN_STRIDES
-) -> Tuple[Tuple[int, int], ...]:
+    image_size: tuple[int, int], strides: Sequence[int] = FPN_STRIDES
+) -> tuple[tuple[int, int], ...]:
   """Feature map sizes `((Hf, Wf), ...)` of a backbone with these strides: `ceil(size / stride)`.
 
   That is what stride-2 convolutions with 'SAME' padding (and FPN's P6 max-pool) produce; pass
@@ -61,12 +61,12 @@ def feature_grid_sizes(
 
 
 def multilevel_anchors(
-    grid_sizes: Sequence[Tuple[int, int]],
+    grid_sizes: Sequence[tuple[int, int]],
     strides: Sequence[int] = FPN_STRIDES,
     sizes: Sequence[Sequence[float]] = FPN_SIZES,
     aspect_ratios: Sequence[float] = ASPECT_RATIOS,
     offset: float = 0.0,
-) -> Tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, ...]:
   """Anchors of every level, a tuple of `(Hf_l * Wf_l * A, 4)`, finest level first.
 
   Defaults are detectron2's Mask R-CNN FPN setting: one size per level 32..512, aspect ratios
@@ -83,7 +83,7 @@ def multilevel_anchors(
 
 
 def image_anchors(
-    image_size: Tuple[int, int],
+    image_size: tuple[int, int],
     strides: Sequence[int] = FPN_STRIDES,
     sizes: Sequence[Sequence[float]] = FPN_SIZES,
     aspect_ratios: Sequence[float] = ASPECT_RATIOS,
@@ -99,7 +99,7 @@ def image_anchors(
 
 
 def num_anchors(
-    image_size: Tuple[int, int],
+    image_size: tuple[int, int],
     strides: Sequence[int] = FPN_STRIDES,
     sizes: Sequence[Sequence[float]] = FPN_SIZES,
     aspect_ratios: Sequence[float] = ASPECT_RATIOS,

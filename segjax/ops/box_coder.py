@@ -12,7 +12,7 @@ wild prediction cannot overflow.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ shape `(..., 4)`, are pure and work under `jit` and `vmap`. Padded rows are neve
 only flagged: callers keep a `valid` mask alongside.
 """
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import jax
 import jax.numpy as jnp

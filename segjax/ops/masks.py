@@ -14,7 +14,6 @@ Both are separable: pasting is `Wy @ mask @ Wx^T` with `(H, m)` and `(W, m)` int
 matrices, two small matmuls per box.
 """
 
-from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ def mask_targets(
     gt_index: Array,
     boxes: Array,
     mask_size: int = 28,
-    threshold: Optional[float] = 0.5,
+    threshold: float | None = 0.5,
     max_sampling_ratio: int = MASK_MAX_SAMPLING_RATIO,
 ) -> Array:
   """Mask R-CNN mask-head targets.
@@ -78,7 +77,7 @@ def _interpolation_matrix(start: Array, stop: Array, size: int, m: int) -> Array
   return jnp.where(ok[:, None, None], weights, 0.0)
 
 
-def paste_mask_probs(masks: Array, boxes: Array, image_size: Tuple[int, int]) -> Array:
+def paste_mask_probs(masks: Array, boxes: Array, image_size: tuple[int, int]) -> Array:
   """Bilinearly pastes `(N, m, m)` mask probabilities at boxes `(N, 4)`; `(N, H, W)` float32.
 
   `image_size = (H, W)` is static. Empty boxes paste nothing (all zeros).
@@ -95,7 +94,7 @@ def paste_mask_probs(masks: Array, boxes: Array, image_size: Tuple[int, int]) ->
 
 
 def paste_masks(
-    masks: Array, boxes: Array, image_size: Tuple[int, int], threshold: float = 0.5
+    masks: Array, boxes: Array, image_size: tuple[int, int], threshold: float = 0.5
 ) -> Array:
   """Full-image instance masks `(N, H, W)` bool: `paste_mask_probs(...) >= threshold`.
 

@@ -18,7 +18,7 @@ truth whose best IoU is 0 adds no such matches (detectron2 and torchvision would
 non-overlapping prediction foreground), and padded ground truth never matches.
 """
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,12 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 
 def match_by_quality(
     quality: Array,
-    gt_valid: Optional[Array] = None,
+    gt_valid: Array | None = None,
     *,
     thresholds: Sequence[float],
     labels: Sequence[int],
     allow_low_quality_matches: bool,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """Matches predictions to ground truth from a quality (IoU) matrix.
 
   Args:
@@ -88,12 +88,12 @@ def match_by_quality(
 def match_boxes(
     gt_boxes: Array,
     boxes: Array,
-    gt_valid: Optional[Array] = None,
+    gt_valid: Array | None = None,
     *,
     thresholds: Sequence[float],
     labels: Sequence[int],
     allow_low_quality_matches: bool,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """`match_by_quality` on `box_iou(gt_boxes (M, 4), boxes (N, 4))`; returns `(N,)`, `(N,)`."""
   return match_by_quality(
       box_iou(gt_boxes, boxes), gt_valid, thresholds=thresholds, labels=labels,

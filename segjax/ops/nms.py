@@ -11,7 +11,6 @@ which is the greedy algorithm without visiting suppressed boxes, and needs no N 
 """
 
 from functools import partial
-from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,11 @@ Array = jax.Array
 def _greedy_nms(
     boxes: Array,
     scores: Array,
-    classes: Optional[Array],
+    classes: Array | None,
     iou_threshold,
     max_output: int,
     score_threshold,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   n = boxes.shape[0]
   if n == 0 or max_output == 0:
     return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
@@ -65,7 +64,7 @@ def nms(
     iou_threshold: float,
     max_output: int,
     score_threshold: float = -jnp.inf,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """Greedy NMS of one set of boxes.
 
   Args:
@@ -89,7 +88,7 @@ def batched_nms(
     iou_threshold: float,
     max_output: int,
     score_threshold: float = -jnp.inf,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """Class-aware NMS: boxes suppress only boxes of the same class (torchvision `batched_nms`).
 
   Same as running `nms` per class and merging by score, without torchvision's coordinate
@@ -105,8 +104,8 @@ def nms_per_image(
     iou_threshold: float,
     max_output: int,
     score_threshold: float = -jnp.inf,
-    classes: Optional[Array] = None,
-) -> Tuple[Array, Array]:
+    classes: Array | None = None,
+) -> tuple[Array, Array]:
   """`nms` for a batch of images: boxes `(B, N, 4)`, scores `(B, N)`.
 
   With `classes` `(B, N)` it is `batched_nms` per image. Returns `(indices (B, K), valid (B, K))`; the loop runs until the slowest image is done.

@@ -11,19 +11,19 @@ not one per level.
 """
 
 import re
-from typing import Mapping, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segjax.ops.boxes import box_area
-from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO
-from segjax.ops.roi_align import roi_align_flat
+from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO, roi_align_flat
 
 Array = jax.Array
 # A list of (H_l, W_l, C) maps, finest first, or a dict keyed by level: 2 or "p2".
-Features = Union[Sequence[Array], Mapping[Union[int, str], Array]]
+Features = Union[Sequence[Array], Mapping[int | str, Array]]
 
 
 def assign_boxes_to_levels(
@@ -42,7 +42,7 @@ def assign_boxes_to_levels(
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
-def _levels(features: Features, min_level: int) -> Tuple[Tuple[int, ...], Tuple[Array, ...]]:
+def _levels(features: Features, min_level: int) -> tuple[tuple[int, ...], tuple[Array, ...]]:
   if isinstance(features, Mapping):
     items = sorted((int(re.sub(r"^[pP]", "", str(k))), v) for k, v in features.items())
     levels = tuple(k for k, _ in items)
@@ -55,7 +55,7 @@ def _levels(features: Features, min_level: int) -> Tuple[Tuple[int, ...], Tuple[
 def multilevel_roi_align(
     features: Features,
     boxes: Array,
-    output_size: Tuple[int, int],
+    output_size: tuple[int, int],
     sampling_ratio: int = 0,
     aligned: bool = True,
     *,

@@ -25,7 +25,6 @@ per-ROI base offset and row length, so one gather serves several FPN levels
 the features only; boxes are treated as constants, as in torchvision and detectron2.
 """
 
-from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ def _axis_samples(
     size: Array,
     sampling_ratio: int,
     max_sampling_ratio: int,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """Per-bin (index, weight) pairs along one axis.
 
   Args:
@@ -140,7 +139,7 @@ def roi_align_flat(
     height: Array,
     width: Array,
     spatial_scale: Array,
-    output_size: Tuple[int, int],
+    output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool = True,
     max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
@@ -182,7 +181,7 @@ def roi_align_flat(
 def roi_align(
     features: Array,
     boxes: Array,
-    output_size: Tuple[int, int],
+    output_size: tuple[int, int],
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool = True,

@@ -9,7 +9,6 @@ A random subset is the top-k of i.i.d. uniform priorities restricted to a catego
 the shapes static (`lax.top_k`) where detectron2 uses `randperm` and variable-length indices.
 """
 
-from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _random_top(key: Array, eligible: Array, k: int) -> Tuple[Array, Array]:
+def _random_top(key: Array, eligible: Array, k: int) -> tuple[Array, Array]:
   """k distinct indices, eligible ones first in random order; `(k,)` int32 and `(k,)` bool."""
   n = eligible.shape[0]
   priority = jnp.where(eligible, jax.random.uniform(key, (n,)), -1.0)
@@ -36,7 +35,7 @@ def sample_balanced(
     num_samples: int,
     positive_fraction: float,
     bg_label: int = 0,
-) -> Tuple[Array, Array]:
+) -> tuple[Array, Array]:
   """Draws a balanced sample of predictions.
 
   Args:

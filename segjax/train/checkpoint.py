@@ -23,12 +23,12 @@ class TFIteratorHandler(ocp.CheckpointHandler):
   def _dir(self, directory: epath.Path) -> epath.Path:
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
 
-  def save(self, directory: epath.Path, args: "TFIterator") -> None:
+  def save(self, directory: epath.Path, args: TFIterator) -> None:
     d = self._dir(directory)
     d.mkdir(parents=True, exist_ok=True)
     tf.train.Checkpoint(it=args.it).write(os.fspath(d / "tfdata"))
 
-  def restore(self, directory: epath.Path, args: "TFIterator") -> tf.data.Iterator:
+  def restore(self, directory: epath.Path, args: TFIterator) -> tf.data.Iterator:
     path = self._dir(directory) / "tfdata"
     tf.train.Checkpoint(it=args.it).read(os.fspath(path)).assert_consumed()
     return args.it

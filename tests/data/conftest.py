@@ -8,14 +8,14 @@ Regions are 16x16-aligned blocks, which JPEG (8x8 DCT, 2x2 chroma subsampling) k
 import dataclasses
 import io
 import os
-from typing import Callable
-from unittest import mock
 import zipfile
+from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,9 @@
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from segjax.data.folder import image_folder
 

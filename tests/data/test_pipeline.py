@@ -3,8 +3,8 @@
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from configs import unet_folder, unet_pets, unet_shapes
 from segjax.data import pipeline

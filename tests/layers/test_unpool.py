@@ -5,9 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.layers import max_pool_with_argmax
-from segjax.layers import max_unpool
-from segjax.layers import nearest_unpool
+from segjax.layers import max_pool_with_argmax, max_unpool, nearest_unpool
 
 
 def np_pool_with_argmax(x, window):

@@ -8,10 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from segjax.layers import max_pool_with_argmax
-from segjax.layers import max_unpool
-from segjax.models import create_model
-from segjax.models import unet
+from segjax.layers import max_pool_with_argmax, max_unpool
+from segjax.models import create_model, unet
 
 H = W = 16
 IMAGES = jnp.asarray(np.random.default_rng(0).uniform(size=(2, H, W, 3)), jnp.float32)

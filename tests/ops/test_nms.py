@@ -4,7 +4,8 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # segjax.ops.nms is the function (the public API), so import from the module path.
 from segjax.ops.nms import batched_nms, nms, nms_per_image
