@@ -9,10 +9,7 @@ config_flags.DEFINE_config_file("config", None, "Config file the model was train
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
 flags.DEFINE_integer("num_visualizations", 0, "PNG panels to write to WORKDIR/visualizations/.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process runs outside managed clusters: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,12 +17,10 @@ def main(argv):
   del argv
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
+  cli.initialize_distributed()
   import jax
-  from segjax.train import parallel
-  from segjax.train.evaluation import evaluate_checkpoint
 
-  parallel.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                  flags.FLAGS.process_id)
+  from segjax.train.evaluation import evaluate_checkpoint
 
   metrics = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir,
                                 flags.FLAGS.num_visualizations)

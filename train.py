@@ -8,10 +8,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process runs outside managed clusters: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -19,11 +16,8 @@ def main(argv):
   del argv
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
-  from segjax.train import parallel
+  cli.initialize_distributed()
   from segjax.train.loop import train_and_evaluate
-
-  parallel.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                  flags.FLAGS.process_id)
 
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

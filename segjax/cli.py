@@ -18,6 +18,22 @@ def hide_gpus_from_tensorflow() -> None:
   tf.config.set_visible_devices([], "GPU")
 
 
+def define_distributed_flags() -> None:
+  """Flags for multi-process runs outside managed clusters (Cloud TPU needs none of them)."""
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-process runs outside managed clusters: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+  flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run from the flags or the cluster's environment, if there is one."""
+  from segjax.train import parallel
+
+  f = flags.FLAGS
+  parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+
+
 def quiet_logging() -> None:
   """Warnings only (orbax logs every save at INFO), unless `--verbosity` was given."""
   from absl import logging

@@ -40,7 +40,6 @@ Config keys read:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import ml_collections
@@ -48,7 +47,7 @@ import tensorflow as tf
 
 from segjax.data import instance_ops
 from segjax.data.coco import coco_instances
-from segjax.data.pipeline import _options
+from segjax.data.pipeline import dataset_options, padded_batches
 from segjax.data.shapes import shapes
 
 TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
@@ -156,7 +155,7 @@ def instance_train_dataset(config: ml_collections.ConfigDict, *, local_batch_siz
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
 def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
@@ -174,16 +173,7 @@ def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size
                             process_count=process_count,
                             overflow="truncate" if overflow == "skip" else overflow,
                             **config.dataset.get("eval_kwargs", {}))
-  num_examples = int(ds.cardinality())
-  if num_examples < 0:
-    raise ValueError(f"Source {config.dataset.name!r} split {config.dataset.eval_split!r} has "
-                     "unknown cardinality; the evaluator needs a known size.")
-  needed = math.ceil(num_examples / local_batch_size)
-  if num_batches is None:
-    num_batches = needed
-  elif num_batches < needed:
-    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
-                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
+
   @tf.autograph.experimental.do_not_convert
   def prepare(features):
     return _prepare(features, None, config=config, keys=EVAL_KEYS)
@@ -192,6 +182,5 @@ def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size
   padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
   padding["image_id"] = tf.constant(-1, tf.int64)
   padding["scale"] = tf.constant(1.0)  # Never divide by zero on padding rows.
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = ds.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches
+  return padded_batches(ds, padding, local_batch_size=local_batch_size, num_batches=num_batches,
+                        name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}")

@@ -42,7 +42,7 @@ def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, proces
                 process_count=process_count, **kwargs)
 
 
-def _options() -> tf.data.Options:
+def dataset_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_symbolic_checkpoint = True  # Small iterator checkpoints.
@@ -81,7 +81,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
 def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
@@ -94,16 +94,6 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   """
   ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
                    process_count=process_count, **config.dataset.get("eval_kwargs", {}))
-  num_examples = int(ds.cardinality())
-  if num_examples < 0:
-    raise ValueError(f"Source {config.dataset.name!r} split {config.dataset.eval_split!r} has "
-                     "unknown cardinality; the evaluator needs a known size.")
-  needed = math.ceil(num_examples / local_batch_size)
-  if num_batches is None:
-    num_batches = needed
-  elif num_batches < needed:
-    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
-                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
   size = tuple(config.image_size)
 
   @tf.autograph.experimental.do_not_convert
@@ -111,13 +101,30 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
     features = ops.normalize(ops.resize({k: features[k] for k in ("image", "mask")}, size))
     return {**features, "example_mask": tf.constant(True)}
 
-  padding = tf.data.Dataset.from_tensors({
+  padding = {
     "image": tf.zeros(size + (3,), tf.float32),
     "mask": tf.fill(size, tf.constant(config.dataset.ignore_label, tf.int32)),
     "example_mask": tf.constant(False),
-  }).repeat()
+  }
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.concatenate(padding).take(num_batches * local_batch_size)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), num_batches
+  return padded_batches(ds, padding, local_batch_size=local_batch_size, num_batches=num_batches,
+                        name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}")
 
+
+def padded_batches(ds: tf.data.Dataset, padding: dict, *, local_batch_size: int,
+                   num_batches: int | None, name: str) -> tuple[tf.data.Dataset, int]:
+  """(batches, num_batches): every element of `ds` once, then `padding` rows to fill
+  `num_batches` full batches (by default just enough)."""
+  num_examples = int(ds.cardinality())
+  if num_examples < 0:
+    raise ValueError(f"Source {name} has unknown cardinality; the evaluator needs a known "
+                     "size.")
+  needed = math.ceil(num_examples / local_batch_size)
+  if num_batches is None:
+    num_batches = needed
+  elif num_batches < needed:
+    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
+                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options()), num_batches
