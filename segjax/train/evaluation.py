@@ -1,6 +1,8 @@
 """Evaluation of a trained checkpoint: what `evaluate.py` runs.
 
-Writes `workdir/eval_metrics.json` and, on request, PNG panels to `workdir/visualizations/`.
+Writes `workdir/eval_metrics.json`; for instance models also `workdir/detections.json` (the
+COCO results format); for semantic models, on request, PNG panels to
+`workdir/visualizations/`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from segjax import visualize
-from segjax.train import checkpoint, parallel
+from segjax.train import checkpoint, parallel, tasks
 from segjax.train.evaluator import Evaluator
 from segjax.train.loop import build_model, initial_state
 from segjax.train.semantic import apply_model
@@ -54,13 +56,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh()
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)
-  evaluator = Evaluator(config, model=model, mesh=mesh)
+  evaluator = tasks.get_task(config).evaluator(config, model=model, mesh=mesh)
+  if num_visualizations and not isinstance(evaluator, Evaluator):
+    raise NotImplementedError("Visualizations are drawn for semantic segmentation only.")
   run_variables = parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (
     variables)
   metrics = {"step": step, **evaluator.run(run_variables)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
+    results = getattr(evaluator, "results", None)  # Instance evaluators keep COCO results.
+    if results is not None:
+      with open(os.path.join(workdir, "detections.json"), "w") as f:
+        json.dump(results, f)
     if num_visualizations:
       write_visualizations(config, evaluator, model, variables,
                            os.path.join(workdir, "visualizations"), num_visualizations)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -20,10 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from segjax.data import pipeline
 from segjax.models import create_model
-from segjax.train import checkpoint, parallel, semantic
-from segjax.train.evaluator import Evaluator
+from segjax.train import checkpoint, parallel, tasks
 from segjax.train.state import create_train_state, learning_rate_schedule
 from segjax.train.steps import train_step
 from segjax.train.writer import MetricWriter
@@ -46,10 +43,12 @@ class _StopRequest:
 
 
 def build_model(config: ml_collections.ConfigDict):
-  """The model of `config.model`, computing in `config.dtype`; BatchNorm synchronised over
-  the pmap axis in pmap mode (under jit, statistics are global already)."""
+  """The model of `config.model`, computing in `config.dtype` if set (Mask R-CNN sets it per
+  section: `config.model.backbone.dtype`, ...); BatchNorm synchronised over the pmap axis in
+  pmap mode (under jit, statistics are global already)."""
   model_config = config.model.to_dict()
-  model_config["dtype"] = config.get("dtype", "float32")
+  if config.get("dtype") is not None:
+    model_config["dtype"] = config.dtype
   if config.get("parallelism", "jit") == "pmap":
     model_config["axis_name"] = parallel.PMAP_AXIS
   return create_model(model_config)
@@ -127,10 +126,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh()
   model = build_model(config)
+  task = tasks.get_task(config)
   batch_size = parallel.local_batch_size(config.batch_size)
-  train_ds = pipeline.train_dataset(config, local_batch_size=batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+  train_ds = task.train_dataset(config, local_batch_size=batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
   train_iter = iter(train_ds)
   init, abstract_state = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
@@ -140,11 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state, start_step = init(), 0
 
-  loss_fn = functools.partial(semantic.loss_fn, model=model,
-                              ignore_label=config.dataset.ignore_label)
-  runner = StepRunner(config, loss_fn, mesh)
+  runner = StepRunner(config, task.bind_loss(config, model), mesh)
   state = runner.to_run_state(state)
-  evaluator = Evaluator(config, model=model, mesh=mesh)
+  evaluator = task.evaluator(config, model=model, mesh=mesh)
   writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)
   schedule = learning_rate_schedule(config)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)

@@ -6,6 +6,8 @@ fits: these functions are bound to it with `functools.partial`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +44,11 @@ def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
     share = count * jax.lax.psum(1, axis_name) / jnp.maximum(jax.lax.psum(count, axis_name), 1)
     loss, accuracy = loss * share, accuracy * share
   return loss, ({"pixel_accuracy": accuracy}, updates)
+
+
+def bind_loss(config, model):
+  """`loss_fn` bound to `model` and the config's ignored label, for the train step."""
+  return functools.partial(loss_fn, model=model, ignore_label=config.dataset.ignore_label)
 
 
 def eval_step(variables: dict, batch: dict, *, model, num_classes: int,

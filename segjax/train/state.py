@@ -15,7 +15,9 @@ class TrainState(train_state.TrainState):
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup, then cosine decay to zero (or a constant) over `num_train_steps`."""
+  """Linear warmup from zero, then over `num_train_steps`: "cosine" decay to zero, "constant",
+  or "piecewise" (detectron2's multi-step): times `config.lr_decay_factor` (default 0.1) at
+  each step of `config.lr_boundaries`."""
   if not 0 <= config.warmup_steps < config.num_train_steps:
     raise ValueError(f"config.warmup_steps={config.warmup_steps} must be in "
                      f"[0, config.num_train_steps={config.num_train_steps}).")
@@ -26,7 +28,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules(
       [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
        optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
-  raise ValueError(f"Unknown config.schedule {config.schedule!r}; known: cosine, constant.")
+  if config.schedule == "piecewise":
+    factor = config.get("lr_decay_factor", 0.1)
+    boundaries = [int(b) for b in config.lr_boundaries]
+    if not all(config.warmup_steps < b < config.num_train_steps for b in boundaries):
+      raise ValueError(f"config.lr_boundaries={boundaries} must lie between warmup_steps and "
+                       "num_train_steps.")
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+       optax.piecewise_constant_schedule(
+         config.learning_rate, {b - config.warmup_steps: factor for b in boundaries})],
+      [config.warmup_steps])
+  raise ValueError(f"Unknown config.schedule {config.schedule!r}; "
+                   "known: cosine, constant, piecewise.")
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
