@@ -1,7 +1,5 @@
 """Small reusable layers: pooling with argmax and unpooling."""
 
-from segjax.layers.unpool import max_pool_with_argmax
-from segjax.layers.unpool import max_unpool
-from segjax.layers.unpool import nearest_unpool
+from segjax.layers.unpool import max_pool_with_argmax, max_unpool, nearest_unpool
 
 __all__ = ["max_pool_with_argmax", "max_unpool", "nearest_unpool"]
