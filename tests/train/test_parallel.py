@@ -145,3 +145,26 @@ def test_processes_read_disjoint_halves():
   assert len(shards[0]) == len(shards[1]) == len(everything) // 2
   assert not keys[0] & keys[1]
   assert keys[0] | keys[1] == {e["image"].tobytes() for e in everything}
+
+
+def _mask_rcnn_records(workdir, devices):
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  args = [sys.executable, "train.py", "--config", "configs/mask_rcnn_shapes.py:tiny",
+          "--workdir", str(workdir), "--config.num_train_steps=3", "--config.log_every_steps=1",
+          "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
+          "--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer=sgd",
+          "--config.learning_rate=0.01"]
+  _finish(subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_mask_rcnn_eight_devices_train_like_one(tmp_path):
+  one = _mask_rcnn_records(tmp_path / "one", devices=1)
+  eight = _mask_rcnn_records(tmp_path / "eight", devices=8)
+  assert len(one) == len(eight) == 3
+  for a, b in zip(one, eight, strict=True):
+    for key in ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
