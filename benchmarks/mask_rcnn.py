@@ -20,13 +20,13 @@ depending on the image size.
 from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before TF loads)
 
 import functools
-import statistics
-import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+
+from timing import compile_timed, median_seconds
 
 flags.DEFINE_enum("model", "all", ["r50", "toy", "all"], "Which model(s) to measure.")
 flags.DEFINE_list("batch_sizes", None, "Batch sizes; default 1,2 for r50 and 8 for toy.")
@@ -58,36 +58,19 @@ SETTINGS = {
 }
 
 
-def _compile(fn, *args):
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _median_seconds(run, repeats, warmup):
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _time_steps(train, predict, state, batch, key, repeats, warmup):
   """`((train_s, compile_s), (predict_s, compile_s))`: median step times and compile times."""
-  train_compiled, train_compile = _compile(train, state, batch, key)
+  train_compiled, train_compile = compile_timed(train, state, batch, key)
 
   def train_once():
     nonlocal state
     state, metrics = train_compiled(state, batch, key)
     jax.block_until_ready(metrics)
 
-  train_s = _median_seconds(train_once, repeats, warmup)
+  train_s = median_seconds(train_once, repeats, warmup)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  predict_compiled, predict_compile = _compile(predict, variables, batch)
-  predict_s = _median_seconds(
+  predict_compiled, predict_compile = compile_timed(predict, variables, batch)
+  predict_s = median_seconds(
     lambda: jax.block_until_ready(predict_compiled(variables, batch)), repeats, warmup)
   return (train_s, train_compile), (predict_s, predict_compile)
 

@@ -10,35 +10,18 @@ devices JAX sees, with the batch sharded over them.
 from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before TF loads)
 
 import functools
-import statistics
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from timing import compile_timed, median_seconds
+
 config_flags.DEFINE_config_file("config", "configs/unet_shapes.py", "Config file.",
                                 lock_config=True)
 flags.DEFINE_integer("repeats", 20, "Timed steps; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-
-
-def _compile(fn, *args):
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _median_seconds(run, repeats, warmup):
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -63,7 +46,7 @@ def main(argv):
   key = jax.random.key(0)
   state = runner.to_run_state(init())
   train_batch = runner.batch({k: local[k] for k in ("image", "mask")})
-  train, train_compile = _compile(runner.step, state, train_batch, key)
+  train, train_compile = compile_timed(runner.step, state, train_batch, key)
 
   def train_once():
     nonlocal state
@@ -71,11 +54,11 @@ def main(argv):
     jax.block_until_ready(metrics)
 
   repeats, warmup = flags.FLAGS.repeats, flags.FLAGS.warmup
-  train_s = _median_seconds(train_once, repeats, warmup)
+  train_s = median_seconds(train_once, repeats, warmup)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   eval_batch = evaluator.put(local)
-  evaluate, eval_compile = _compile(evaluator.step, variables, eval_batch)
-  eval_s = _median_seconds(lambda: jax.block_until_ready(evaluate(variables, eval_batch)),
+  evaluate, eval_compile = compile_timed(evaluator.step, variables, eval_batch)
+  eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(variables, eval_batch)),
                            repeats, warmup)
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   print(f"U-Net depth={config.model.depth} base_width={config.model.base_width} "

@@ -36,7 +36,7 @@ _match = jax.jit(M.match_by_quality, static_argnames=("thresholds", "labels",
 
 def test_matches_reference_on_random_iou():
   rng = np.random.default_rng(0)
-  for trial in range(6):
+  for _ in range(6):
     q = rng.uniform(0, 1, (5, 40)).astype(np.float32) ** 2
     q[rng.uniform(size=q.shape) < 0.3] = 0
     q[:, 3] = 0.7  # exactly on a threshold: foreground
