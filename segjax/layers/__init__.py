@@ -1,5 +1,6 @@
-"""Small reusable layers: pooling with argmax and unpooling."""
+"""Small reusable layers: pooling with argmax, unpooling, and the 2x up-convolution."""
 
 from segjax.layers.unpool import max_pool_with_argmax, max_unpool, nearest_unpool
+from segjax.layers.upconv import UpConv2x, upconv2x
 
-__all__ = ["max_pool_with_argmax", "max_unpool", "nearest_unpool"]
+__all__ = ["UpConv2x", "max_pool_with_argmax", "max_unpool", "nearest_unpool", "upconv2x"]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from segjax import ops
+from segjax.layers.upconv import UpConv2x
 from segjax.models.rpn import smooth_l1_loss
 
 Array = jax.Array
@@ -296,9 +297,8 @@ class MaskHead(nn.Module):
     for i, d in enumerate(self.conv_dims):
       x = nn.relu(nn.Conv(d, (3, 3), padding="SAME", kernel_init=msra_fill, dtype=self.dtype,
                           param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
-    x = nn.relu(nn.ConvTranspose(self.conv_dims[-1], (2, 2), strides=(2, 2), padding="VALID",
-                                 kernel_init=msra_fill, dtype=self.dtype,
-                                 param_dtype=jnp.float32, name="deconv")(x))
+    x = nn.relu(UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype,
+                         name="deconv")(x))
     x = nn.Conv(self.num_classes + 1, (1, 1), kernel_init=nn.initializers.normal(0.001),
                 dtype=self.dtype, param_dtype=jnp.float32, name="predictor")(x)
     return x.reshape(lead + x.shape[1:]).astype(jnp.float32)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.layers import unpool
+from segjax.layers.upconv import UpConv2x
 
 NORMS = ("batch", "group", "none")
 UPSAMPLINGS = ("transpose", "max_unpool", "nearest", "bilinear")
@@ -89,8 +90,7 @@ class UpBlock(nn.Module):
                pool_indices: jax.Array | None = None) -> jax.Array:
     """x: (B, h, w, C_in); skip: (B, 2h, 2w, features); pool_indices: (B, h, w, features)."""
     if self.upsampling == "transpose":
-      x = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), padding="SAME",
-                           dtype=self.dtype, param_dtype=jnp.float32, name="upsample")(x)
+      x = UpConv2x(self.features, dtype=self.dtype, name="upsample")(x)
     else:
       x = nn.Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                   name="upsample")(x)

@@ -9,14 +9,13 @@ only flagged: callers keep a `valid` mask alongside.
 """
 
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 # (height, width) as Python numbers, or a traced array of 2 so it can vary per image under vmap.
-ImageSize = Union[Sequence[int], Array]
+ImageSize = Sequence[int] | Array
 
 
 def box_area(boxes: Array) -> Array:

@@ -12,7 +12,6 @@ not one per level.
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO, roi_align_flat
 
 Array = jax.Array
 # A list of (H_l, W_l, C) maps, finest first, or a dict keyed by level: 2 or "p2".
-Features = Union[Sequence[Array], Mapping[int | str, Array]]
+Features = Sequence[Array] | Mapping[int | str, Array]
 
 
 def assign_boxes_to_levels(

@@ -142,7 +142,7 @@ def test_random_scale_keeps_image_and_mask_aligned():
   features = features_of(mask, code_image(mask))
   sizes = set()
   for i in range(8):
-    out = run_eager(lambda f: ops.random_scale(f, seed(i), 0.5, 1.5), features)
+    out = run_eager(lambda f, i=i: ops.random_scale(f, seed(i), 0.5, 1.5), features)
     height, width = out["mask"].shape
     assert out["image"].shape == (height, width, 3)
     scale = height / 48
@@ -172,7 +172,7 @@ def test_random_crop_is_an_aligned_window():
   features = features_of(mask, position_image(mask))
   offsets = set()
   for i in range(10):
-    out = run_eager(lambda f: ops.random_crop(f, seed(i), (16, 24)), features)
+    out = run_eager(lambda f, i=i: ops.random_crop(f, seed(i), (16, 24)), features)
     assert out["image"].shape == (16, 24, 3) and out["mask"].shape == (16, 24)
     oy, ox = out["image"][0, 0, :2].astype(int)
     assert 0 <= oy <= 24 and 0 <= ox <= 8
@@ -211,7 +211,7 @@ def test_random_flip_moves_image_and_mask_together():
   features = features_of(mask, position_image(mask))
   flips = 0
   for i in range(40):
-    out = run_eager(lambda f: ops.random_flip_left_right(f, seed(i)), features)
+    out = run_eager(lambda f, i=i: ops.random_flip_left_right(f, seed(i)), features)
     flipped = out["image"][0, 0, 1] == 23
     reference = {k: v[:, ::-1] if flipped else v for k, v in features.items()}
     np.testing.assert_array_equal(out["image"], reference["image"])

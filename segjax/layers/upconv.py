@@ -1,0 +1,53 @@
+"""2x up-convolution (transposed convolution, kernel 2, stride 2) as a matmul and a reshape.
+
+With kernel size equal to stride the output windows do not overlap: output pixel
+`(2i + a, 2j + b)` is `x[i, j] @ kernel[1 - a, 1 - b] + bias`. Written as one einsum and a
+depth-to-space reshape, it computes exactly what `flax.linen.ConvTranspose(features, (2, 2),
+strides=(2, 2))` computes with the same parameters (same names, shapes and flipped-kernel
+convention, so checkpoints are interchangeable), but XLA lowers it to a plain matrix product:
+on CPU the transposed convolution's gradient is a dilated convolution that ran ~30x slower than
+the forward pass (`benchmarks/upconv.py`).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def upconv2x(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+  """`(..., H, W, C)` to `(..., 2H, 2W, O)` with a `(2, 2, C, O)` transposed-conv kernel."""
+  *lead, h, w, _ = x.shape
+  y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1])
+  y = y.reshape(*lead, 2 * h, 2 * w, kernel.shape[-1])
+  return y if bias is None else y + bias
+
+
+class UpConv2x(nn.Module):
+  """Drop-in `nn.ConvTranspose(features, (2, 2), strides=(2, 2))` (padding "SAME" or "VALID",
+  identical for this kernel), with parameters "kernel" `(2, 2, C, features)` and "bias".
+
+  Attributes:
+    features: output channels.
+    use_bias: whether to add a bias.
+    kernel_init, bias_init: as in `nn.ConvTranspose`.
+    dtype: computation dtype; parameters are `param_dtype`.
+  """
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return upconv2x(x, kernel, bias)
