@@ -1,8 +1,8 @@
 """Evaluation of a trained checkpoint: what `evaluate.py` runs.
 
 Writes `workdir/eval_metrics.json`; for instance models also `workdir/detections.json` (the
-COCO results format); for semantic models, on request, PNG panels to
-`workdir/visualizations/`.
+COCO results format); on request, PNG panels to `workdir/visualizations/`
+(`visualizations.py`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from segjax import visualize
 from segjax.train import checkpoint, parallel, tasks
-from segjax.train.evaluator import Evaluator
 from segjax.train.loop import build_model, initial_state
-from segjax.train.semantic import apply_model
 from segjax.train.writer import to_json_value
 
 
@@ -32,33 +27,12 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, me
     return checkpoint.restore_variables(manager, abstract)
 
 
-def write_visualizations(config, evaluator: Evaluator, model, variables, directory: str,
-                         count: int) -> list[str]:
-  """PNG panels (image | ground truth | prediction) for the first `count` eval examples."""
-  os.makedirs(directory, exist_ok=True)
-  predict = jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, None, train=False)[0], -1))
-  paths = []
-  for batch in evaluator.dataset.as_numpy_iterator():
-    preds = np.asarray(predict(variables, batch["image"]))
-    for image, label, pred, real in zip(batch["image"], batch["mask"], preds,
-                                        batch["example_mask"]):
-      if not real or len(paths) == count:
-        return paths
-      path = os.path.join(directory, f"{len(paths):04d}.png")
-      visualize.save_png(
-        visualize.side_by_side(image, label, pred, config.model.num_classes), path)
-      paths.append(path)
-  return paths
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         num_visualizations: int = 0) -> dict:
   mesh = parallel.make_mesh()
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)
   evaluator = tasks.get_task(config).evaluator(config, model=model, mesh=mesh)
-  if num_visualizations and not isinstance(evaluator, Evaluator):
-    raise NotImplementedError("Visualizations are drawn for semantic segmentation only.")
   run_variables = parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (
     variables)
   metrics = {"step": step, **evaluator.run(run_variables)}
@@ -70,6 +44,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       with open(os.path.join(workdir, "detections.json"), "w") as f:
         json.dump(results, f)
     if num_visualizations:
-      write_visualizations(config, evaluator, model, variables,
-                           os.path.join(workdir, "visualizations"), num_visualizations)
+      tasks.get_task(config).visualize(config, evaluator, model, variables,
+                                       os.path.join(workdir, "visualizations"),
+                                       num_visualizations)
   return metrics

@@ -2,7 +2,7 @@
 
 One explicit dict: "unet" is semantic segmentation (`semantic.py`, `evaluator.py`),
 "mask_rcnn" instance segmentation (`instance.py`). The loop and `evaluation.py` call only
-these three functions, so they never look at the model's type.
+these functions, so they never look at the model's type.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ml_collections
 
 from segjax.data import instance_pipeline, pipeline
-from segjax.train import instance, semantic
+from segjax.train import instance, semantic, visualizations
 from segjax.train.evaluator import Evaluator
 
 
@@ -25,16 +25,20 @@ class Task:
     bind_loss: `(config, model)` -> `loss_fn(variables, batch, rng, *, train[, axis_name])`
       for `segjax.train.steps.train_step`.
     evaluator: the class of `Evaluator(config, model=..., mesh=...).run(variables) -> dict`.
+    visualize: `(config, evaluator, model, variables, directory, count)` -> paths of PNG
+      panels of the first `count` examples of the evaluator's dataset.
   """
   train_dataset: Callable
   bind_loss: Callable
   evaluator: type
+  visualize: Callable
 
 
 TASKS = {
-  "unet": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator),
+  "unet": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator,
+               visualizations.write_semantic),
   "mask_rcnn": Task(instance_pipeline.instance_train_dataset, instance.bind_loss,
-                    instance.Evaluator),
+                    instance.Evaluator, visualizations.write_instance),
 }
 
 

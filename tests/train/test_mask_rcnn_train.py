@@ -6,9 +6,13 @@ import math
 import os
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs import mask_rcnn_shapes
+from segjax import visualize
+from segjax.data import instance_pipeline
 from segjax.train import evaluation, loop
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
@@ -24,7 +28,8 @@ def trained(tmp_path_factory):
     config = mask_rcnn_shapes.get_config("tiny")
     workdir = str(tmp_path_factory.mktemp("mask_rcnn"))
     eval_metrics = loop.train_and_evaluate(config, workdir)
-    checkpoint_metrics = evaluation.evaluate_checkpoint(config, workdir)
+    checkpoint_metrics = evaluation.evaluate_checkpoint(config, workdir,
+                                                         num_visualizations=2)
   finally:
     jax.config.update("jax_default_prng_impl", previous)
   return config, workdir, eval_metrics, checkpoint_metrics
@@ -64,3 +69,19 @@ def test_evaluation_writes_ap_and_coco_detections(trained):
   assert detections and {d["image_id"] for d in detections} <= set(range(num_images))
   assert {d["category_id"] for d in detections} <= {1, 2, 3, 4}
   assert {"bbox", "score", "segmentation"} <= detections[0].keys()
+
+
+def test_visualizations_show_image_truth_and_detections(trained):
+  config, workdir, _, _ = trained
+  directory = os.path.join(workdir, "visualizations")
+  assert sorted(os.listdir(directory)) == ["0000.png", "0001.png"]
+  dataset, _ = instance_pipeline.instance_eval_dataset(config, local_batch_size=2)
+  batch = next(dataset.as_numpy_iterator())
+  h, w = config.image_size
+  scale = -(-256 // max(h, w))
+  for i, name in enumerate(["0000.png", "0001.png"]):
+    panel = np.asarray(Image.open(os.path.join(directory, name)))
+    assert panel.shape == (h * scale, 3 * w * scale, 3)
+    image = np.repeat(np.repeat(visualize.denormalize(batch["image"][i]), scale, 0), scale, 1)
+    np.testing.assert_array_equal(panel[:, :w * scale], image)
+    assert not np.array_equal(panel[:, w * scale:2 * w * scale], image)  # Truth drawn.

@@ -1,0 +1,84 @@
+"""PNG panels of the first eval examples, written by `evaluate.py --num_visualizations K`.
+
+Semantic: image | ground-truth classes | predicted classes. Instance: image | ground-truth
+instances | detections scoring at least `config.visualization_score_threshold` (default 0.5),
+with coloured masks, boxes, class names and scores (`segjax.visualize`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from segjax import visualize
+from segjax.models import mask_rcnn
+from segjax.train.semantic import apply_model
+
+
+def _examples(dataset, predict, count: int) -> Iterator[tuple[dict, dict]]:
+  """(example, prediction) pairs of the first `count` real examples, as numpy dicts."""
+  seen = 0
+  for batch in dataset.as_numpy_iterator():
+    predictions = jax.tree.map(np.asarray, predict(batch))
+    for i in np.flatnonzero(batch["example_mask"]):
+      if seen == count:
+        return
+      seen += 1
+      yield ({k: v[i] for k, v in batch.items()}, {k: v[i] for k, v in predictions.items()})
+
+
+def _save(panels: Iterator[np.ndarray], directory: str) -> list[str]:
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for panel in panels:
+    paths.append(os.path.join(directory, f"{len(paths):04d}.png"))
+    visualize.save_png(panel, paths[-1])
+  return paths
+
+
+def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variables,
+                   directory: str, count: int) -> list[str]:
+  """Panels image | ground truth | prediction of the first `count` eval examples."""
+  logits = jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, None, train=False)[0], -1))
+  predict = lambda batch: {"mask": logits(variables, batch["image"])}
+  return _save((visualize.side_by_side(example["image"], example["mask"], pred["mask"],
+                                       config.model.num_classes)
+                for example, pred in _examples(evaluator.dataset, predict, count)), directory)
+
+
+def _class_names(config: ml_collections.ConfigDict, evaluator) -> tuple[str, ...] | None:
+  """Names by label: `config.dataset.class_names`, else the ground truth's COCO categories."""
+  if config.dataset.get("class_names"):
+    return tuple(config.dataset.class_names)
+  gt, category_ids = getattr(evaluator, "gt", None), getattr(evaluator, "category_ids", None)
+  if gt is None or category_ids is None:
+    return None
+  return ("background",) + tuple(c["name"] for c in gt.loadCats(list(category_ids)))
+
+
+def write_instance(config: ml_collections.ConfigDict, evaluator, model, variables,
+                   directory: str, count: int) -> list[str]:
+  """Panels image | ground truth | detections of the first `count` eval examples, each
+  cropped to the example's true (unpadded) size."""
+  detect = jax.jit(functools.partial(mask_rcnn.predict, model=model))
+  predict = lambda batch: detect(variables, {"image": batch["image"],
+                                             "image_size": batch["image_size"]})
+  class_names = _class_names(config, evaluator)
+  threshold = config.get("visualization_score_threshold", 0.5)
+
+  def panel(example, pred):
+    h, w = (int(v) for v in example["image_size"])
+    crop = lambda d: {**d, "instance_masks": d["instance_masks"][:, :h, :w]}
+    return visualize.instance_panel(
+      example["image"][:h, :w], crop(example), crop(pred),
+      num_classes=config.model.roi_heads.num_classes + 1, class_names=class_names,
+      score_threshold=threshold)
+
+  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)),
+               directory)
