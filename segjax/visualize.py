@@ -14,11 +14,19 @@ from PIL import Image, ImageDraw, ImageFont
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
 
 
+# Matplotlib's "tab10" colours, for the first ten classes.
+DISTINCT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+                    (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34),
+                    (23, 190, 207), (255, 187, 120))
+
+
 def palette(num_classes: int, seed: int = 0) -> np.ndarray:
-  """(num_classes + 1, 3) uint8 colours: black for class 0, distinct random colours after,
-  and grey as the last row for the ignore label."""
+  """(num_classes + 1, 3) uint8 colours: black for class 0, `DISTINCT_COLOURS` then random
+  colours after, and grey as the last row for the ignore label."""
   rng = np.random.default_rng(seed)
   colours = rng.integers(64, 256, size=(num_classes + 1, 3)).astype(np.uint8)
+  distinct = min(len(DISTINCT_COLOURS), num_classes - 1)
+  colours[1:1 + distinct] = DISTINCT_COLOURS[:distinct]
   colours[0] = 0
   colours[-1] = 128
   return colours
