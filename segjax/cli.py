@@ -8,7 +8,10 @@ import sys
 
 from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # Before TensorFlow is first imported.
+# Before TensorFlow is first imported. tf.data needs no oneDNN kernels; with them on, TF prints
+# a notice at import that no log level hides.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def hide_gpus_from_tensorflow() -> None:
