@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
-  config.parallelism = "jit"  # Instance evaluation runs under jit only.
+  config.parallelism = "jit"  # Or "pmap"; instance evaluation runs under jit either way.
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"

@@ -69,11 +69,20 @@ class MaskRCNN(nn.Module):
     rpn: the region proposal network with its anchor, proposal and loss settings.
     roi_heads: the box and mask heads with their sampling, loss and inference settings;
       `roi_heads.num_classes` is K.
+    axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone, the
+      only part with BatchNorm (norm="bn").
   """
   backbone: ResNet = dataclasses.field(default_factory=ResNet)
   fpn: FPN = dataclasses.field(default_factory=FPN)
   rpn: RPN = dataclasses.field(default_factory=RPN)
   roi_heads: ROIHeads = dataclasses.field(default_factory=ROIHeads)
+  axis_name: str | None = None
+
+  def __post_init__(self):
+    # The loop sets one model-wide axis_name under pmap; the backbone is where it applies.
+    if self.axis_name is not None and self.backbone.axis_name != self.axis_name:
+      object.__setattr__(self, "backbone", self.backbone.clone(axis_name=self.axis_name))
+    super().__post_init__()
 
   def features(self, image: Array, *, train: bool) -> tuple[dict[str, Array], dict[str, Array]]:
     """FPN maps `{"p2": (B, H/4, W/4, C), ..., "p6"}` and `aux` with the ResNet stages."""

@@ -12,7 +12,8 @@ Normalization, chosen by `norm` (detectron2 `MODEL.RESNETS.NORM`):
     default: batches of 2 images per device are too small for batch statistics). The four
     vectors live in the "batch_stats" collection and are never updated nor trained, so they
     are not counted as parameters, as torchvision counts its `FrozenBatchNorm2d` buffers.
-  * "bn": BatchNorm (scale/bias in "params", running statistics in "batch_stats").
+  * "bn": BatchNorm (scale/bias in "params", running statistics in "batch_stats"); with
+    `axis_name` (pmap) the batch statistics are means over all devices, as under jit.
   * "gn": GroupNorm with 32 groups (or the largest divisor of the channels below that).
 
 `freeze_at` (detectron2 `MODEL.BACKBONE.FREEZE_AT`): 0 trains everything, 1 freezes the stem,
@@ -75,13 +76,14 @@ class FrozenBatchNorm(nn.Module):
     return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
 
 
-def norm_layer(kind: str, *, train: bool, dtype: Any, name: str):
-  """A norm module of `kind` ("frozen_bn", "bn" or "gn") applied as `layer(x)`."""
+def norm_layer(kind: str, *, train: bool, dtype: Any, name: str, axis_name: str | None = None):
+  """A norm module of `kind` ("frozen_bn", "bn" or "gn") applied as `layer(x)`; "bn" averages
+  its batch statistics over the devices of `axis_name` when given."""
   if kind == "frozen_bn":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if kind == "bn":
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, param_dtype=jnp.float32, name=name)
+                        dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, name=name)
   if kind == "gn":
     return lambda x: nn.GroupNorm(num_groups=_num_groups(x.shape[-1]), epsilon=1e-5,
                                   dtype=dtype, param_dtype=jnp.float32, name=name)(x)
@@ -104,15 +106,18 @@ class BasicBlock(nn.Module):
     stride: stride of the first conv (and of the projection shortcut).
     norm: "frozen_bn", "bn" or "gn".
     dtype: computation dtype.
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   features: int
   stride: int = 1
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name)
+    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name,
+                                 axis_name=self.axis_name)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut")(x)
@@ -132,15 +137,18 @@ class Bottleneck(nn.Module):
     stride: stride of the 3x3 conv (torchvision; detectron2's MSRA weights put it in the 1x1).
     norm: "frozen_bn", "bn" or "gn".
     dtype: computation dtype.
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   width: int
   stride: int = 1
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name)
+    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name,
+                                 axis_name=self.axis_name)
     out = self.width * BOTTLENECK_EXPANSION
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
@@ -165,12 +173,15 @@ class ResNet(nn.Module):
     base_width: stem channels and the width of res2's convs; stage i doubles it. 64 is the
       real network; a toy uses e.g. 8.
     dtype: computation dtype; parameters stay float32.
+    axis_name: BatchNorm cross-device axis name (pmap), or None: with norm="bn", batch
+      statistics over the devices of that axis.
   """
   depth: int = 50
   norm: str = "frozen_bn"
   freeze_at: int = 2
   base_width: int = 64
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   def _check(self, x: Array) -> None:
     if self.depth not in DEPTHS:
@@ -194,7 +205,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = conv(self.base_width, 7, 2, dtype=self.dtype, name="stem_conv")(x)
     x = norm_layer(self.norm, train=train and self.freeze_at < 1, dtype=self.dtype,
-                   name="stem_norm")(x)
+                   name="stem_norm", axis_name=self.axis_name)(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
@@ -207,10 +218,9 @@ class ResNet(nn.Module):
       width = self.base_width * 2 ** i
       for b in range(num_blocks):
         stride = 2 if b == 0 and stage > 2 else 1
-        if kind == "basic":
-          block = BasicBlock(width, stride, self.norm, self.dtype, name=f"res{stage}_{b}")
-        else:
-          block = Bottleneck(width, stride, self.norm, self.dtype, name=f"res{stage}_{b}")
+        block_cls = BasicBlock if kind == "basic" else Bottleneck
+        block = block_cls(width, stride, self.norm, self.dtype, self.axis_name,
+                          name=f"res{stage}_{b}")
         x = block(x, train=train and not frozen)
       if frozen:
         x = jax.lax.stop_gradient(x)

@@ -10,8 +10,6 @@ import functools
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from segjax.data import pipeline
 from segjax.train import parallel, semantic
@@ -27,10 +25,9 @@ class Evaluator:
     kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
                   process_count=jax.process_count())
     self.dataset, num_batches = pipeline.eval_dataset(config, **kwargs)
-    if jax.process_count() > 1:
-      most = int(np.max(multihost_utils.process_allgather(np.int32(num_batches))))
-      if most != num_batches:
-        self.dataset, num_batches = pipeline.eval_dataset(config, num_batches=most, **kwargs)
+    most = parallel.max_over_processes(num_batches)
+    if most != num_batches:
+      self.dataset, num_batches = pipeline.eval_dataset(config, num_batches=most, **kwargs)
     self.num_batches = num_batches
     step = functools.partial(semantic.eval_step, model=model,
                              num_classes=config.model.num_classes,

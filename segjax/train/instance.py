@@ -4,7 +4,8 @@ The evaluator runs the jitted `segjax.models.mask_rcnn.predict` over the instanc
 (`segjax.data.instance_pipeline.instance_eval_dataset`), writes the detections in the COCO
 results format in original image coordinates (`segjax.coco_eval.detections_to_coco_json`)
 and scores them with pycocotools' COCOeval against the split's ground truth: the COCO JSON
-for dataset "coco", `segjax.coco_eval.shapes_to_coco` for "shapes".
+for dataset "coco", `segjax.coco_eval.shapes_to_coco` for "shapes". With several processes,
+each converts the detections of its share and all gather the results before scoring.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 
 import jax
 import ml_collections
-import numpy as np
 
 from segjax import coco_eval
 from segjax.data import coco, instance_pipeline
@@ -53,23 +53,26 @@ def ground_truth(config: ml_collections.ConfigDict):
 class Evaluator:
   """`Evaluator(config, model=..., mesh=...).run(variables) -> dict` of box and mask AP.
 
-  After `run`, `results` holds the COCO results (the contents of `detections.json`).
-  Single-process only: each process would see only its share of the detections.
+  Each process predicts its share of the split under jit and converts its own detections;
+  the COCO results of all processes are then gathered, so every process scores the whole
+  split. After `run`, `results` holds them (the contents of `detections.json`) by image id.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, model, mesh):
-    if jax.process_count() > 1:
-      raise NotImplementedError("Instance evaluation runs in one process; got "
-                                f"{jax.process_count()}.")
-    if parallel.check_parallelism(config.get("parallelism", "jit")) != "jit":
-      raise NotImplementedError("Instance evaluation supports config.parallelism='jit' only.")
     self.config = config
     self.mesh = mesh
+    # Under pmap too the prediction runs under jit, on variables unstacked by `run`.
+    self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
-    self.dataset, self.num_batches = instance_pipeline.instance_eval_dataset(
-      config, local_batch_size=batch_size)
+    kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    self.dataset, num_batches = instance_pipeline.instance_eval_dataset(config, **kwargs)
+    most = parallel.max_over_processes(num_batches)
+    if most != num_batches:  # Every process runs the jitted predict equally often.
+      self.dataset, num_batches = instance_pipeline.instance_eval_dataset(
+        config, num_batches=most, **kwargs)
+    self.num_batches = num_batches
     self.gt, self.category_ids = ground_truth(config)
-    self.parallelism = "jit"
     self.put = functools.partial(parallel.to_global, mesh=mesh)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
     self.predict = jax.jit(functools.partial(mask_rcnn.predict, model=model),
@@ -77,11 +80,11 @@ class Evaluator:
     self.results: list[dict] = []
 
   def detections(self, variables: dict) -> tuple[list[dict], list[int]]:
-    """(COCO results, ids of the evaluated images) for `variables` over the whole split."""
+    """(COCO results, ids of the evaluated images) of this process's share of the split."""
     results, image_ids = [], []
     for batch in self.dataset.as_numpy_iterator():
       inputs = self.put({"image": batch["image"], "image_size": batch["image_size"]})
-      det = jax.tree.map(np.asarray, self.predict(variables, inputs))
+      det = parallel.local_rows(self.predict(variables, inputs))
       results += coco_eval.detections_to_coco_json(
         image_ids=batch["image_id"], boxes=det["boxes"], scores=det["scores"],
         classes=det["classes"], valid=det["valid"], category_ids=self.category_ids,
@@ -91,6 +94,15 @@ class Evaluator:
     return results, image_ids
 
   def run(self, variables: dict) -> dict:
-    """box_AP, box_AP50, box_AP75, box_APs/m/l and the mask_ equivalents, in [0, 1] or NaN."""
-    self.results, image_ids = self.detections(variables)
+    """box_AP, box_AP50, box_AP75, box_APs/m/l and the mask_ equivalents, in [0, 1] or NaN.
+
+    `variables`: replicated global arrays (jit), or stacked per device (pmap).
+    """
+    if self.parallelism == "pmap":
+      variables = parallel.from_pmap_state(variables, self.mesh)
+    shares = parallel.allgather_json(self.detections(variables))
+    # Sorted (stably) by image, so the results do not depend on the number of processes.
+    self.results = sorted((r for results, _ in shares for r in results),
+                          key=lambda r: r["image_id"])
+    image_ids = sorted(i for _, ids in shares for i in ids)
     return coco_eval.evaluate_coco(self.gt, self.results, image_ids=image_ids)

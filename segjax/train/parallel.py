@@ -9,11 +9,12 @@ Both compute batch-norm statistics over the global batch.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import numpy as np
-from flax import jax_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -93,21 +94,36 @@ def to_pmap_batch(local_batch: dict) -> dict:
   return jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), local_batch)
 
 
+def _pmap_sharding() -> NamedSharding:
+  """The layout of pmap's stacked outputs: this process's devices along `PMAP_AXIS`."""
+  return NamedSharding(Mesh(np.array(jax.local_devices()), (PMAP_AXIS,)), P(PMAP_AXIS))
+
+
 def to_pmap_state(tree):
-  """A replicated global pytree -> stacked over local devices, as pmap takes it."""
-  return jax_utils.replicate(jax.tree.map(lambda x: x.addressable_shards[0].data, tree))
+  """A replicated global pytree -> stacked over local devices, as pmap takes and returns it.
+
+  Laid out as pmap's outputs are: an input of another sharding (`flax.jax_utils.replicate`'s)
+  misses pmap's cache, so the second step would compile the whole train step again.
+  """
+  sharding, n = _pmap_sharding(), jax.local_device_count()
+
+  def stack(x):
+    local = np.asarray(x.addressable_shards[0].data)
+    return jax.device_put(np.broadcast_to(local, (n, *local.shape)), sharding)
+
+  return jax.tree.map(stack, tree)
 
 
 def from_pmap_state(tree, mesh: Mesh):
   """A pytree stacked over local devices by pmap -> replicated global arrays on `mesh`.
 
   Copies one local replica to each device, with no cross-device gather (the replicas of a
-  pmap state are identical).
+  pmap state are identical), through the host: indexing on device compiles per shape.
   """
   sharding = replicated(mesh)
 
   def convert(x):
-    first = x.addressable_shards[0].data[0]
+    first = np.asarray(x.addressable_shards[0].data)[0]
     copies = [jax.device_put(first, d) for d in mesh.local_devices]
     return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, copies)
 
@@ -122,3 +138,35 @@ def first_replica(tree):
 def fetch(tree):
   """Host numpy copy of replicated global arrays; works when other processes hold devices too."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def local_rows(tree):
+  """Host numpy copy of this process's rows of arrays sharded along the batch (`to_global`'s
+  inverse): with several processes, a batch-sharded output is global and only partly here."""
+  def rows(x):
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+  return jax.tree.map(rows, tree)
+
+
+def max_over_processes(value: int) -> int:
+  """The largest `value` of all processes (e.g. a batch count all of them must run)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-serializable `value`, in process order, on every process.
+
+  Sent as UTF-8 bytes padded to the longest: `process_allgather` needs equal shapes.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  buffers = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(b[:n])) for b, n in zip(buffers, lengths, strict=True)]

@@ -164,6 +164,17 @@ def test_create_model_builds_nested_sections():
     create_model(ml_collections.ConfigDict(dict(name="mask_rcnn", rpn=dict(topk=3))))
 
 
+def test_axis_name_reaches_the_backbone_only():
+  config = dict(name="mask_rcnn", backbone=dict(depth=18, base_width=8, norm="bn"))
+  model = create_model({**config, "axis_name": "batch"})
+  assert model.backbone.axis_name == "batch" and model.backbone.norm == "bn"
+  assert create_model(config).backbone.axis_name is None
+  # The same parameter tree: the backbone keeps its name.
+  x = jnp.zeros((1, H, W, 3))
+  init = lambda m: jax.eval_shape(lambda: m.init(KEY, x, train=False))
+  assert jax.tree.structure(init(model)) == jax.tree.structure(init(create_model(config)))
+
+
 def test_check_batch_fails_early():
   batch = dict(synthetic_batch())
   mask_rcnn.check_batch(batch)

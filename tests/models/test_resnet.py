@@ -102,6 +102,23 @@ def test_freeze_at_stops_gradients_and_statistics():
   assert not np.array_equal(new["res3_0"]["norm1"]["mean"], old["res3_0"]["norm1"]["mean"])
 
 
+def test_batch_norm_axis_name_averages_statistics_across_devices():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  variables = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0).init(
+      KEY, x, train=False)
+
+  def stats(axis_name, images):
+    model = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0, axis_name=axis_name)
+    return model.apply(variables, images, train=True, mutable=["batch_stats"])[1]
+
+  whole = jax.jit(lambda images: stats(None, images))(x)
+  # One image per simulated device; axis_name makes the moments cross-device means.
+  per_device = jax.jit(jax.vmap(lambda image: stats("i", image[None]), axis_name="i"))(x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5),
+               whole, per_device)
+  jax.tree.map(lambda b: np.testing.assert_array_equal(b[0], b[-1]), per_device)
+
+
 def test_errors_name_the_choices():
   with pytest.raises(ValueError, match="depth 42"):
     init_shapes(resnet.ResNet(depth=42))

@@ -1,4 +1,5 @@
-"""Data parallelism: 8 simulated devices train like 1, pmap like jit, 2 processes like 1."""
+"""Data parallelism: 8 simulated devices train like 1, pmap like jit, 2 processes like 1; for
+Mask R-CNN, pmap averages per-device losses and 2 processes evaluate like 1."""
 
 import json
 import os
@@ -7,12 +8,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import unet_shapes
-from segjax.data import pipeline
-from segjax.train import checkpoint, loop
+from configs import mask_rcnn_shapes, unet_shapes
+from segjax.data import instance_pipeline, pipeline
+from segjax.train import checkpoint, loop, parallel, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -23,20 +25,26 @@ PARAM_ATOL = 1e-5
 LOSS_RTOL = 1e-5
 
 
-def _train(workdir, *, devices=1, extra=(), process_id=None, num_processes=None, port=None):
+def _launch(script, args, *, devices=1, process_id=None, num_processes=None, port=None):
+  """`python script args` on `devices` simulated CPU devices, optionally as one process of
+  several."""
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = [sys.executable, "train.py", "--config", "configs/unet_shapes.py:tiny",
-          "--workdir", str(workdir), f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", f"--config.eval_every_steps={STEPS}",
-          f"--config.checkpoint_every_steps={STEPS}", "--config.batch_size=8",
-          "--config.eval_batch_size=8", "--config.optimizer=sgd",
-          "--config.learning_rate=0.01", *extra]
+  args = [sys.executable, script, *args]
   if process_id is not None:
     args += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
              f"--process_id={process_id}"]
   return subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
+
+
+def _train(workdir, *, devices=1, extra=(), **process):
+  return _launch("train.py", [
+    "--config", "configs/unet_shapes.py:tiny", "--workdir", str(workdir),
+    f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+    f"--config.eval_every_steps={STEPS}", f"--config.checkpoint_every_steps={STEPS}",
+    "--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer=sgd",
+    "--config.learning_rate=0.01", *extra], devices=devices, **process)
 
 
 def _finish(proc):
@@ -147,24 +155,112 @@ def test_processes_read_disjoint_halves():
   assert keys[0] | keys[1] == {e["image"].tobytes() for e in everything}
 
 
-def _mask_rcnn_records(workdir, devices):
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = [sys.executable, "train.py", "--config", "configs/mask_rcnn_shapes.py:tiny",
-          "--workdir", str(workdir), "--config.num_train_steps=3", "--config.log_every_steps=1",
-          "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
-          "--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer=sgd",
-          "--config.learning_rate=0.01"]
-  _finish(subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT))
+MASK_RCNN_STEPS = 3
+MASK_RCNN_LOSSES = ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
+                    "loss_mask")
+MASK_RCNN_ARGS = ("--config", "configs/mask_rcnn_shapes.py:tiny", "--config.batch_size=8",
+                  "--config.optimizer=sgd")
+
+
+def _mask_rcnn_records(workdir, devices, extra=()):
+  _finish(_launch("train.py", [
+    *MASK_RCNN_ARGS, "--workdir", str(workdir), f"--config.num_train_steps={MASK_RCNN_STEPS}",
+    "--config.log_every_steps=1", "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000", "--config.eval_batch_size=8",
+    "--config.learning_rate=0.01", *extra], devices=devices))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def test_mask_rcnn_eight_devices_train_like_one(tmp_path):
-  one = _mask_rcnn_records(tmp_path / "one", devices=1)
+@pytest.fixture(scope="module")
+def mask_rcnn_one_device(tmp_path_factory):
+  """(workdir, loss records) of a tiny Mask R-CNN trained on 1 device, checkpoint included."""
+  workdir = tmp_path_factory.mktemp("mask_rcnn_one_device")
+  return workdir, _mask_rcnn_records(workdir, devices=1)
+
+
+def test_mask_rcnn_eight_devices_train_like_one(mask_rcnn_one_device, tmp_path):
+  _, one = mask_rcnn_one_device
   eight = _mask_rcnn_records(tmp_path / "eight", devices=8)
-  assert len(one) == len(eight) == 3
+  assert len(one) == len(eight) == MASK_RCNN_STEPS
   for a, b in zip(one, eight, strict=True):
-    for key in ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"):
+    for key in MASK_RCNN_LOSSES:
       assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+def _first_step_device_losses(config, num_devices):
+  """Each device's first-step losses, computed here as the pmap step does: device d gets
+  example d of the first batch and the step's key folded with d; BatchNorm statistics are
+  means over the devices (vmap with the pmap axis name)."""
+  mesh = jax.make_mesh((1,), ("data",))
+  model = loop.build_model(config)
+  init, _ = loop.initial_state(config, model, mesh)
+  state = init()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  batch = next(instance_pipeline.instance_train_dataset(
+    config, local_batch_size=config.batch_size).as_numpy_iterator())
+  slices = jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), batch)
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), 0)  # Step 0.
+  rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(num_devices))
+  loss_fn = tasks.get_task(config).bind_loss(config, model)
+
+  def device_losses(device_batch, device_rng):
+    loss, (metrics, _) = loss_fn(variables, device_batch, device_rng, train=True)
+    return {**metrics, "loss": loss}
+
+  return jax.jit(jax.vmap(device_losses, axis_name=parallel.PMAP_AXIS))(slices, rngs)
+
+
+def test_mask_rcnn_pmap_averages_device_losses(tmp_path):
+  records = _mask_rcnn_records(tmp_path, devices=8, extra=["--config.parallelism=pmap"])
+  assert len(records) == MASK_RCNN_STEPS
+  # Each device normalizes its losses over its own sampled anchors, ROIs and mask pixels, and
+  # the step averages them over devices (as detectron2 averages per-GPU losses). Under jit the
+  # box and mask losses are normalized over the global batch instead, and the sampling keys
+  # differ, so pmap's losses equal jit's only in expectation; the mean over devices of
+  # per-device losses is exact.
+  config = mask_rcnn_shapes.get_config("tiny")
+  config.batch_size, config.optimizer, config.parallelism = 8, "sgd", "pmap"
+  per_device = _first_step_device_losses(config, num_devices=8)
+  for key in MASK_RCNN_LOSSES:
+    assert records[0][key] == pytest.approx(float(np.mean(per_device[key])), rel=1e-5), key
+  assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:  # Evaluated under jit at the end.
+    assert any("eval/box_AP" in r for r in map(json.loads, f))
+
+
+def _evaluate_mask_rcnn(workdir, num_processes):
+  """(metrics, detections) that `evaluate.py` writes with `num_processes` processes."""
+  args = [*MASK_RCNN_ARGS, "--workdir", str(workdir), "--config.eval_batch_size=4",
+          # 5 images: process 0 gets 3 (two batches, one padded), process 1 gets 2.
+          "--config.dataset.eval_kwargs.num_examples=5"]
+  if num_processes == 1:
+    _finish(_launch("evaluate.py", args))
+  else:
+    port = _free_port()
+    procs = [_launch("evaluate.py", args, process_id=i, num_processes=num_processes, port=port)
+             for i in range(num_processes)]
+    for p in procs:
+      _finish(p)
+  with open(os.path.join(workdir, "eval_metrics.json")) as f, open(
+      os.path.join(workdir, "detections.json")) as g:
+    return json.load(f), json.load(g)
+
+
+def test_two_processes_evaluate_mask_rcnn_like_one(mask_rcnn_one_device):
+  workdir, _ = mask_rcnn_one_device
+  metrics_2, detections_2 = _evaluate_mask_rcnn(workdir, num_processes=2)
+  metrics_1, detections_1 = _evaluate_mask_rcnn(workdir, num_processes=1)
+  assert metrics_1.keys() == metrics_2.keys() and {"box_AP", "mask_AP"} <= metrics_1.keys()
+  for key in metrics_1:
+    assert metrics_2[key] == pytest.approx(metrics_1[key], abs=1e-6, nan_ok=True), key
+  # Process 0 wrote the results of both processes: every image of the split, in image order.
+  assert {d["image_id"] for d in detections_2} == set(range(5))
+  column = lambda dets, key: np.array([d[key] for d in dets])
+  for key in ("image_id", "category_id"):
+    np.testing.assert_array_equal(column(detections_2, key), column(detections_1, key))
+  # Per-device batches of 2 and 4 images round a few ulps differently.
+  np.testing.assert_allclose(column(detections_2, "score"), column(detections_1, "score"),
+                             atol=1e-5)
+  np.testing.assert_allclose(column(detections_2, "bbox"), column(detections_1, "bbox"),
+                             atol=1e-3)
