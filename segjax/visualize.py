@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
 
-
 # Matplotlib's "tab10" colours, for the first ten classes.
 DISTINCT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
                     (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34),

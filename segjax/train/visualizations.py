@@ -18,6 +18,7 @@ import numpy as np
 
 from segjax import visualize
 from segjax.models import mask_rcnn
+from segjax.train import parallel
 from segjax.train.semantic import apply_model
 
 
@@ -45,6 +46,7 @@ def _save(panels: Iterator[np.ndarray], directory: str) -> list[str]:
 def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variables,
                    directory: str, count: int) -> list[str]:
   """Panels image | ground truth | prediction of the first `count` eval examples."""
+  variables = parallel.fetch(variables)  # This process's copy: no collective, any process.
   logits = jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, None, train=False)[0], -1))
   predict = lambda batch: {"mask": logits(variables, batch["image"])}
   return _save((visualize.side_by_side(example["image"], example["mask"], pred["mask"],
@@ -66,6 +68,7 @@ def write_instance(config: ml_collections.ConfigDict, evaluator, model, variable
                    directory: str, count: int) -> list[str]:
   """Panels image | ground truth | detections of the first `count` eval examples, each
   cropped to the example's true (unpadded) size."""
+  variables = parallel.fetch(variables)
   detect = jax.jit(functools.partial(mask_rcnn.predict, model=model))
   predict = lambda batch: detect(variables, {"image": batch["image"],
                                              "image_size": batch["image_size"]})
