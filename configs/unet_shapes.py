@@ -2,7 +2,8 @@
 
   python train.py --config configs/unet_shapes.py --workdir /tmp/unet_shapes
 
-About 6 minutes on a 2-core CPU (35 images/s); reaches a validation mean IoU of 0.875.
+About 6 minutes on a 2-core CPU (2000 steps at 44 images/s); reaches a validation mean IoU
+of 0.907.
 `--config configs/unet_shapes.py:tiny` is a seconds-long version for smoke tests.
 """
 
@@ -17,7 +18,7 @@ def get_config(arg=None):
   config.batch_size = 8
   config.eval_batch_size = 50
   config.image_size = (64, 64)
-  config.num_train_steps = 1500
+  config.num_train_steps = 2000
   config.optimizer = "adamw"
   config.learning_rate = 3e-3
   config.weight_decay = 1e-4
