@@ -346,6 +346,12 @@ class ROIHeads(nn.Module):
     self.box_head = BoxHead(self.num_classes, self.fc_dims, self.dtype)
     self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype)
 
+  def init_heads(self, channels: int) -> None:
+    """Creates the box and mask heads' parameters from zero pooled features of `channels`."""
+    zeros = lambda r: jnp.zeros((1, 1, r, r, channels), self.dtype)
+    self.box_head(zeros(self.box_resolution))
+    self.mask_head(zeros(self.mask_resolution))
+
   def _pool(self, features: Mapping[str, Array], boxes: Array, resolution: int) -> Array:
     """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
     maps = {k: v for k, v in features.items() if k != "p6"}

@@ -97,8 +97,15 @@ def test_r50_default_shapes_traced():
 
 @functools.cache
 def toy_variables():
-  return jax.jit(functools.partial(toy_model().init, train=False))(
+  init = functools.partial(toy_model().init, train=False, method=mask_rcnn.MaskRCNN.initialize)
+  return jax.jit(init)(KEY, synthetic_batch()["image"])
+
+
+def test_initialize_creates_the_variables_of_call():
+  full = jax.jit(functools.partial(toy_model().init, train=False))(
       KEY, synthetic_batch()["image"])
+  assert jax.tree.structure(full) == jax.tree.structure(toy_variables())
+  jax.tree.map(np.testing.assert_array_equal, full, toy_variables())
 
 
 def test_toy_predict_shapes_and_invariants():

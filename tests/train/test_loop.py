@@ -33,7 +33,7 @@ def _final_params(config, workdir):
   return jax.device_get(state.params), jax.device_get(state.batch_stats), step
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Kept across modules: built once per worker.
 def trained(tmp_path_factory):
   config = unet_shapes.get_config("tiny")
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -41,6 +41,7 @@ def trained(tmp_path_factory):
   return config, workdir, eval_metrics
 
 
+@pytest.mark.xdist_group("unet_trained")
 def test_training_lowers_loss_and_writes_outputs(trained):
   config, workdir, eval_metrics = trained
   records = _records(workdir)
@@ -58,6 +59,7 @@ def test_training_lowers_loss_and_writes_outputs(trained):
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 4
 
 
+@pytest.mark.xdist_group("unet_trained")
 def test_resume_after_sigterm_continues_exactly(trained, tmp_path, monkeypatch, capsys):
   config, reference_dir, _ = trained
   workdir = str(tmp_path)
@@ -114,6 +116,7 @@ def test_sigterm_saves_checkpoint_before_exit(tmp_path):
   assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
 
 
+@pytest.mark.xdist_group("unet_trained")
 def test_evaluate_writes_metrics_and_visualizations(trained):
   config, workdir, eval_metrics = trained
   proc = _run(["evaluate.py", "--config", "configs/unet_shapes.py:tiny", "--workdir", workdir,

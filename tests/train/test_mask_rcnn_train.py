@@ -18,9 +18,11 @@ from segjax.train import evaluation, loop
 LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 AP_KEYS = tuple(f"{p}_{n}" for p in ("box", "mask")
                 for n in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+# One worker trains the fixture once for all tests (pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("mask_rcnn_train")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Kept across modules: built once per worker.
 def trained(tmp_path_factory):
   previous = jax.config.jax_default_prng_impl
   jax.config.update("jax_default_prng_impl", "rbg")  # Compiles much faster on CPU.

@@ -83,19 +83,21 @@ def _assert_same_training(dir_a, dir_b):
   assert eval_a["eval/mean_iou"] == pytest.approx(eval_b["eval/mean_iou"], abs=1e-3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Kept across modules: built once per worker.
 def one_device_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one_device")
   _finish(_train(workdir))
   return workdir
 
 
+@pytest.mark.xdist_group("one_device_run")
 def test_eight_devices_train_like_one(one_device_run, tmp_path):
   out = _finish(_train(tmp_path, devices=8))
   _assert_same_training(one_device_run, tmp_path)
   assert f"step {STEPS}/{STEPS}" in out
 
 
+@pytest.mark.xdist_group("one_device_run")
 def test_pmap_trains_like_jit(one_device_run, tmp_path):
   _finish(_train(tmp_path, devices=8, extra=["--config.parallelism=pmap"]))
   _assert_same_training(one_device_run, tmp_path)
@@ -172,13 +174,15 @@ def _mask_rcnn_records(workdir, devices, extra=()):
     return [r for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Kept across modules: built once per worker.
 def mask_rcnn_one_device(tmp_path_factory):
   """(workdir, loss records) of a tiny Mask R-CNN trained on 1 device, checkpoint included."""
   workdir = tmp_path_factory.mktemp("mask_rcnn_one_device")
   return workdir, _mask_rcnn_records(workdir, devices=1)
 
 
+# The tests sharing `mask_rcnn_one_device` run on one worker, which trains it once.
+@pytest.mark.xdist_group("mask_rcnn_one_device")
 def test_mask_rcnn_eight_devices_train_like_one(mask_rcnn_one_device, tmp_path):
   _, one = mask_rcnn_one_device
   eight = _mask_rcnn_records(tmp_path / "eight", devices=8)
@@ -247,6 +251,7 @@ def _evaluate_mask_rcnn(workdir, num_processes):
     return json.load(f), json.load(g)
 
 
+@pytest.mark.xdist_group("mask_rcnn_one_device")
 def test_two_processes_evaluate_mask_rcnn_like_one(mask_rcnn_one_device):
   workdir, _ = mask_rcnn_one_device
   metrics_2, detections_2 = _evaluate_mask_rcnn(workdir, num_processes=2)
