@@ -9,6 +9,7 @@ pick up (`latest_step` only sees committed steps).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -20,11 +21,24 @@ from etils import epath
 # sliced on device with one compile per shape: seconds per first save for a few hundred small
 # arrays on many devices. Keep it for arrays whose slices are large enough to be worth it.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
-ocp.type_handlers.register_type_handler(
-  jax.Array,
-  ocp.type_handlers.ArrayHandler(
-    min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL),
-  override=True)
+
+
+def _register_array_handler() -> None:
+  handler = ocp.type_handlers.ArrayHandler(
+    min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+    # As orbax's default jax.Array handler (no public accessor).
+    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                 "_array_metadata_store", None))
+  absl_logger = logging.getLogger("absl")  # Orbax warns of every override.
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class TFIteratorHandler(ocp.CheckpointHandler):
