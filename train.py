@@ -2,7 +2,7 @@
 
 from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before TF loads)
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -23,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -1,17 +1,79 @@
-"""What `train.py` and `evaluate.py` share: flag parsing with clear config errors, TF setup."""
+"""What segjax's entry points share: `run` (failures exit), flag parsing with clear config
+errors, TF setup."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import re
+import signal
 import sys
+import traceback
+from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags
 
-# Before TensorFlow is first imported. tf.data needs no oneDNN kernels; with them on, TF prints
-# a notice at import that no log level hides.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from segjax.errors import Terminated, describe
+
+# Before TensorFlow is first imported. Errors only: segjax reports data errors itself, once.
+# tf.data needs no oneDNN kernels; with them on, TF prints a notice at import that no log
+# level hides.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C.
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: stopped early (a checkpoint may have been saved).
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+  """`absl.app.run(main)` for entry points: whatever fails, the process exits non-zero at once.
+
+  On a failure the cause is printed to stderr on one line, `PROGRAM: error: CAUSE`, then the
+  traceback, and the process ends with `os._exit`: the interpreter's shutdown is skipped, where
+  native thread pools can block forever (a tf.data iterator with Python functions in flight,
+  jax.distributed's shutdown barrier waiting for a peer that failed). What the run opened has
+  been closed by then (the training loop's `finally` waits for checkpoints being written).
+  SIGTERM raises `Terminated` wherever the program is; the training loop turns it into a
+  checkpoint at the current step first. Exit codes: 1 failure, 130 Ctrl-C, 143 SIGTERM.
+  """
+  signal.signal(signal.SIGTERM, _raise_terminated)
+  app.run(functools.partial(_main_or_exit, main), flags_parser=parse_flags)
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated("SIGTERM received")
+
+
+def _main_or_exit(main, argv) -> None:
+  try:
+    main(argv)
+  except app.UsageError:
+    raise  # absl prints the usage and exits.
+  except SystemExit as e:
+    if e.code in (None, 0):
+      raise
+    _exit(EXIT_FAILURE if not isinstance(e.code, int) else e.code,
+          str(e.code) if not isinstance(e.code, int) else None)
+  except BaseException as e:  # noqa: BLE001  (every failure must end the process)
+    code = (EXIT_TERMINATED if isinstance(e, Terminated) else
+            EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILURE)
+    _exit(code, describe(e), e)
+  gc.collect()  # Frees reference cycles (tf.data iterators among them) before shutdown.
+
+
+def _exit(code: int, cause: str | None, error: BaseException | None = None) -> None:
+  program = os.path.basename(sys.argv[0])
+  if cause:
+    print(f"{program}: error: {cause}", file=sys.stderr, flush=True)
+  if error is not None and not isinstance(error, (Terminated, KeyboardInterrupt)):
+    traceback.print_exception(type(error), error, error.__traceback__)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def hide_gpus_from_tensorflow() -> None:

@@ -38,7 +38,8 @@ pass when repeated) before decoding, so no decoded image waits in a shuffle buff
 Errors, naming the file and the field, when the source is built: a missing or unparsable JSON,
 a missing top-level key or image/annotation/category field, duplicate ids, an annotation on an
 unknown image or category, a missing image file (of this process's part). When an example is
-decoded: an image whose size differs from its JSON `height`/`width`.
+decoded: an image that cannot be read (truncated, not an image) or whose size differs from
+its JSON `height`/`width`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from pycocotools.coco import COCO
+
+from segjax.data.images import read_image
 
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
 
@@ -258,11 +261,12 @@ def coco_instances(
   label_of = {c: i + 1 for i, c in enumerate(info.category_ids)}
   coco = info.coco
 
-  def annotations(index, image_shape):
+  def annotations(index):
     image, anns = part[index]
+    pixels = read_image(paths[index])
     height, width = int(image["height"]), int(image["width"])
-    if tuple(image_shape) != (height, width):
-      raise ValueError(f"Image {paths[index]} is {image_shape[0]}x{image_shape[1]} but "
+    if pixels.shape[:2] != (height, width):
+      raise ValueError(f"Image {paths[index]} is {pixels.shape[0]}x{pixels.shape[1]} but "
                        f"{annotation_file} says height={height}, width={width} (image id "
                        f"{image['id']}).")
     n = len(anns)
@@ -276,14 +280,14 @@ def coco_instances(
       boxes[i] = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
       classes[i] = label_of[ann["category_id"]]
       is_crowd[i] = bool(ann.get("iscrowd", 0))
-    return masks, boxes, classes, ~is_crowd, is_crowd
+    return pixels, masks, boxes, classes, ~is_crowd, is_crowd
 
   @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
-  def decode(index, path, image_id):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    masks, boxes, classes, valid, is_crowd = tf.numpy_function(
-      annotations, [index, tf.shape(image)[:2]],
-      [tf.uint8, tf.float32, tf.int32, tf.bool, tf.bool], stateful=False)
+  def decode(index, image_id):
+    # Pillow reads the image (`segjax.data.images`): its errors name the file.
+    image, masks, boxes, classes, valid, is_crowd = tf.numpy_function(
+      annotations, [index], [tf.uint8, tf.uint8, tf.float32, tf.int32, tf.bool, tf.bool],
+      stateful=False)
     image.set_shape([None, None, 3])
     masks.set_shape([None, None, None])
     boxes.set_shape([None, 4])
@@ -293,7 +297,7 @@ def coco_instances(
             "valid": valid, "is_crowd": is_crowd, "image_id": image_id}
 
   ds = tf.data.Dataset.from_tensor_slices((
-    tf.range(len(part), dtype=tf.int64), tf.constant(paths, tf.string),
+    tf.range(len(part), dtype=tf.int64),
     tf.constant([image["id"] for image, _ in part], tf.int64)))
   if shuffle_seed is not None:
     ds = ds.shuffle(len(part), seed=shuffle_seed, reshuffle_each_iteration=True)

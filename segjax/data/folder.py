@@ -16,8 +16,9 @@ parts taking the remainder (as `tfds.even_splits` does).
 
 Errors. Checked when the source is built, naming the path: a missing split or `images/`
 directory, a split without images, an image without a mask, two images with one stem.
-Checked when an example is decoded, because it needs the pixels: a mask whose size differs
-from its image's, or a mask that is not single-channel; the tf error names both files.
+Checked when an example is decoded, because it needs the pixels: an image or mask that cannot
+be read (truncated, not an image), a mask whose size differs from its image's, or a mask that
+is not single-channel; the error names the files.
 """
 
 import os
@@ -25,6 +26,8 @@ import os
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from segjax.data.images import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -89,33 +92,34 @@ def _part_bounds(n: int, index: int, count: int) -> tuple[int, int]:
 
 
 def _decode(image_path: tf.Tensor, mask_path: tf.Tensor) -> dict[str, tf.Tensor]:
-  image = tf.io.decode_image(
-      tf.io.read_file(image_path), channels=3, expand_animations=False
-  )
-  # PIL, not tf.io.decode_png: TF expands palette PNGs to RGB, losing the class indices.
-  mask = tf.numpy_function(
-      _read_mask, [mask_path, image_path, tf.shape(image)[:2]], tf.uint8, stateful=False
-  )
-  mask.set_shape([None, None])
+  # Pillow for both: TF expands palette PNGs to RGB, losing the class indices, and its decode
+  # errors do not name the file.
+  image, mask = tf.numpy_function(_read_pair, [image_path, mask_path], [tf.uint8, tf.uint8],
+                                  stateful=False)
   image.set_shape([None, None, 3])
+  mask.set_shape([None, None])
   return {"image": image, "mask": mask}
 
 
-def _read_mask(mask_path: bytes, image_path: bytes, image_size: np.ndarray) -> np.ndarray:
-  mask_path, image_path = mask_path.decode(), image_path.decode()
-  with Image.open(mask_path) as mask_file:
-    mode = mask_file.mode
-    mask = np.asarray(mask_file)
+def _read_pair(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndarray]:
+  image_path, mask_path = image_path.decode(), mask_path.decode()
+  image = read_image(image_path)
+  try:
+    with Image.open(mask_path) as mask_file:
+      mode = mask_file.mode
+      mask = np.asarray(mask_file)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"Cannot read mask {mask_path}: {e}") from None
   if mask.ndim != 2 or mode not in ("1", "L", "P", "I", "I;16"):
     raise ValueError(
         f"Mask {mask_path} is a {mode} image; masks must be single-channel class ids "
         "(8-bit grey or palette PNG)."
     )
-  if mask.shape != tuple(image_size):
+  if mask.shape != image.shape[:2]:
     raise ValueError(
         f"Mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-        f"{image_size[0]}x{image_size[1]} (HxW)."
+        f"{image.shape[0]}x{image.shape[1]} (HxW)."
     )
   if mask.max(initial=0) > 255:
     raise ValueError(f"Mask {mask_path} has class id {mask.max()} > 255.")
-  return mask.astype(np.uint8)
+  return image, mask.astype(np.uint8)

@@ -90,5 +90,7 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
+  from segjax import cli
+
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from segjax.data import pipeline
+from segjax.data.iteration import numpy_batches
 from segjax.train import parallel, semantic
 
 
@@ -46,7 +47,7 @@ class Evaluator:
   def run(self, variables: dict) -> dict:
     """Metrics of `variables`: replicated global arrays (jit), or stacked per device (pmap)."""
     sums = None
-    for batch in self.dataset.as_numpy_iterator():
+    for batch in numpy_batches(self.dataset, "evaluation data"):
       out = self.step(variables, self.put(batch))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     sums = parallel.first_replica(sums) if self.parallelism == "pmap" else parallel.fetch(sums)

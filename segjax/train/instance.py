@@ -17,6 +17,7 @@ import ml_collections
 
 from segjax import coco_eval
 from segjax.data import coco, instance_pipeline
+from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
 from segjax.train import parallel
 
@@ -82,7 +83,7 @@ class Evaluator:
   def detections(self, variables: dict) -> tuple[list[dict], list[int]]:
     """(COCO results, ids of the evaluated images) of this process's share of the split."""
     results, image_ids = [], []
-    for batch in self.dataset.as_numpy_iterator():
+    for batch in numpy_batches(self.dataset, "evaluation data"):
       inputs = self.put({"image": batch["image"], "image_size": batch["image_size"]})
       det = parallel.local_rows(self.predict(variables, inputs))
       results += coco_eval.detections_to_coco_json(

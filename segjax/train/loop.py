@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import time
@@ -19,6 +20,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from segjax.data.iteration import next_batch
+from segjax.errors import Terminated
 from segjax.models import create_model
 from segjax.train import checkpoint, parallel, tasks
 from segjax.train.state import create_train_state, learning_rate_schedule
@@ -27,7 +30,7 @@ from segjax.train.writer import MetricWriter
 
 
 class _StopRequest:
-  """Turns SIGTERM into a flag that the loop checks, so it can checkpoint before exiting."""
+  """Turns SIGTERM into a flag that the loop checks, so it can checkpoint before stopping."""
 
   def __init__(self):
     self.requested = False
@@ -114,6 +117,19 @@ def _all_processes_agree(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
 
 
+def _close_checkpoints(manager, *, failed: bool) -> None:
+  """Waits for the checkpoint being written, then closes. While another error propagates, a
+  failed save is logged rather than raised, so that the first error is the one reported."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    if not failed:
+      raise
+    logging.error("Saving the last checkpoint failed too: %s", e)
+  finally:
+    manager.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to `config.num_train_steps`, resuming if `workdir` has a checkpoint.
 
@@ -132,27 +148,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
   train_iter = iter(train_ds)
-  init, abstract_state = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
-  if manager.latest_step() is not None:
-    state, start_step = checkpoint.restore(manager, abstract_state, train_iter)
-    print(f"Resuming from checkpoint at step {start_step}.", flush=True)
-  else:
-    state, start_step = init(), 0
-
-  runner = StepRunner(config, task.bind_loss(config, model), mesh)
-  state = runner.to_run_state(state)
-  evaluator = task.evaluator(config, model=model, mesh=mesh)
-  writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)
-  schedule = learning_rate_schedule(config)
-  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  stop = _StopRequest()
-  eval_metrics: dict = {}
-  pending: list = []
-  timer_step, timer_start = start_step, time.perf_counter()
+  stop, failed = None, True
   try:
+    init, abstract_state = initial_state(config, model, mesh)
+    if manager.latest_step() is not None:
+      state, start_step = checkpoint.restore(manager, abstract_state, train_iter)
+      print(f"Resuming from checkpoint at step {start_step}.", flush=True)
+    else:
+      state, start_step = init(), 0
+    runner = StepRunner(config, task.bind_loss(config, model), mesh)
+    state = runner.to_run_state(state)
+    evaluator = task.evaluator(config, model=model, mesh=mesh)
+    writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)
+    schedule = learning_rate_schedule(config)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    eval_metrics: dict = {}
+    pending: list = []
+    timer_step, timer_start = start_step, time.perf_counter()
+    if is_main:
+      print(f"Training from step {start_step}; the first step compiles.", flush=True)
+    stop = _StopRequest()  # Before: SIGTERM ends the run at once (see segjax.cli.run).
     for step in range(start_step + 1, config.num_train_steps + 1):
-      state, metrics = runner.step(state, runner.batch(next(train_iter)), rng)
+      batch = runner.batch(next_batch(train_iter, "training data"))
+      state, metrics = runner.step(state, batch, rng)
       pending.append(metrics)
       is_last = step == config.num_train_steps
       is_log_step = step % config.log_every_steps == 0 or is_last
@@ -177,13 +196,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         force=is_last or stopping)
       if stopping:
         manager.wait_until_finished()
-        print(f"Stopped at step {step}; checkpoint saved.", flush=True)
-        break
+        raise Terminated(f"SIGTERM: stopped at step {step}; checkpoint saved.")
     if jax.process_count() > 1:
       multihost_utils.assert_equal(runner.fetch(state.params),
                                    "Parameters differ between processes after training.")
+    failed = False
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    stop.restore()
+    if stop is not None:
+      stop.restore()
+    _close_checkpoints(manager, failed=failed)
+    del train_iter  # Freed now, while the interpreter runs: see segjax/data/iteration.py.
+    if failed:
+      gc.collect()
   return eval_metrics

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from segjax import visualize
+from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
 from segjax.train import parallel
 from segjax.train.semantic import apply_model
@@ -25,7 +26,7 @@ from segjax.train.semantic import apply_model
 def _examples(dataset, predict, count: int) -> Iterator[tuple[dict, dict]]:
   """(example, prediction) pairs of the first `count` real examples, as numpy dicts."""
   seen = 0
-  for batch in dataset.as_numpy_iterator():
+  for batch in numpy_batches(dataset, "evaluation data"):
     predictions = jax.tree.map(np.asarray, predict(batch))
     for i in np.flatnonzero(batch["example_mask"]):
       if seen == count:
