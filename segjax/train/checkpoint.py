@@ -102,6 +102,37 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, 
   return restored["state"], step
 
 
+def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_iterator=None):
+  """`restore` of the latest checkpoint that restores, newest first.
+
+  A checkpoint that fails (a truncated file, a missing manifest) while an earlier one restores
+  is moved aside to `checkpoints/corrupt_<step>` (kept for inspection, out of orbax's way) with
+  a message naming it; single-process runs only. If none restores, nothing is moved (a changed config fails on every
+  step alike) and the error names each step's failure.
+  """
+  failures = []
+  # With several processes, each restores its own part: they could disagree on which step is
+  # good, so only the latest is tried.
+  steps = sorted(manager.all_steps(), reverse=True)[:1 if jax.process_count() > 1 else None]
+  for step in steps:
+    try:
+      restored = restore(manager, abstract_state, data_iterator, step=step)
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+      failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+      continue
+    for bad, error in failures:
+      aside = epath.Path(manager.directory) / f"corrupt_{bad}"
+      (epath.Path(manager.directory) / str(bad)).rename(aside)
+      print(f"Checkpoint {bad} could not be restored ({error}); moved to {aside}.", flush=True)
+    if failures:
+      manager.reload()
+    return restored
+  details = "; ".join(f"step {step}: {error}" for step, error in failures)
+  raise RuntimeError(f"No checkpoint in {manager.directory} could be restored ({details}). "
+                     "If the config changed since they were written, restore it or use a "
+                     "new --workdir.")
+
+
 def restore_variables(manager: ocp.CheckpointManager, abstract_variables: dict, *,
                       step: int | None = None):
   """({"params", "batch_stats"}, step): only the model's variables, whatever the optimizer."""

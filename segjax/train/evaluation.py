@@ -20,6 +20,8 @@ from segjax.train.writer import to_json_value
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, mesh):
   """(variables, step) of the latest checkpoint in `workdir`."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # The manager would create it.
+    raise FileNotFoundError(f"No checkpoint in {workdir}: {workdir}/checkpoints does not exist.")
   _, abstract_state = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
   abstract = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
@@ -37,8 +39,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     variables)
   metrics = {"step": step, **evaluator.run(run_variables)}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-      json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
+    try:
+      with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+        json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
+    except OSError as e:  # The metrics took a whole evaluation: keep them in the message.
+      values = json.dumps({k: to_json_value(v) for k, v in metrics.items()})
+      raise OSError(f"Cannot write {workdir}/eval_metrics.json ({e}); the metrics: "
+                    f"{values}") from e
     results = getattr(evaluator, "results", None)  # Instance evaluators keep COCO results.
     if results is not None:
       with open(os.path.join(workdir, "detections.json"), "w") as f:
