@@ -38,6 +38,9 @@ def get_config(arg=None):
   config.eval_every_steps = 90_000  # detectron2 evaluates once, at the end.
   config.checkpoint_every_steps = 5000
   config.parallelism = "jit"
+  # A workdir (train.py or `python -m segjax.weights.torchvision`) whose latest checkpoint
+  # initialises a fresh run (segjax/train/init_from.py).
+  config.init_from = ml_collections.config_dict.placeholder(str)
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "coco"

@@ -33,6 +33,9 @@ def get_config(arg=None):
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.parallelism = "jit"  # Or "pmap"; instance evaluation runs under jit either way.
+  # A workdir (train.py or `python -m segjax.weights.torchvision`) whose latest checkpoint
+  # initialises a fresh run (segjax/train/init_from.py).
+  config.init_from = ml_collections.config_dict.placeholder(str)
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"

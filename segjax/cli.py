@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from segjax.errors import Terminated, describe
+from segjax.errors import ConfigError, Terminated, describe
 
 # Before TensorFlow is first imported. Errors only: segjax reports data errors itself, once.
 # tf.data needs no oneDNN kernels; with them on, TF prints a notice at import that no log
@@ -69,7 +69,7 @@ def _exit(code: int, cause: str | None, error: BaseException | None = None) -> N
   program = os.path.basename(sys.argv[0])
   if cause:
     print(f"{program}: error: {cause}", file=sys.stderr, flush=True)
-  if error is not None and not isinstance(error, (Terminated, KeyboardInterrupt)):
+  if error is not None and not isinstance(error, (ConfigError, Terminated, KeyboardInterrupt)):
     traceback.print_exception(type(error), error, error.__traceback__)
   sys.stdout.flush()
   sys.stderr.flush()

@@ -4,6 +4,8 @@
   COCO results format `[{"image_id", "category_id", "bbox": [x, y, w, h], "score",
   "segmentation": rle}]` in ORIGINAL image coordinates, as detectron2
   `evaluation/coco_evaluation.py` `instances_to_coco_json` (RLE counts as utf-8 text).
+- `original_frame`, `boxes_to_original`, `mask_to_original`: that mapping back to original
+  pixels for one image, shared with prediction on new images (`segjax.train.instance`).
 - `evaluate_coco`: pycocotools `COCOeval` for "bbox" and "segm", returning
   `box_AP, box_AP50, box_AP75, box_APs, box_APm, box_APl` and the same with `mask_`, as
   fractions in [0, 1]; NaN where COCOeval has no ground truth (e.g. no large objects), as
@@ -53,6 +55,44 @@ def encode_mask(mask: np.ndarray) -> dict:
   return rle
 
 
+def original_frame(scale, image_size=None, original_size=None):
+  """(factors (4,), original (h, w) or None) of one image: `[x1, y1, x2, y2]` in the resized
+  input divided by `factors` are original pixels.
+
+  With `image_size` (h, w) of the resized content, the factors are exact per axis, from
+  `original_size` or else `round(image_size / scale)`; without it, both axes divide by `scale`
+  and the original size is unknown (None).
+  """
+  if image_size is None:
+    return np.full(4, np.float64(scale)), None
+  h, w = (int(v) for v in image_size)
+  if original_size is not None:
+    oh, ow = (int(v) for v in original_size)
+  else:
+    oh, ow = int(round(h / scale)), int(round(w / scale))
+  return np.array([w / ow, h / oh, w / ow, h / oh]), (oh, ow)
+
+
+def boxes_to_original(boxes, factors: np.ndarray, original: tuple[int, int] | None) -> np.ndarray:
+  """(N, 4) boxes of the resized input -> original pixels (float64), clipped to `original`
+  (h, w) when it is known (`original_frame` gives both)."""
+  xyxy = np.asarray(boxes, np.float64) / factors
+  if original is not None:
+    oh, ow = original
+    xyxy = np.clip(xyxy, 0, [ow, oh, ow, oh])
+  return xyxy
+
+
+def mask_to_original(mask, image_size, original: tuple[int, int],
+                     threshold: float = 0.5) -> np.ndarray:
+  """One (Hp, Wp) mask (probabilities or binary) pasted in the padded input -> (oh, ow) bool
+  in the original image: cropped to the content `image_size` (h, w), resized bilinearly as
+  probabilities, then thresholded."""
+  h, w = (int(v) for v in image_size)
+  content = np.asarray(mask[:h, :w], np.float32)[None]
+  return _resize_bilinear(content, tuple(original))[0] >= threshold
+
+
 def detections_to_coco_json(
   *,
   image_ids,
@@ -98,22 +138,13 @@ def detections_to_coco_json(
     raise ValueError("detections_to_coco_json needs image_size to crop masks to the content.")
   results = []
   for b in np.flatnonzero(np.asarray(example_mask, bool)):
-    if image_size is not None:
-      h, w = (int(v) for v in np.asarray(image_size)[b])
-      if original_size is not None:
-        oh, ow = (int(v) for v in np.asarray(original_size)[b])
-      else:
-        oh, ow = int(round(h / scale[b])), int(round(w / scale[b]))
-      factors = np.array([w / ow, h / oh, w / ow, h / oh])
-    else:
-      oh = ow = None
-      factors = np.full(4, scale[b])
+    size = None if image_size is None else np.asarray(image_size)[b]
+    factors, original = original_frame(
+      scale[b], size, None if original_size is None else np.asarray(original_size)[b])
     keep = np.flatnonzero(valid[b])
     if not len(keep):
       continue
-    xyxy = boxes[b, keep] / factors
-    if oh is not None:
-      xyxy = np.clip(xyxy, 0, [ow, oh, ow, oh])
+    xyxy = boxes_to_original(boxes[b, keep], factors, original)
     for j, i in enumerate(keep):
       x1, y1, x2, y2 = (float(v) for v in xyxy[j])
       result = {
@@ -123,9 +154,8 @@ def detections_to_coco_json(
         "score": float(scores[b, i]),
       }
       if masks is not None:  # One at a time: 100 float masks of 800 x 1333 take 430 MB.
-        content = np.asarray(masks[b, i, :h, :w], np.float32)[None]
         result["segmentation"] = encode_mask(
-          _resize_bilinear(content, (oh, ow))[0] >= mask_threshold)
+          mask_to_original(masks[b, i], size, original, mask_threshold))
       results.append(result)
   return results
 

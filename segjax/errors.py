@@ -9,6 +9,11 @@ from __future__ import annotations
 import re
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work: the message names the key. Reported without a
+  traceback."""
+
+
 class DataError(RuntimeError):
   """The input pipeline failed on an example: the message names the file where it is known."""
 
@@ -45,4 +50,6 @@ def describe(error: BaseException) -> str:
   message = str(error).strip().split("\n")[0] or repr(error)
   if isinstance(error, DataError):
     return message
+  if isinstance(error, ConfigError):
+    return f"config: {message}"
   return f"{type(error).__name__}: {message}"

@@ -122,3 +122,32 @@ def instance_panel(image: np.ndarray, truth: dict, detections: dict, *, num_clas
   return np.concatenate([
     np.repeat(np.repeat(image, scale, 0), scale, 1), draw(truth, truth["valid"]),
     draw(detections, keep, detections["scores"])], axis=1)
+
+
+def semantic_overlay(image: np.ndarray, labels: np.ndarray, *, num_classes: int,
+                     class_names: Sequence[str] | None = None, alpha: float = 0.5) -> np.ndarray:
+  """`image` (H, W, 3) uint8 with the class map `labels` (H, W) blended in its `palette`
+  colours (background, class 0, left unblended), above a legend of the classes present:
+  a colour swatch and the class name per line. The panel is widened if a name needs it."""
+  colours = palette(num_classes)
+  blended = image.astype(np.float32)
+  painted = labels > 0
+  blended[painted] = (1 - alpha) * blended[painted] + alpha * colorize(labels, num_classes)[
+    painted]
+  top = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+  present = [int(c) for c in np.unique(labels) if 0 <= c < num_classes]
+  font = ImageFont.load_default()
+  texts = [class_name(class_names, c) for c in present]
+  line = 14
+  widths = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), t, font=font)[2]
+            for t in texts]
+  width = max([top.shape[1]] + [w + line + 6 for w in widths])
+  legend = Image.new("RGB", (width, line * len(present) + 4))
+  draw = ImageDraw.Draw(legend)
+  for i, (c, text) in enumerate(zip(present, texts)):
+    y = 2 + i * line
+    draw.rectangle((2, y, line - 1, y + line - 3), fill=tuple(int(v) for v in colours[c]),
+                   outline=(255, 255, 255))
+    draw.text((line + 3, y), text, fill=(255, 255, 255), font=font)
+  top = np.pad(top, ((0, 0), (0, width - top.shape[1]), (0, 0)))
+  return np.concatenate([top, np.asarray(legend)], axis=0)

@@ -129,6 +129,16 @@ def truncate(path):
   return str(path)
 
 
+def corrupt(path):
+  """Zeroes the middle of a PNG: its header and end look fine, decoding fails."""
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  data[middle - 64:middle + 64] = bytes(128)
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  return str(path)
+
+
 def assert_failed(exited, cause_pattern, program="train.py", code=1):
   assert exited.returncode == code, exited.stderr[-3000:]
   assert re.search(cause_pattern, exited.cause(program)), exited.cause(program)
@@ -147,17 +157,27 @@ def test_missing_data_dir_exits(tmp_path):
   assert_failed(exited, r"FileNotFoundError: .*nowhere")
 
 
-def test_bad_image_in_first_batch_exits_naming_the_file(tmp_path):
+def test_truncated_image_is_named_before_compiling(tmp_path):
   data_dir = write_folder(tmp_path / "data")
   bad = truncate(os.path.join(data_dir, "train", "images", "im005.png"))
   exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
+                f"--config.dataset.data_dir={data_dir}"])
+  assert_failed(exited, rf"1 of 24 image/mask pairs are unusable: {re.escape(bad)}: truncated")
+  assert "compiles" not in exited.stdout
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_bad_image_in_first_batch_exits_naming_the_file(tmp_path):
+  data_dir = write_folder(tmp_path / "data")
+  bad = corrupt(os.path.join(data_dir, "train", "images", "im005.png"))
+  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
                 f"--config.dataset.data_dir={data_dir}"], slow_reads=True)
-  assert_failed(exited, rf"training data: Cannot read image {re.escape(bad)}: .*truncated")
+  assert_failed(exited, rf"training data: Cannot read image {re.escape(bad)}")
 
 
 def test_bad_image_mid_run_exits_keeping_checkpoints(tmp_path):
   data_dir = write_folder(tmp_path / "data")
-  bad = truncate(os.path.join(data_dir, "train", "images", "im020.png"))
+  bad = corrupt(os.path.join(data_dir, "train", "images", "im020.png"))
   workdir = tmp_path / "w"
   # Sorted order, no shuffling: image 20 is read at step 11, after the checkpoint at step 4.
   exited = run(["train.py", *TINY_FOLDER, "--workdir", str(workdir),
@@ -172,14 +192,13 @@ def test_bad_image_mid_run_exits_keeping_checkpoints(tmp_path):
              for s in saved)
 
 
-def test_bad_mask_size_in_evaluation_exits(tmp_path):
+def test_bad_image_in_evaluation_exits(tmp_path):
   data_dir = write_folder(tmp_path / "data")
-  Image.fromarray(np.zeros((8, 8), np.uint8)).save(
-    os.path.join(data_dir, "validation", "masks", "im002.png"))
+  bad = corrupt(os.path.join(data_dir, "validation", "images", "im002.png"))
   exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
                 f"--config.dataset.data_dir={data_dir}", "--config.num_train_steps=2",
                 "--config.eval_every_steps=2"], slow_reads=True)
-  assert_failed(exited, r"evaluation data: Mask .*im002.png is 8x8 but image .*im002.png")
+  assert_failed(exited, rf"evaluation data: Cannot read image {re.escape(bad)}")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +228,7 @@ def test_corrupt_checkpoint_exits(trained_folder, tmp_path):
 def test_evaluate_bad_image_exits(trained_folder, tmp_path):
   data_dir, workdir = trained_folder
   data_dir = shutil.copytree(data_dir, tmp_path / "data")
-  bad = truncate(os.path.join(data_dir, "validation", "images", "im001.png"))
+  bad = corrupt(os.path.join(data_dir, "validation", "images", "im001.png"))
   exited = run(["evaluate.py", *TINY_FOLDER, "--workdir", str(workdir),
                 f"--config.dataset.data_dir={data_dir}"], slow_reads=True)
   assert_failed(exited, rf"evaluation data: Cannot read image {re.escape(bad)}",

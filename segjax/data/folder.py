@@ -15,12 +15,14 @@ palette PNG, whose indices are the ids as in PASCAL VOC; 1-bit and 16-bit grey w
 parts taking the remainder (as `tfds.even_splits` does).
 
 Errors. Checked when the source is built, naming the path: a missing split or `images/`
-directory, a split without images, an image without a mask, two images with one stem.
-Checked when an example is decoded, because it needs the pixels: an image or mask that cannot
-be read (truncated, not an image), a mask whose size differs from its image's, or a mask that
-is not single-channel; the error names the files.
+directory, a split without images, an image without a mask, two images with one stem; then,
+from the files' headers (`check_files`, all of them at once): a file that is not an image, a
+truncated PNG, a mask that is not single-channel or whose size differs from its image's.
+Checked again when an example is decoded (a truncated JPEG is found only then); the error
+names the files.
 """
 
+import concurrent.futures
 import os
 
 import numpy as np
@@ -28,6 +30,7 @@ import tensorflow as tf
 from PIL import Image
 
 from segjax.data.images import read_image
+from segjax.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -40,6 +43,7 @@ def image_folder(
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   image_paths, mask_paths = _list_pairs(split, data_dir)
   begin, end = _part_bounds(len(image_paths), process_index, process_count)
+  check_files(image_paths[begin:end], mask_paths[begin:end])
   ds = tf.data.Dataset.from_tensor_slices((
       tf.constant(image_paths[begin:end], tf.string),
       tf.constant(mask_paths[begin:end], tf.string),
@@ -84,6 +88,53 @@ def _list_pairs(split: str, data_dir: str | None) -> tuple[list[str], list[str]]
   return image_paths, mask_paths
 
 
+MASK_MODES = ("1", "L", "P", "I", "I;16")
+MAX_LISTED = 20
+
+
+def check_files(image_paths: list[str], mask_paths: list[str]) -> None:
+  """Reads the headers of every pair (and a PNG's last bytes) on a thread pool, raising one
+  `DataError` that names each file that is not an image, a truncated PNG, a mask that is not
+  single-channel or whose size differs from its image's: seconds, before any compile."""
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    problems = [p for p in pool.map(_check_pair, image_paths, mask_paths) if p]
+  if problems:  # The first on the first line: the one line entry points print.
+    listed = "".join(f"\n  {p}" for p in problems[1:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise DataError(f"{len(problems)} of {len(image_paths)} image/mask pairs are unusable: "
+                    f"{problems[0]}{listed}{more}")
+
+
+def _header(path: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
+  """((height, width), mode, None), or (None, None, what is wrong)."""
+  try:
+    with Image.open(path) as image:
+      size, mode, format_ = (image.height, image.width), image.mode, image.format
+  except (OSError, ValueError, SyntaxError) as e:
+    return None, None, f"{path}: not a readable image ({e})"
+  if format_ == "PNG":
+    with open(path, "rb") as f:
+      f.seek(max(os.path.getsize(path) - 64, 0))
+      if b"IEND" not in f.read():
+        return None, None, f"{path}: truncated PNG (no IEND chunk at the end)"
+  return size, mode, None
+
+
+def _check_pair(image_path: str, mask_path: str) -> str | None:
+  image_size, _, problem = _header(image_path)
+  if problem:
+    return problem
+  mask_size, mode, problem = _header(mask_path)
+  if problem:
+    return problem
+  if mode not in MASK_MODES:
+    return f"{mask_path}: a {mode} image; masks must be single-channel class ids"
+  if mask_size != image_size:
+    return (f"{mask_path}: {mask_size[0]}x{mask_size[1]} but image {image_path} is "
+            f"{image_size[0]}x{image_size[1]} (HxW)")
+  return None
+
+
 def _part_bounds(n: int, index: int, count: int) -> tuple[int, int]:
   """[begin, end) of part `index` of `count` over n items, the first n % count one longer."""
   size, remainder = divmod(n, count)
@@ -110,7 +161,7 @@ def _read_pair(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndar
       mask = np.asarray(mask_file)
   except (OSError, ValueError, SyntaxError) as e:
     raise ValueError(f"Cannot read mask {mask_path}: {e}") from None
-  if mask.ndim != 2 or mode not in ("1", "L", "P", "I", "I;16"):
+  if mask.ndim != 2 or mode not in MASK_MODES:
     raise ValueError(
         f"Mask {mask_path} is a {mode} image; masks must be single-channel class ids "
         "(8-bit grey or palette PNG)."

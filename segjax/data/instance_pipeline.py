@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from segjax.data import instance_ops
 from segjax.data.coco import coco_instances
-from segjax.data.pipeline import dataset_options, padded_batches
+from segjax.data.pipeline import dataset_options, numbered, padded_batches
 from segjax.data.shapes import shapes
 
 TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
@@ -144,7 +144,7 @@ def instance_train_dataset(config: ml_collections.ConfigDict, *, local_batch_siz
                             overflow=config.dataset.get("overflow", "truncate"),
                             shuffle_seed=config.seed + process_index,
                             **config.dataset.get("train_kwargs", {}))
-  ds = ds.repeat().enumerate()
+  ds = numbered(ds.repeat())
   base_seed = tf.constant([config.seed, process_index], tf.int64)
   flip = config.augment.get("flip", False)
 

@@ -49,6 +49,13 @@ def dataset_options() -> tf.data.Options:
   return options
 
 
+def numbered(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`(i, element)` pairs, i = 0, 1, ...: `ds.enumerate()` written as a scan. After a shuffle,
+  enumerate's iterator fails to restore from a symbolic checkpoint that was itself saved after
+  a restore (TensorFlow 2.21: "Expected 2 components but got 0" at a run's second resume)."""
+  return ds.scan(tf.constant(0, tf.int64), lambda i, element: (i + 1, (i, element)))
+
+
 def _augment(features, seed, *, config):
   scale_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   aug = config.augment
@@ -71,7 +78,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   ds = make_source(config.dataset, config.dataset.train_split, process_index=process_index,
                    process_count=process_count, **config.dataset.get("train_kwargs", {}))
   ds = ds.shuffle(config.dataset.shuffle_buffer, seed=config.seed + process_index)
-  ds = ds.repeat().enumerate()
+  ds = numbered(ds.repeat())
   base_seed = tf.constant([config.seed, process_index], tf.int64)
 
   @tf.autograph.experimental.do_not_convert

@@ -45,6 +45,18 @@ Array = jax.Array
 
 BATCH_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "image_size")
 
+# `MaskRCNN.conventions`: the RPN and ROI-head fields each setting overrides. "detectron2"
+# keeps the submodules as configured (their defaults are detectron2's). "torchvision" is
+# torchvision's `maskrcnn_resnet50_fpn` inference: rounded anchors placed with stride
+# image // grid, proposals under 1e-3 pixels dropped, ROIAlign without the half-pixel offset
+# and 2 x 2 samples per bin, detections under 1e-2 pixels dropped, masks pasted as
+# `paste_masks_in_image` (`segjax.ops.masks`).
+CONVENTIONS = {
+  "detectron2": ({}, {}),
+  "torchvision": (dict(rounded_anchors=True, strides_from_image=True, min_size=1e-3),
+                  dict(aligned=False, sampling_ratio=2, min_box_size=1e-2, mask_paste="torchvision")),
+}
+
 
 def check_batch(batch: Mapping[str, Array]) -> None:
   """Raises ValueError unless `batch` follows the batch contract (static shapes only)."""
@@ -72,14 +84,24 @@ class MaskRCNN(nn.Module):
       `roi_heads.num_classes` is K.
     axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone, the
       only part with BatchNorm (norm="bn").
+    conventions: "detectron2" (the submodules as configured) or "torchvision" (overrides the
+      RPN and ROI-head fields in `CONVENTIONS`, for torchvision's weights).
   """
   backbone: ResNet = dataclasses.field(default_factory=ResNet)
   fpn: FPN = dataclasses.field(default_factory=FPN)
   rpn: RPN = dataclasses.field(default_factory=RPN)
   roi_heads: ROIHeads = dataclasses.field(default_factory=ROIHeads)
   axis_name: str | None = None
+  conventions: str = "detectron2"
 
   def __post_init__(self):
+    if self.conventions not in CONVENTIONS:
+      raise ValueError(f"Unknown conventions {self.conventions!r}; known: {list(CONVENTIONS)}.")
+    rpn_fields, roi_fields = CONVENTIONS[self.conventions]
+    if rpn_fields:
+      object.__setattr__(self, "rpn", self.rpn.clone(**rpn_fields))
+    if roi_fields:
+      object.__setattr__(self, "roi_heads", self.roi_heads.clone(**roi_fields))
     # The loop sets one model-wide axis_name under pmap; the backbone is where it applies.
     if self.axis_name is not None and self.backbone.axis_name != self.axis_name:
       object.__setattr__(self, "backbone", self.backbone.clone(axis_name=self.axis_name))
@@ -114,8 +136,8 @@ class MaskRCNN(nn.Module):
                                     (image.shape[0], 2))
     features, aux = self.features(image, train=train)
     objectness, deltas = self.rpn(features)
-    proposals = self.rpn.proposals(objectness, deltas, self.rpn.anchors(features), image_size,
-                                   train=False)
+    anchors = self.rpn.anchors(features, image.shape[1:3])
+    proposals = self.rpn.proposals(objectness, deltas, anchors, image_size, train=False)
     detections = self.roi_heads(features, proposals, image_size, image.shape[1:3])
     return detections, {**aux, **features, "proposals": proposals}
 
@@ -129,7 +151,7 @@ class MaskRCNN(nn.Module):
     check_batch(batch)
     features, _ = self.features(batch["image"], train=train)
     objectness, deltas = self.rpn(features)
-    anchors = self.rpn.anchors(features)
+    anchors = self.rpn.anchors(features, batch["image"].shape[1:3])
     rpn_rng, roi_rng = jax.random.split(rng)
     rpn_losses, rpn_metrics = self.rpn.losses(objectness, deltas, anchors, batch["boxes"],
                                               batch["valid"], rpn_rng)

@@ -187,6 +187,7 @@ def postprocess(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     max_detections: int = 100,
+    min_size: float = 0.0,
 ) -> dict[str, Array]:
   """Detections of one image (detectron2 `fast_rcnn_inference_single_image`); vmap for a batch.
 
@@ -198,6 +199,8 @@ def postprocess(
     class_logits: `(P, K + 1)`; box_deltas: `(P, K + 1, 4)`.
     proposals: `(P, 4)`; proposal_valid: `(P,)` bool.
     image_size: `(2,)` true height and width.
+    min_size: when positive, candidates not wider and taller than this are dropped after
+      clipping (torchvision `remove_small_boxes(boxes, 1e-2)`; detectron2 keeps them).
 
   Returns:
     `{"boxes": (D, 4), "scores": (D,), "classes": (D,) int32 in 1..K, "valid": (D,) bool}`,
@@ -208,6 +211,8 @@ def postprocess(
   boxes = ops.decode_boxes(box_deltas[:, 1:].astype(jnp.float32), proposals[:, None], weights)
   boxes = ops.clip_boxes(boxes, image_size)
   finite = jnp.all(jnp.isfinite(boxes), axis=-1) & jnp.isfinite(scores)
+  if min_size > 0:
+    finite = finite & ops.nonempty_boxes(boxes, min_size)
   boxes = jnp.where(finite[..., None], boxes, 0.0).reshape(p * (k1 - 1), 4)
   scores = jnp.where(finite & proposal_valid[:, None], scores, -jnp.inf).reshape(-1)
   classes = jnp.tile(jnp.arange(1, k1, dtype=jnp.int32), p)
@@ -228,6 +233,7 @@ def postprocess_masks(
     valid: Array,
     image_shape: tuple[int, int],
     threshold: float = 0.5,
+    paste: str = "detectron2",
 ) -> tuple[Array, Array]:
   """Masks of detections of one image (detectron2 `mask_rcnn_inference` + `paste_masks`).
 
@@ -236,6 +242,7 @@ def postprocess_masks(
       valid: `(D,)` bool.
     image_shape: static `(H, W)` of the pasted masks.
     threshold: binarization of the pasted probabilities.
+    paste: "detectron2" or "torchvision" pasting (`segjax.ops.masks`).
 
   Returns:
     `mask_probs` `(D, M, M)` float32 sigmoid of the detected class's channel, and
@@ -244,7 +251,7 @@ def postprocess_masks(
   logits = jnp.take_along_axis(mask_logits.astype(jnp.float32),
                                classes[:, None, None, None], axis=-1)[..., 0]
   probs = jnp.where(valid[:, None, None], jax.nn.sigmoid(logits), 0.0)
-  masks = ops.paste_masks(probs, boxes, image_shape, threshold) & valid[:, None, None]
+  masks = ops.paste_masks(probs, boxes, image_shape, threshold, paste) & valid[:, None, None]
   return probs, masks
 
 
@@ -315,6 +322,7 @@ class ROIHeads(nn.Module):
     box_resolution: ROIAlign output side of the box head.
     mask_resolution: ROIAlign output side of the mask head (logits are twice that).
     sampling_ratio: ROIAlign samples per bin and axis; 0 adaptive (detectron2).
+    aligned: ROIAlignV2's half-pixel offset (detectron2); torchvision's is False.
     fc_dims: box head fully connected widths.
     mask_conv_dims: mask head conv widths.
     box_reg_weights: box-coder weights of the class-specific deltas.
@@ -322,7 +330,10 @@ class ROIHeads(nn.Module):
     score_thresh: inference score threshold.
     nms_thresh: inference per-class NMS IoU threshold.
     detections_per_image: D, detections kept per image.
+    min_box_size: inference drops detections not wider and taller than this (torchvision:
+      1e-2; 0 keeps all, as detectron2).
     mask_threshold: binarization of the pasted mask probabilities.
+    mask_paste: how masks are pasted into the image: "detectron2" or "torchvision".
     dtype: computation dtype of the heads; outputs are float32.
   """
   num_classes: int = 80
@@ -332,6 +343,7 @@ class ROIHeads(nn.Module):
   box_resolution: int = 7
   mask_resolution: int = 14
   sampling_ratio: int = 0
+  aligned: bool = True
   fc_dims: tuple[int, ...] = (1024, 1024)
   mask_conv_dims: tuple[int, ...] = (256, 256, 256, 256)
   box_reg_weights: tuple[float, ...] = ops.BOX_HEAD_WEIGHTS
@@ -339,7 +351,9 @@ class ROIHeads(nn.Module):
   score_thresh: float = 0.05
   nms_thresh: float = 0.5
   detections_per_image: int = 100
+  min_box_size: float = 0.0
   mask_threshold: float = 0.5
+  mask_paste: str = "detectron2"
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -356,7 +370,7 @@ class ROIHeads(nn.Module):
     """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
     maps = {k: v for k, v in features.items() if k != "p6"}
     fn = lambda f, b: ops.multilevel_roi_align(f, b, (resolution, resolution),
-                                               self.sampling_ratio)
+                                               self.sampling_ratio, self.aligned)
     return jax.vmap(fn)(maps, boxes)
 
   def _forward_box(self, features: Mapping[str, Array], boxes: Array) -> tuple[Array, Array]:
@@ -384,11 +398,13 @@ class ROIHeads(nn.Module):
     class_logits, box_deltas = self._forward_box(features, proposals["boxes"])
     post = lambda c, d, p, v, s: postprocess(
         c, d, p, v, s, weights=self.box_reg_weights, score_thresh=self.score_thresh,
-        nms_thresh=self.nms_thresh, max_detections=self.detections_per_image)
+        nms_thresh=self.nms_thresh, max_detections=self.detections_per_image,
+        min_size=self.min_box_size)
     detections = jax.vmap(post)(class_logits, box_deltas, proposals["boxes"],
                                 proposals["valid"], image_size)
     mask_logits = self._forward_mask(features, detections["boxes"])
-    paste = lambda m, c, b, v: postprocess_masks(m, c, b, v, image_shape, self.mask_threshold)
+    paste = lambda m, c, b, v: postprocess_masks(m, c, b, v, image_shape, self.mask_threshold,
+                                                 self.mask_paste)
     probs, masks = jax.vmap(paste)(mask_logits, detections["classes"], detections["boxes"],
                                    detections["valid"])
     return {**detections, "mask_probs": probs, "instance_masks": masks}

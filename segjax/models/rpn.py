@@ -174,6 +174,9 @@ class RPN(nn.Module):
     smooth_l1_beta: box-delta loss; 0 is L1.
     loss_weight: weight of both RPN losses.
     box_reg_loss_weight: extra weight of the box-delta loss.
+    rounded_anchors: cell anchors rounded to whole pixels (torchvision).
+    strides_from_image: each level's anchors placed with stride `image_shape // grid_size`
+      per axis (torchvision) rather than `strides` (see `segjax.ops.anchors`).
     dtype: computation dtype of the head; outputs are float32.
   """
   anchor_sizes: tuple[tuple[float, ...], ...] = anchor_lib.FPN_SIZES
@@ -191,6 +194,8 @@ class RPN(nn.Module):
   smooth_l1_beta: float = 0.0
   loss_weight: float = 1.0
   box_reg_loss_weight: float = 1.0
+  rounded_anchors: bool = False
+  strides_from_image: bool = False
   dtype: Any = jnp.float32
 
   @property
@@ -224,10 +229,18 @@ class RPN(nn.Module):
       deltas.append(box(t).reshape(b, -1, 4).astype(jnp.float32))
     return objectness, deltas
 
-  def anchors(self, features: Mapping[str, Array]) -> tuple[np.ndarray, ...]:
-    """Anchors `(N_l, 4)` of every level for these (static) feature shapes."""
+  def anchors(self, features: Mapping[str, Array],
+              image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
+    """Anchors `(N_l, 4)` of every level for these (static) feature shapes; `image_shape`, the
+    padded input's `(H, W)`, is needed with `strides_from_image`."""
     grids = [tuple(x.shape[1:3]) for x in _sorted_levels(features)]
-    return ops.multilevel_anchors(grids, self.strides, self.anchor_sizes, self.aspect_ratios)
+    strides = self.strides
+    if self.strides_from_image:
+      if image_shape is None:
+        raise ValueError("RPN(strides_from_image=True).anchors needs the image shape.")
+      strides = anchor_lib.anchor_strides(tuple(image_shape), grids)
+    return ops.multilevel_anchors(grids, strides, self.anchor_sizes, self.aspect_ratios,
+                                  rounded=self.rounded_anchors)
 
   def proposals(self, objectness: Sequence[Array], deltas: Sequence[Array],
                 anchors: Sequence[np.ndarray], image_size: Array, *,

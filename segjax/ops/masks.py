@@ -10,7 +10,12 @@
   path evaluates only a window one pixel beyond each box; here every pixel is evaluated (its
   GPU path), which changes only soft values below 0.5 just outside boxes wider than 3 m.
 
-Both are separable: pasting is `Wy @ mask @ Wx^T` with `(H, m)` and `(W, m)` interpolation
+- `paste_mask_probs_torchvision`: torchvision's `paste_masks_in_image` instead: the mask
+  zero-padded by one cell and its box enlarged to match, the box truncated to integers
+  `[x1, x2]` (inclusive), the padded mask resized to `x2 - x1 + 1` pixels (bilinear,
+  `align_corners=False`) and copied in. Used with `MaskRCNN(conventions="torchvision")`.
+
+All are separable: pasting is `Wy @ mask @ Wx^T` with `(H, m)` and `(W, m)` interpolation
 matrices, two small matmuls per box.
 """
 
@@ -93,8 +98,45 @@ def paste_mask_probs(masks: Array, boxes: Array, image_size: tuple[int, int]) ->
   return jnp.einsum("nyl,nxl->nyx", rows, wx, precision=hp)
 
 
+def _torchvision_matrix(start: Array, stop: Array, size: int, m: int) -> Array:
+  """`(N, size, m)` weights of torchvision's paste along one axis of boxes `[start, stop]`."""
+  # expand_masks / expand_boxes (padding 1), then the int64 cast, which truncates.
+  centre, half = (start + stop) * 0.5, (stop - start) * 0.5 * (m + 2) / m
+  lo, hi = jnp.trunc(centre - half), jnp.trunc(centre + half)
+  length = jnp.maximum(hi - lo + 1.0, 1.0)
+  j = jnp.arange(size, dtype=jnp.float32)[None, :] - lo[:, None]  # index in the resized mask
+  inside = (j >= 0) & (j < length[:, None])
+  # F.interpolate(mode="bilinear", align_corners=False) of the m + 2 padded cells.
+  src = jnp.maximum((j + 0.5) * (m + 2) / length[:, None] - 0.5, 0.0)
+  low = jnp.floor(src)
+  frac = src - low
+  low = low.astype(jnp.int32)
+  high = jnp.minimum(low + 1, m + 1)
+  padded = (jax.nn.one_hot(low, m + 2) * (1.0 - frac)[..., None]
+            + jax.nn.one_hot(high, m + 2) * frac[..., None])
+  return jnp.where(inside[..., None], padded[..., 1:-1], 0.0)  # The padding cells are zero.
+
+
+def paste_mask_probs_torchvision(masks: Array, boxes: Array,
+                                 image_size: tuple[int, int]) -> Array:
+  """`paste_mask_probs` as torchvision's `paste_masks_in_image(masks, boxes, image_size,
+  padding=1)`; `(N, H, W)` float32."""
+  h, w = image_size
+  mh, mw = masks.shape[1:]
+  boxes = boxes.astype(jnp.float32)
+  wy = _torchvision_matrix(boxes[:, 1], boxes[:, 3], h, mh)
+  wx = _torchvision_matrix(boxes[:, 0], boxes[:, 2], w, mw)
+  hp = jax.lax.Precision.HIGHEST
+  rows = jnp.einsum("nyk,nkl->nyl", wy, masks.astype(jnp.float32), precision=hp)
+  return jnp.einsum("nyl,nxl->nyx", rows, wx, precision=hp)
+
+
+PASTE = {"detectron2": paste_mask_probs, "torchvision": paste_mask_probs_torchvision}
+
+
 def paste_masks(
-    masks: Array, boxes: Array, image_size: tuple[int, int], threshold: float = 0.5
+    masks: Array, boxes: Array, image_size: tuple[int, int], threshold: float = 0.5,
+    convention: str = "detectron2",
 ) -> Array:
   """Full-image instance masks `(N, H, W)` bool: `paste_mask_probs(...) >= threshold`.
 
@@ -103,5 +145,9 @@ def paste_masks(
     boxes: `(N, 4)` boxes `[x1, y1, x2, y2]` in output-image pixels.
     image_size: static `(H, W)` of the output masks.
     threshold: binarization threshold.
+    convention: "detectron2" (`paste_mask_probs`) or "torchvision"
+      (`paste_mask_probs_torchvision`).
   """
-  return paste_mask_probs(masks, boxes, image_size) >= threshold
+  if convention not in PASTE:
+    raise ValueError(f"Unknown paste convention {convention!r}; known: {list(PASTE)}.")
+  return PASTE[convention](masks, boxes, image_size) >= threshold

@@ -106,7 +106,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
   """`restore` of the latest checkpoint that restores, newest first.
 
   A checkpoint that fails (a truncated file, a missing manifest) while an earlier one restores
-  is moved aside to `checkpoints/corrupt_<step>` (kept for inspection, out of orbax's way) with
+  is moved aside to `checkpoints/<step>.corrupt` (kept for inspection; orbax ignores it) with
   a message naming it; single-process runs only. If none restores, nothing is moved (a changed config fails on every
   step alike) and the error names each step's failure.
   """
@@ -121,7 +121,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
       failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
       continue
     for bad, error in failures:
-      aside = epath.Path(manager.directory) / f"corrupt_{bad}"
+      aside = _unused(epath.Path(manager.directory) / f"{bad}.corrupt")
       (epath.Path(manager.directory) / str(bad)).rename(aside)
       print(f"Checkpoint {bad} could not be restored ({error}); moved to {aside}.", flush=True)
     if failures:
@@ -131,6 +131,13 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
   raise RuntimeError(f"No checkpoint in {manager.directory} could be restored ({details}). "
                      "If the config changed since they were written, restore it or use a "
                      "new --workdir.")
+
+
+def _unused(path: epath.Path) -> epath.Path:
+  candidate, n = path, 1
+  while candidate.exists():
+    candidate, n = path.with_name(f"{path.name}.{n}"), n + 1
+  return candidate
 
 
 def restore_variables(manager: ocp.CheckpointManager, abstract_variables: dict, *,

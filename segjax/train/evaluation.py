@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from segjax.train import checkpoint, parallel, tasks
+from segjax.train import checkpoint, parallel, run_config, tasks
 from segjax.train.loop import build_model, initial_state
 from segjax.train.writer import to_json_value
 
@@ -31,6 +31,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, me
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         num_visualizations: int = 0) -> dict:
+  run_config.check(config)
   mesh = parallel.make_mesh()
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)

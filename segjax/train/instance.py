@@ -6,17 +6,25 @@ results format in original image coordinates (`segjax.coco_eval.detections_to_co
 and scores them with pycocotools' COCOeval against the split's ground truth: the COCO JSON
 for dataset "coco", `segjax.coco_eval.shapes_to_coco` for "shapes". With several processes,
 each converts the detections of its share and all gather the results before scoring.
+
+The prediction functions at the end serve `segjax.predict` on new images with the same
+resizing, padding and conversion back to original pixels.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+from collections.abc import Iterable
 
 import jax
 import ml_collections
+import numpy as np
+import tensorflow as tf
 
-from segjax import coco_eval
-from segjax.data import coco, instance_pipeline
+from segjax import coco_eval, visualize
+from segjax.data import coco, instance_ops, instance_pipeline
 from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
 from segjax.train import parallel
@@ -107,3 +115,113 @@ class Evaluator:
                           key=lambda r: r["image_id"])
     image_ids = sorted(i for _, ids in shares for i in ids)
     return coco_eval.evaluate_coco(self.gt, self.results, image_ids=image_ids)
+
+
+# Prediction on new images: the instance half of `segjax.train.tasks.Task`'s prediction seam.
+
+
+def stride(config: ml_collections.ConfigDict) -> int:
+  """What padded sizes must be multiples of: 32, as the instance pipeline requires."""
+  del config
+  return 32
+
+
+def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """(category_ids, class_names): label l is category `category_ids[l - 1]` (as `ground_truth`
+  maps it), named `class_names[l]` (`class_names[0]` the background). Shapes needs no ground
+  truth for it (its category ids are its class ids); COCO reads the eval annotation file."""
+  dataset = config.dataset
+  if dataset.name == "shapes":
+    from segjax.data.shapes import CLASS_NAMES
+
+    names = tuple(dataset.get("class_names") or CLASS_NAMES)
+    return tuple(range(1, len(names))), names
+  if dataset.name == "coco":
+    kwargs = dict(dataset.get("eval_kwargs", {}))
+    info = coco.load_coco(kwargs.get("annotation_file") or coco.default_annotation_file(
+      dataset.data_dir, dataset.eval_split))
+    return info.category_ids, tuple(dataset.get("class_names") or info.class_names)
+  raise ValueError(f"No categories for dataset.name {dataset.name!r}; known: shapes, coco.")
+
+
+def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:
+  """(uint8 image, meta): resized by `config.dataset.min_size` / `max_size` exactly as
+  `instance_pipeline.instance_eval_dataset` resizes (`instance_ops.resize_shorter_longer`),
+  unresized when they are unset. meta: `original_size` and `image_size` (the resized (h, w)),
+  `scale` (resized / original)."""
+  original = tuple(int(s) for s in image.shape[:2])
+  min_size = config.dataset.get("min_size")
+  if min_size is None:
+    return image, {"original_size": original, "image_size": original, "scale": 1.0}
+  features = instance_ops.resize_shorter_longer(
+    {"image": tf.constant(image), "boxes": tf.zeros((0, 4), tf.float32),
+     "instance_masks": tf.zeros((0, *original), tf.uint8)}, min_size,
+    config.dataset.get("max_size"))
+  return features["image"].numpy(), {
+    "original_size": original, "image_size": tuple(int(s) for s in features["image_size"]),
+    "scale": float(features["scale"])}
+
+
+def predict(variables: dict, batch: dict, *, model) -> dict:
+  """`segjax.models.mask_rcnn.predict`: detections in the padded input image's pixels."""
+  return mask_rcnn.predict(variables, batch, model=model)
+
+
+def bind_postprocess(config: ml_collections.ConfigDict):
+  """`postprocess(prediction, meta, *, score_threshold)`: one image's `predict` output (no
+  batch axis, numpy) in original pixels, as the evaluator converts it
+  (`coco_eval.original_frame`, `boxes_to_original`, `mask_to_original`): detections valid and
+  scoring at least `score_threshold`, best first, {"boxes": (N, 4) float32 `[x1, y1, x2, y2]`,
+  "scores": (N,) float32, "labels": (N,) int32 category ids (`categories`), "classes": (N,)
+  int32 contiguous labels 1..K, "masks": (N, h, w) bool}."""
+  category_ids = np.asarray(categories(config)[0], np.int32)
+  if len(category_ids) != config.model.roi_heads.num_classes:
+    raise ValueError(f"The data set has {len(category_ids)} categories but the model "
+                     f"{config.model.roi_heads.num_classes} classes.")
+
+  def postprocess(prediction: dict, meta: dict, *, score_threshold: float = 0.5) -> dict:
+    keep = np.flatnonzero(np.asarray(prediction["valid"], bool)
+                          & (np.asarray(prediction["scores"]) >= score_threshold))
+    factors, original = coco_eval.original_frame(meta["scale"], meta["image_size"],
+                                                 meta["original_size"])
+    boxes = coco_eval.boxes_to_original(np.asarray(prediction["boxes"])[keep], factors,
+                                        original)
+    masks = [coco_eval.mask_to_original(prediction["instance_masks"][i], meta["image_size"],
+                                        original) for i in keep]
+    classes = np.asarray(prediction["classes"], np.int32)[keep]
+    return {"boxes": boxes.astype(np.float32),
+            "scores": np.asarray(prediction["scores"], np.float32)[keep],
+            "labels": category_ids[classes - 1], "classes": classes,
+            "masks": np.stack(masks) if masks else np.zeros((0, *original), bool)}
+
+  return postprocess
+
+
+def write_predictions(config: ml_collections.ConfigDict, directory: str,
+                      predictions: Iterable[tuple[str, np.ndarray, dict]], *,
+                      overlay: bool = False) -> list[str]:
+  """Writes `predictions.json` for all (NAME, uint8 image, postprocessed prediction): the COCO
+  results format (`image_id` the index in `predictions`, `file_name` NAME, `category_id`,
+  `bbox` `[x, y, w, h]` original pixels, `score`, `segmentation` compressed RLE); with
+  `overlay`, also `NAME_overlay.png` with masks, boxes, class names and scores. Returns the
+  paths written."""
+  names = categories(config)[1]
+  results, paths = [], []
+  for index, (name, image, prediction) in enumerate(predictions):
+    for box, score, label, mask in zip(prediction["boxes"], prediction["scores"],
+                                       prediction["labels"], prediction["masks"]):
+      x1, y1, x2, y2 = (float(v) for v in box)
+      results.append({"image_id": index, "file_name": name, "category_id": int(label),
+                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
+                      "segmentation": coco_eval.encode_mask(mask)})
+    if overlay:
+      scale = max(1, -(-256 // max(image.shape[:2])))  # Small images upscaled to be legible.
+      paths.append(os.path.join(directory, f"{name}_overlay.png"))
+      visualize.save_png(visualize.draw_instances(
+        image, prediction["boxes"], prediction["classes"], prediction["masks"],
+        num_classes=config.model.roi_heads.num_classes + 1, class_names=names,
+        scores=prediction["scores"], scale=scale), paths[-1])
+  paths.append(os.path.join(directory, "predictions.json"))
+  with open(paths[-1], "w") as f:
+    json.dump(results, f)
+  return paths

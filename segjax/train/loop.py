@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from segjax.data.iteration import next_batch
 from segjax.errors import Terminated
 from segjax.models import create_model
-from segjax.train import checkpoint, parallel, tasks
+from segjax.train import checkpoint, init_from, parallel, run_config, tasks
 from segjax.train.state import create_train_state, learning_rate_schedule
 from segjax.train.steps import train_step
 from segjax.train.writer import MetricWriter
@@ -70,12 +70,26 @@ def initial_state(config: ml_collections.ConfigDict, model, mesh):
   return functools.partial(init, rng), abstract
 
 
+_ADVICE = "lower the learning rate or inspect with --jax_debug_nans"
+
+
 def _check_finite(step: int, values: dict) -> None:
   bad = {k: v for k, v in values.items() if not np.all(np.isfinite(v))}
   if bad:
-    raise RuntimeError(f"Non-finite training metrics at step {step}: {bad}. "
-                       "The last checkpoint is untouched; lower the learning rate or inspect "
-                       "with --jax_debug_nans.")
+    raise FloatingPointError(f"Non-finite training metrics at step {step}: {bad}. Every "
+                             f"checkpoint kept holds finite values; {_ADVICE}.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite_state(step: int, state) -> None:
+  """Refuses to checkpoint a diverged state, which would rotate the good checkpoints out."""
+  if not parallel.fetch(_all_finite({"params": state.params, "batch_stats": state.batch_stats})):
+    raise FloatingPointError(f"Non-finite parameters at step {step}: not saved. Every "
+                             f"checkpoint kept holds finite values; {_ADVICE}.")
 
 
 class StepRunner:
@@ -130,16 +144,17 @@ def _close_checkpoints(manager, *, failed: bool) -> None:
     manager.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains to `config.num_train_steps`, resuming if `workdir` has a checkpoint.
 
+  Resuming with a config that differs from `workdir/config.json` other than in run length
+  and logging is refused unless `allow_config_change` (segjax/train/run_config.py).
   Returns the last evaluation metrics (empty if no evaluation ran).
   """
-  os.makedirs(workdir, exist_ok=True)
+  run_config.check(config)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # Everything that validates the config and the data comes before anything is written.
   mesh = parallel.make_mesh()
   model = build_model(config)
   task = tasks.get_task(config)
@@ -147,28 +162,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_ds = task.train_dataset(config, local_batch_size=batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-  train_iter = iter(train_ds)
+  init, abstract_state = initial_state(config, model, mesh)
+  evaluator = task.evaluator(config, model=model, mesh=mesh)
+  os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
+  train_iter = iter(train_ds)
   stop, failed = None, True
   try:
-    init, abstract_state = initial_state(config, model, mesh)
+    run_config.record(config, workdir, resume_step=manager.latest_step(),
+                      allow_change=allow_config_change)
     if manager.latest_step() is not None:
-      state, start_step = checkpoint.restore(manager, abstract_state, train_iter)
+      state, start_step = checkpoint.restore_latest_good(manager, abstract_state, train_iter)
       print(f"Resuming from checkpoint at step {start_step}.", flush=True)
     else:
-      state, start_step = init(), 0
+      state, start_step = init_from.maybe_load_pretrained(config, init()), 0
     runner = StepRunner(config, task.bind_loss(config, model), mesh)
     state = runner.to_run_state(state)
-    evaluator = task.evaluator(config, model=model, mesh=mesh)
     writer = MetricWriter(workdir, enabled=is_main, num_train_steps=config.num_train_steps)
+    writer.drop_after(start_step)  # Steps past the checkpoint are trained and logged again.
     schedule = learning_rate_schedule(config)
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     eval_metrics: dict = {}
     pending: list = []
     timer_step, timer_start = start_step, time.perf_counter()
+    stop = _StopRequest()  # Before this, SIGTERM ends the run at once (segjax.cli.run).
     if is_main:
       print(f"Training from step {start_step}; the first step compiles.", flush=True)
-    stop = _StopRequest()  # Before: SIGTERM ends the run at once (see segjax.cli.run).
     for step in range(start_step + 1, config.num_train_steps + 1):
       batch = runner.batch(next_batch(train_iter, "training data"))
       state, metrics = runner.step(state, batch, rng)
@@ -191,7 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # Multi-process runs agree on stopping at log steps only: a collective every step costs.
       stopping = (stop.requested if jax.process_count() == 1 else
                   is_log_step and _all_processes_agree(stop.requested))
+      manager.check_for_errors()  # A failed async save stops the run at the next step.
       if stopping or is_last or manager.should_save(step):
+        _check_finite_state(step, state)
         checkpoint.save(manager, step, runner.to_global_state(state), train_iter,
                         force=is_last or stopping)
       if stopping:

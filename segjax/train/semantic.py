@@ -1,4 +1,5 @@
-"""Semantic segmentation task: the loss and the evaluation step for pixel-wise classifiers.
+"""Semantic segmentation task: the loss and the evaluation step for pixel-wise classifiers,
+and prediction on new images (`segjax.predict`).
 
 Any model whose `apply(variables, image, train=...)` returns `(logits (B, H, W, K), aux)`
 fits: these functions are bound to it with `functools.partial`.
@@ -7,11 +8,16 @@ fits: these functions are bound to it with `functools.partial`.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
 
-from segjax import losses, metrics
+from segjax import losses, metrics, visualize
 
 
 def apply_model(model, variables: dict, image: jax.Array, rng: jax.Array | None, *,
@@ -78,3 +84,71 @@ def summarize(sums: dict, class_names=None) -> dict:
   result["top1_accuracy"] = result["pixel_accuracy"]
   result["top5_accuracy"] = float(sums["top5_correct"]) / max(float(sums["num_pixels"]), 1.0)
   return result
+
+
+# Prediction on new images: the semantic half of `segjax.train.tasks.Task`'s prediction seam.
+
+
+def stride(config: ml_collections.ConfigDict) -> int:
+  """What padded sizes must be multiples of: 2**depth, the U-Net's poolings."""
+  return 2 ** config.model.depth
+
+
+def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:
+  """(image, meta): the image is kept at its size (it is padded, never resized, so that the
+  prediction has the image's pixels); meta `original_size` = `image_size` = (h, w), scale 1."""
+  del config
+  size = tuple(int(s) for s in image.shape[:2])
+  return image, {"original_size": size, "image_size": size, "scale": 1.0}
+
+
+def predict(variables: dict, batch: dict, *, model) -> dict:
+  """{"probs": (B, H, W, K) float32 softmax, "labels": (B, H, W) int32} of the normalized
+  images `batch["image"]` (B, H, W, 3), H and W multiples of `stride`.
+
+  `labels` is the argmax of the logits, as `eval_step` takes it. `batch["image_size"]` is not
+  read: the caller has set the padding to 0 after normalization, as the eval pipelines pad.
+  """
+  logits, _ = apply_model(model, variables, batch["image"], None, train=False)
+  return {"probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+          "labels": jnp.argmax(logits, -1).astype(jnp.int32)}
+
+
+def bind_postprocess(config: ml_collections.ConfigDict):
+  """`postprocess(prediction, meta, *, score_threshold)`: one image's `predict` output (no
+  batch axis, numpy) cropped to its original size: {"labels": int32 (h, w), "probs": float32
+  (h, w, K)}. `score_threshold` is accepted for the instance task's sake and ignored."""
+  del config
+
+  def postprocess(prediction: dict, meta: dict, *, score_threshold: float = 0.5) -> dict:
+    del score_threshold
+    h, w = meta["original_size"]
+    return {"labels": np.asarray(prediction["labels"][:h, :w], np.int32),
+            "probs": np.asarray(prediction["probs"][:h, :w], np.float32)}
+
+  return postprocess
+
+
+def write_predictions(config: ml_collections.ConfigDict, directory: str,
+                      predictions: Iterable[tuple[str, np.ndarray, dict]], *,
+                      overlay: bool = False) -> list[str]:
+  """Writes `NAME.png` for each (NAME, uint8 image, postprocessed prediction): the class ids
+  as a single-channel palette PNG (`segjax.visualize.palette` colours) of the image's size;
+  with `overlay`, also `NAME_overlay.png`, the classes blended on the image with a legend.
+  Returns the paths written."""
+  num_classes = config.model.num_classes
+  if num_classes > 256:
+    raise ValueError(f"{num_classes} classes do not fit an 8-bit palette PNG.")
+  colours = visualize.palette(num_classes)[:num_classes]
+  names = config.dataset.get("class_names")
+  paths = []
+  for name, image, prediction in predictions:
+    png = Image.fromarray(prediction["labels"].astype(np.uint8))
+    png.putpalette(colours.ravel().tolist())  # "L" becomes "P", keeping the values.
+    paths.append(os.path.join(directory, f"{name}.png"))
+    png.save(paths[-1])
+    if overlay:
+      paths.append(os.path.join(directory, f"{name}_overlay.png"))
+      visualize.save_png(visualize.semantic_overlay(image, prediction["labels"], num_classes=
+                                                    num_classes, class_names=names), paths[-1])
+  return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -43,13 +44,52 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                    "known: cosine, constant, piecewise.")
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def frozen_params(model, params) -> Any:
+  """A tree like `params`, True for parameters the model never trains: under a `backbone`
+  with `freeze_at` k (segjax's ResNet), the stem (k >= 1) and stages res2..res_k. They get zero
+  gradients; `make_optimizer`'s `decay_mask` keeps weight decay from shrinking them."""
+  freeze_at = getattr(getattr(model, "backbone", None), "freeze_at", 0)
+
+  def frozen(path, _):
+    names = [getattr(p, "key", "") for p in path]
+    if len(names) < 2 or names[0] != "backbone":
+      return False
+    if names[1].startswith("stem"):
+      return freeze_at >= 1
+    m = re.fullmatch(r"res(\d+)_\d+", names[1])
+    return bool(m) and int(m[1]) <= freeze_at
+
+  return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def _add_decayed_weights(weight_decay: float, decay_mask: Any) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights` where `decay_mask(params)` (a tree of Python bools) is True.
+
+  Not `optax.masked`: that wraps the optimizer state in a `MaskedState`, so checkpoints written
+  without a mask would no longer restore. This one keeps the unmasked state (empty)."""
+  if decay_mask is None:
+    return optax.add_decayed_weights(weight_decay)
+
+  def update(updates, state, params):
+    decay = decay_mask(params) if callable(decay_mask) else decay_mask
+    return jax.tree.map(lambda g, p, d: g + weight_decay * p if d else g,
+                        updates, params, decay), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   decay_mask: Any = None) -> optax.GradientTransformation:
+  """The optimizer of `config`; `decay_mask` (a tree of bools or a function of the params
+  returning one, True where weight decay applies) leaves the other parameters undecayed. The
+  optimizer state has the same structure with or without a mask."""
   schedule = learning_rate_schedule(config)
+  decay = _add_decayed_weights(config.weight_decay, decay_mask)
   if config.optimizer == "adamw":
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    # optax.adamw's own chain (its defaults), with the decay above.
+    tx = optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(schedule))
   elif config.optimizer == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=0.9))
+    tx = optax.chain(decay, optax.sgd(schedule, momentum=0.9))
   else:
     raise ValueError(f"Unknown config.optimizer {config.optimizer!r}; known: adamw, sgd.")
   if config.get("grad_clip_norm"):
@@ -65,4 +105,11 @@ def create_train_state(model, config: ml_collections.ConfigDict, rng: jax.Array,
                          method=getattr(type(model), "initialize", None))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}),
-                           tx=make_optimizer(config))
+                           tx=make_optimizer(config, decay_mask=_decay_mask(model)))
+
+
+def _decay_mask(model):
+  """`optax.masked` mask excluding frozen parameters from weight decay; None when none is."""
+  if not getattr(getattr(model, "backbone", None), "freeze_at", 0):
+    return None
+  return lambda params: jax.tree.map(lambda f: not f, frozen_params(model, params))

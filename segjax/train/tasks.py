@@ -1,8 +1,10 @@
-"""What the loop runs for each model: training data, loss and evaluator, by `config.model.name`.
+"""What the loop runs for each model: training data, loss and evaluator, by `config.model.name`,
+and how prediction on new images (`segjax.predict`, `segjax.export`) prepares, runs and
+converts back.
 
 One explicit dict: "unet" is semantic segmentation (`semantic.py`, `evaluator.py`),
-"mask_rcnn" instance segmentation (`instance.py`). The loop and `evaluation.py` call only
-these functions, so they never look at the model's type.
+"mask_rcnn" instance segmentation (`instance.py`). The loop, `evaluation.py` and
+`segjax.predict` call only these functions, so they never look at the model's type.
 """
 
 from __future__ import annotations
@@ -27,18 +29,37 @@ class Task:
     evaluator: the class of `Evaluator(config, model=..., mesh=...).run(variables) -> dict`.
     visualize: `(config, evaluator, model, variables, directory, count)` -> paths of PNG
       panels of the first `count` examples of the evaluator's dataset.
+    stride: `(config)` -> int, what a padded prediction input's height and width must be
+      multiples of.
+    preprocess: `(config, image)` -> `(image, meta)`: a uint8 (H, W, 3) image resized as the
+      eval pipeline would (still uint8, unpadded), and meta {"original_size": (H, W),
+      "image_size": (h, w) after resizing, "scale": h / H}.
+    predict: `(variables, batch, *, model)` -> dict of (B, ...) arrays, jittable: the model on
+      `batch` {"image": (B, Hp, Wp, 3) normalized, 0 on padding, "image_size": (B, 2)}.
+    bind_postprocess: `(config)` -> `postprocess(prediction, meta, *, score_threshold)`: one
+      image's `predict` output (numpy, no batch axis) in the original image's pixels.
+    write_predictions: `(config, directory, predictions, *, overlay)` -> paths written, for
+      an iterable of (name, uint8 image, postprocessed prediction).
   """
   train_dataset: Callable
   bind_loss: Callable
   evaluator: type
   visualize: Callable
+  stride: Callable
+  preprocess: Callable
+  predict: Callable
+  bind_postprocess: Callable
+  write_predictions: Callable
 
 
 TASKS = {
   "unet": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator,
-               visualizations.write_semantic),
+               visualizations.write_semantic, semantic.stride, semantic.preprocess,
+               semantic.predict, semantic.bind_postprocess, semantic.write_predictions),
   "mask_rcnn": Task(instance_pipeline.instance_train_dataset, instance.bind_loss,
-                    instance.Evaluator, visualizations.write_instance),
+                    instance.Evaluator, visualizations.write_instance, instance.stride,
+                    instance.preprocess, instance.predict, instance.bind_postprocess,
+                    instance.write_predictions),
 }
 
 

@@ -34,6 +34,20 @@ class MetricWriter:
     self.num_train_steps = num_train_steps
     self._start = time.time()
 
+  def drop_after(self, step: int) -> None:
+    """Removes the records of steps after `step`: on resume from a checkpoint at `step`,
+    they are logged again, so each step appears once."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)  # Atomic: a crash now leaves the old or the new file.
+
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return

@@ -8,6 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from segjax.data.folder import image_folder
+from segjax.errors import DataError
 
 # Class id -> image colour, far apart so JPEG cannot confuse them; 255 = ignore.
 COLORS = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 255: (255, 255, 255)}
@@ -110,15 +111,17 @@ def test_two_images_with_one_stem(tmp_path):
 def test_mask_size_differs_from_image_size(tmp_path):
   write_pair(tmp_path, "train", "a", ".png", (16, 32), seed=0)
   write_pair(tmp_path, "train", "b", ".png", (16, 32), seed=0)
-  Image.new("L", (16, 16)).save(tmp_path / "train" / "masks" / "b.png")
   ds = image_folder("train", data_dir=str(tmp_path))
+  # Changed after the source checked the headers: decoding checks again.
+  Image.new("L", (16, 16)).save(tmp_path / "train" / "masks" / "b.png")
   with pytest.raises(tf.errors.OpError, match=r"masks/b\.png is 16x16 but image .*b\.png is 16x32"):
     list(ds.as_numpy_iterator())
 
 
 def test_colour_mask_is_an_error(tmp_path):
-  write_pair(tmp_path, "train", "a", ".png", (16, 16), seed=0, mask_mode="RGB")
+  write_pair(tmp_path, "train", "a", ".png", (16, 16), seed=0)
   ds = image_folder("train", data_dir=str(tmp_path))
+  write_pair(tmp_path, "train", "a", ".png", (16, 16), seed=0, mask_mode="RGB")
   with pytest.raises(tf.errors.OpError, match=r"masks/a\.png is a RGB image"):
     list(ds.as_numpy_iterator())
 
@@ -128,3 +131,23 @@ def test_bad_arguments(tmp_path):
     image_folder("train", data_dir=None)
   with pytest.raises(ValueError, match="process_index 3"):
     image_folder("train", data_dir=str(tmp_path), process_index=3, process_count=3)
+
+
+def test_unusable_files_are_all_named_when_the_source_is_built(tmp_path):
+  for i in range(5):
+    write_pair(tmp_path, "train", f"s{i}", ".png", (32, 48), seed=i)
+  images, masks = tmp_path / "train" / "images", tmp_path / "train" / "masks"
+  data = (images / "s1.png").read_bytes()
+  (images / "s1.png").write_bytes(data[:len(data) // 2])  # Truncated.
+  (images / "s2.png").write_text("not an image")
+  Image.fromarray(np.zeros((16, 48), np.uint8)).save(masks / "s3.png")  # Wrong size.
+  Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(masks / "s4.png")  # RGB mask.
+  with pytest.raises(DataError) as error:
+    image_folder("train", data_dir=str(tmp_path))
+  message = str(error.value)
+  assert message.startswith("4 of 5 image/mask pairs are unusable")
+  assert f"{images / 's1.png'}: truncated PNG" in message
+  assert f"{images / 's2.png'}: not a readable image" in message
+  assert f"{masks / 's3.png'}: 16x48 but image {images / 's3.png'} is 32x48" in message
+  assert f"{masks / 's4.png'}: a RGB image" in message
+  assert "s0.png" not in message

@@ -1,0 +1,105 @@
+"""A run's config: checked before anything is written, recorded in the workdir, compared on
+resume.
+
+`check(config)` normalises and validates the keys every task shares and raises `ConfigError`
+naming the key. `record(config, workdir, ...)` writes `workdir/config.json`; when a run
+resumes from a checkpoint, a config that differs from the recorded one in anything but how
+long the run is and how often it logs, evaluates and saves is refused, listing the
+differences, unless the change is allowed: then the new config is also kept as
+`config.<step>.json`, the config in force from that step on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+
+from segjax.errors import ConfigError
+
+# Keys that may change between a checkpoint and its resumption.
+RUN_LENGTH_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps",
+                   "checkpoint_every_steps", "eval_batch_size", "init_from")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Normalises `image_size` (an int or `(s,)` means a square) and `eval_batch_size` (rounded
+  up to the device count: evaluation pads); raises `ConfigError` for values that cannot work."""
+  size = config.get("image_size")
+  if size is not None:
+    size = (size,) if isinstance(size, int) else tuple(size)
+    if len(size) == 1:
+      size = size * 2
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+      raise ConfigError(f"image_size={config.image_size!r}: give (height, width) or one int "
+                        "for a square.")
+    config.image_size = size
+    depth = config.model.get("depth") if config.model.get("name") == "unet" else None
+    if depth is not None and any(s % 2**depth for s in size):
+      raise ConfigError(f"image_size={size} must be divisible by 2**model.depth={2**depth}.")
+  for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
+              "eval_every_steps", "checkpoint_every_steps"):
+    value = config.get(key)
+    if value is not None and (not isinstance(value, int) or value <= 0):
+      raise ConfigError(f"{key}={value!r} must be a positive integer.")
+  if config.get("eval_batch_size"):
+    devices = jax.device_count()
+    rounded = math.ceil(config.eval_batch_size / devices) * devices
+    if rounded != config.eval_batch_size:
+      print(f"eval_batch_size={config.eval_batch_size} rounded up to {rounded}, a multiple of "
+            f"the {devices} devices (padding rows are not counted).", flush=True)
+      config.eval_batch_size = rounded
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def differences(old: dict, new: dict, *, ignore=RUN_LENGTH_KEYS) -> list[str]:
+  """`key: old -> new` for each key whose value differs, outside `ignore`."""
+  old, new = _flat(old), _flat(new)
+  missing = object()
+  return [f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}".replace(
+          repr(missing), "(absent)")
+          for key in sorted(set(old) | set(new))
+          if key not in ignore and old.get(key, missing) != new.get(key, missing)]
+
+
+def as_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json holds it (tuples as lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def record(config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None,
+           allow_change: bool = False) -> None:
+  """Writes `workdir/config.json`, refusing a changed config on resume (module docstring)."""
+  path = os.path.join(workdir, "config.json")
+  new = as_dict(config)
+  if resume_step is not None and os.path.exists(path):
+    with open(path) as f:
+      changed = differences(json.load(f), new)
+    if changed and not allow_change:
+      raise ConfigError(
+        f"the config differs from {path}, which its checkpoints were trained with: "
+        f"{'; '.join(changed)}. Use the recorded values, a new --workdir, or "
+        "--allow_config_change to resume with the new ones.")
+    if changed and jax.process_index() == 0:
+      _write(os.path.join(workdir, f"config.{resume_step}.json"), config)
+  if jax.process_index() == 0:
+    _write(path, config)
+
+
+def _write(path: str, config: ml_collections.ConfigDict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path)
