@@ -5,7 +5,12 @@
 
 Layout: DATA_DIR/{train,validation}/images/NAME.{jpg,png} and
 DATA_DIR/{train,validation}/masks/NAME.png (single-channel or palette PNG; 255 = ignore).
+
+Trains on random `image_size` crops; evaluates every validation image whole at its native size
+(padded to the split's largest image, rounded up to 2**depth), scored on the original masks.
 """
+
+import ml_collections
 
 from configs import unet_shapes
 
@@ -31,6 +36,16 @@ def get_config(arg=None):
   config.dataset.eval_kwargs = {}
   config.augment.min_scale = 0.5
   config.augment.max_scale = 1.5
+
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.mode = "whole"  # Or "resize" (to image_size) or "slide".
+  config.evaluation.shorter_side = 0  # Native size.
+  # The canvas every evaluation image is padded to; None: measured on the split once.
+  config.evaluation.max_size = ml_collections.config_dict.placeholder(tuple)
+  config.evaluation.crop_size = ml_collections.config_dict.placeholder(tuple)  # slide only
+  config.evaluation.stride = ml_collections.config_dict.placeholder(tuple)  # slide only
+  config.evaluation.flip = False
+  config.evaluation.scales = (1.0,)
 
   config.model.num_classes = num_classes
   config.model.depth = 4

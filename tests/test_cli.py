@@ -151,6 +151,14 @@ def test_config_error_exits(tmp_path):
   assert_failed(exited, r"warmup_steps=1000")
 
 
+def test_config_error_is_one_line_without_traceback(tmp_path):
+  exited = run(["train.py", *TINY_SHAPES, "--workdir", str(tmp_path / "w"),
+                "--config.image_size=30"])
+  assert_failed(exited, r"train.py: error: config: image_size=\(30, 30\) must be divisible")
+  assert "Traceback" not in exited.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_missing_data_dir_exits(tmp_path):
   exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
                 f"--config.dataset.data_dir={tmp_path / 'nowhere'}"])
@@ -248,9 +256,14 @@ def test_failed_save_exits(tmp_path):
       raise OSError(28, "No space left on device", str(directory))
     checkpoint.TFIteratorHandler.save = _full_disk
   """)
-  exited = run(["train.py", *TINY_SHAPES, "--workdir", str(tmp_path),
-                "--config.checkpoint_every_steps=5"], patch=patch)
+  args = ["train.py", *TINY_SHAPES, "--workdir", str(tmp_path),
+          "--config.checkpoint_every_steps=5", "--config.eval_every_steps=1000"]
+  exited = run(args, patch=patch)
   assert_failed(exited, r"No space left on device")
+  assert "step 10/20" not in exited.stdout  # Stopped at the failing save, not later.
+  checkpoints = os.listdir(tmp_path / "checkpoints")
+  assert all(d.isdigit() for d in checkpoints), checkpoints  # Nothing half-written left.
+  assert run(args).returncode == 0  # The next start runs.
 
 
 def test_sigterm_while_compiling_saves_and_exits(tmp_path):

@@ -54,7 +54,8 @@ BATCH_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "image_siz
 CONVENTIONS = {
   "detectron2": ({}, {}),
   "torchvision": (dict(rounded_anchors=True, strides_from_image=True, min_size=1e-3),
-                  dict(aligned=False, sampling_ratio=2, min_box_size=1e-2, mask_paste="torchvision")),
+                  dict(aligned=False, sampling_ratio=2, min_box_size=1e-2,
+                       mask_paste="torchvision")),
 }
 
 

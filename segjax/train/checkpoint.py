@@ -133,6 +133,17 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
                      "new --workdir.")
 
 
+def remove_unfinished(directory) -> list[str]:
+  """Removes the temporary directories of saves that never finished (orbax would at the next
+  start): after a failed save nothing half-written is left. Single-process runs only: other
+  processes may still be writing."""
+  removed = []
+  for path in epath.Path(directory).glob("*.orbax-checkpoint-tmp*"):
+    path.rmtree()
+    removed.append(os.fspath(path))
+  return removed
+
+
 def _unused(path: epath.Path) -> epath.Path:
   candidate, n = path, 1
   while candidate.exists():

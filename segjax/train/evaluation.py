@@ -1,8 +1,10 @@
 """Evaluation of a trained checkpoint: what `evaluate.py` runs.
 
-Writes `workdir/eval_metrics.json`; for instance models also `workdir/detections.json` (the
-COCO results format); on request, PNG panels to `workdir/visualizations/`
-(`visualizations.py`).
+Writes `workdir/eval_metrics.json`, the evaluated `split` (and a semantic model's evaluation
+`mode`) among the metrics; for another split than training evaluated,
+`eval_metrics_<split>.json` (`metrics_filename`). For instance models also
+`workdir/detections.json` (the COCO results format); on request, PNG panels to
+`workdir/visualizations/` (`visualizations.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,29 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, me
     return checkpoint.restore_variables(manager, abstract)
 
 
+# tfds slicing characters, spelled out so that different slices keep different names.
+_SPLIT_CHARS = {"[": "_", "]": "", ":": "-", "%": "pct", "+": "+", ".": ".", "-": "-", "_": "_"}
+
+
+def split_filename(split: str) -> str:
+  """`split` as a file name part: `validation[:50%]` -> `validation_-50pct`; other characters
+  than letters, digits and tfds slicing's become `_`."""
+  return "".join(c if c.isascii() and c.isalnum() else _SPLIT_CHARS.get(c, "_") for c in split)
+
+
+def metrics_filename(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`eval_metrics.json` for the split training evaluated (`workdir/config.json`'s
+  `dataset.eval_split`; any split when there is none), else `eval_metrics_<split>.json`, so
+  that evaluating another split never overwrites the default one's metrics."""
+  split = config.dataset.eval_split
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      trained = json.load(f).get("dataset", {}).get("eval_split", split)
+  except (OSError, ValueError):
+    trained = split
+  return "eval_metrics.json" if split == trained else f"eval_metrics_{split_filename(split)}.json"
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         num_visualizations: int = 0) -> dict:
   run_config.check(config)
@@ -38,14 +63,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   evaluator = tasks.get_task(config).evaluator(config, model=model, mesh=mesh)
   run_variables = parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (
     variables)
-  metrics = {"step": step, **evaluator.run(run_variables)}
+  mode = getattr(getattr(evaluator, "settings", None), "mode", None)  # Semantic only.
+  metrics = {"step": step, "split": config.dataset.eval_split,
+             **({"mode": mode} if mode else {}), **evaluator.run(run_variables)}
+  name = metrics_filename(config, workdir)
   if jax.process_index() == 0:
     try:
-      with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+      with open(os.path.join(workdir, name), "w") as f:
         json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
     except OSError as e:  # The metrics took a whole evaluation: keep them in the message.
       values = json.dumps({k: to_json_value(v) for k, v in metrics.items()})
-      raise OSError(f"Cannot write {workdir}/eval_metrics.json ({e}); the metrics: "
+      raise OSError(f"Cannot write {workdir}/{name} ({e}); the metrics: "
                     f"{values}") from e
     results = getattr(evaluator, "results", None)  # Instance evaluators keep COCO results.
     if results is not None:

@@ -1,5 +1,10 @@
 """Jitted evaluation over a whole split, summing per-batch statistics on device.
 
+`config.evaluation.mode` (`segjax.data.pipeline.evaluation_settings`) picks the step:
+"resize" scores the model's logits at `image_size`; "whole" and "slide" score
+`segjax.ops.sliding.dense_probabilities` against the original masks, every batch padded to
+one canvas for the split (`segjax.data.pipeline.eval_canvas`, largest over processes).
+
 Every process runs the same number of padded batches, so the sums cover every example of
 the split exactly once however it divides into batches and hosts.
 """
@@ -14,6 +19,8 @@ import numpy as np
 
 from segjax.data import pipeline
 from segjax.data.iteration import numpy_batches
+from segjax.errors import ConfigError
+from segjax.ops import sliding
 from segjax.train import parallel, semantic
 
 
@@ -26,14 +33,25 @@ class Evaluator:
     batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
     kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
                   process_count=jax.process_count())
+    self.settings = pipeline.evaluation_settings(config)
+    self.canvas = None
+    if self.settings.mode != "resize":
+      canvas = pipeline.eval_canvas(config, multiple=semantic.stride(config),
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+      self.canvas = kwargs["canvas"] = tuple(
+        tuple(parallel.max_over_processes(c) for c in part) for part in canvas)
     self.dataset, num_batches = pipeline.eval_dataset(config, **kwargs)
     most = parallel.max_over_processes(num_batches)
     if most != num_batches:
       self.dataset, num_batches = pipeline.eval_dataset(config, num_batches=most, **kwargs)
     self.num_batches = num_batches
-    step = functools.partial(semantic.eval_step, model=model,
-                             num_classes=config.model.num_classes,
-                             ignore_label=config.dataset.ignore_label)
+    bound = dict(model=model, num_classes=config.model.num_classes,
+                 ignore_label=config.dataset.ignore_label)
+    if self.settings.mode == "resize":
+      step = functools.partial(semantic.eval_step, **bound)
+    else:
+      step = functools.partial(semantic.native_eval_step, infer=bind_inference(config), **bound)
     self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     if self.parallelism == "pmap":
       axis = parallel.PMAP_AXIS
@@ -67,3 +85,20 @@ def add_counts(total: dict | None, counts: dict) -> dict:
   """`total + counts`, as int64 numpy arrays."""
   counts = jax.tree.map(lambda x: np.asarray(x, np.int64), counts)
   return counts if total is None else jax.tree.map(np.add, total, counts)
+
+
+def bind_inference(config: ml_collections.ConfigDict):
+  """`segjax.ops.sliding.dense_probabilities` bound to `config.evaluation` (whole/slide) and
+  the model's stride."""
+  settings = pipeline.evaluation_settings(config)
+  slide = settings.mode == "slide"
+  multiple = semantic.stride(config)
+  if slide and any(c % multiple for c in settings.crop_size):
+    raise ConfigError(f"evaluation.crop_size={tuple(settings.crop_size)} must be divisible by "
+                      f"the model's stride {multiple}.")
+  return functools.partial(
+    sliding.dense_probabilities, multiple=multiple,
+    scales=tuple(float(s) for s in settings.scales), flip=bool(settings.flip),
+    crop=tuple(settings.crop_size) if slide else None,
+    stride=tuple(settings.stride) if slide else None,
+    same_size=not settings.shorter_side)

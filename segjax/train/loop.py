@@ -227,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       stop.restore()
     _close_checkpoints(manager, failed=failed)
     del train_iter  # Freed now, while the interpreter runs: see segjax/data/iteration.py.
+    if failed and jax.process_count() == 1:
+      checkpoint.remove_unfinished(manager.directory)
     if failed:
       gc.collect()
   return eval_metrics

@@ -20,9 +20,10 @@ import ml_collections
 
 from segjax.errors import ConfigError
 
-# Keys that may change between a checkpoint and its resumption.
+# Keys that may change between a checkpoint and its resumption: how long the run is, how
+# often it logs, evaluates and saves, and how it evaluates (a section, by its prefix).
 RUN_LENGTH_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps",
-                   "checkpoint_every_steps", "eval_batch_size", "init_from")
+                   "checkpoint_every_steps", "eval_batch_size", "init_from", "evaluation.")
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -65,13 +66,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def differences(old: dict, new: dict, *, ignore=RUN_LENGTH_KEYS) -> list[str]:
-  """`key: old -> new` for each key whose value differs, outside `ignore`."""
+  """`key: old -> new` for each key whose value differs, outside `ignore` (keys, or sections
+  ending in ".")."""
   old, new = _flat(old), _flat(new)
   missing = object()
   return [f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}".replace(
           repr(missing), "(absent)")
           for key in sorted(set(old) | set(new))
-          if key not in ignore and old.get(key, missing) != new.get(key, missing)]
+          if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore)
+          and old.get(key, missing) != new.get(key, missing)]
 
 
 def as_dict(config: ml_collections.ConfigDict) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from segjax import losses, metrics, visualize
+from segjax.ops import sliding
 
 
 def apply_model(model, variables: dict, image: jax.Array, rng: jax.Array | None, *,
@@ -64,15 +65,36 @@ def eval_step(variables: dict, batch: dict, *, model, num_classes: int,
   Padding rows (`example_mask == False`) contribute nothing.
   """
   logits, _ = apply_model(model, variables, batch["image"], None, train=False)
+  return eval_counts(logits, batch, num_classes=num_classes, ignore_label=ignore_label)
+
+
+def native_eval_step(variables: dict, batch: dict, *, model, num_classes: int,
+                     ignore_label: int = 255, infer) -> dict:
+  """`eval_step` for whole/slide batches (`segjax.data.pipeline.eval_dataset`): scores from
+  `infer(apply_fn, image, image_size, mask_size, mask_shape)` (`segjax.ops.sliding.
+  dense_probabilities` bound to the evaluation settings) at the masks' original size."""
+  apply_fn = lambda image: apply_model(model, variables, image, None, train=False)[0]  # noqa: E731
+  scores = infer(apply_fn, batch["image"], batch["image_size"], batch["mask_size"],
+                 batch["mask"].shape[1:3])
+  return eval_counts(scores, batch, num_classes=num_classes, ignore_label=ignore_label)
+
+
+def eval_counts(scores: jax.Array, batch: dict, *, num_classes: int,
+                ignore_label: int = 255) -> dict:
+  """Confusion matrix and top-k counts of `scores` (B, H, W, K) (logits or probabilities)
+  against `batch["mask"]` (B, H, W): only rows with `example_mask`, pixels not
+  `ignore_label` and, when the batch has `mask_size`, inside each mask's original extent."""
   weights = jnp.broadcast_to(batch["example_mask"][:, None, None], batch["mask"].shape)
+  if "mask_size" in batch:  # Padding is labelled ignore already; this keeps it out regardless.
+    weights &= sliding.content_mask(batch["mask_size"], batch["mask"].shape[1:3])
   labelled = weights & (batch["mask"] != ignore_label)
   labels = jnp.where(labelled, batch["mask"], 0)
   k5 = min(5, num_classes)
-  top5 = jax.lax.top_k(logits, k5)[1]
+  top5 = jax.lax.top_k(scores, k5)[1]
   in_top5 = (top5 == labels[..., None]).any(-1) & labelled
   return {
     "confusion_matrix": metrics.confusion_matrix(
-      batch["mask"], jnp.argmax(logits, -1), num_classes, ignore_label, weights=weights),
+      batch["mask"], jnp.argmax(scores, -1), num_classes, ignore_label, weights=weights),
     "top5_correct": in_top5.sum(),
     "num_pixels": labelled.sum(),
   }

@@ -20,6 +20,7 @@ from segjax import visualize
 from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
 from segjax.train import parallel
+from segjax.train.evaluator import bind_inference
 from segjax.train.semantic import apply_model
 
 
@@ -48,11 +49,27 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
                    directory: str, count: int) -> list[str]:
   """Panels image | ground truth | prediction of the first `count` eval examples."""
   variables = parallel.fetch(variables)  # This process's copy: no collective, any process.
-  logits = jax.jit(lambda v, x: jnp.argmax(apply_model(model, v, x, None, train=False)[0], -1))
-  predict = lambda batch: {"mask": logits(variables, batch["image"])}
-  return _save((visualize.side_by_side(example["image"], example["mask"], pred["mask"],
-                                       config.model.num_classes)
-                for example, pred in _examples(evaluator.dataset, predict, count)), directory)
+  apply = lambda v, x: apply_model(model, v, x, None, train=False)[0]  # noqa: E731
+  if getattr(evaluator, "canvas", None) is None:  # "resize": images and masks of one size.
+    labels = jax.jit(lambda v, x: jnp.argmax(apply(v, x), -1))
+    predict = lambda batch: {"mask": labels(variables, batch["image"])}
+  else:  # "whole"/"slide": the evaluator's scores, at each mask's original size.
+    infer = bind_inference(config)
+    labels = jax.jit(lambda v, b: jnp.argmax(infer(
+      functools.partial(apply, v), b["image"], b["image_size"], b["mask_size"],
+      b["mask"].shape[1:3]), -1))
+    predict = lambda batch: {"mask": labels(variables, batch)}
+
+  def panel(example, pred):
+    image, mask, prediction = example["image"], example["mask"], pred["mask"]
+    if "mask_size" in example:  # Cropped to the content; the image shown at the mask's size.
+      (h, w), (mh, mw) = example["image_size"], example["mask_size"]
+      image = np.asarray(jax.image.resize(image[:h, :w], (mh, mw, 3), "bilinear"))
+      mask, prediction = mask[:mh, :mw], prediction[:mh, :mw]
+    return visualize.side_by_side(image, mask, prediction, config.model.num_classes)
+
+  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)),
+               directory)
 
 
 def _class_names(config: ml_collections.ConfigDict, evaluator) -> tuple[str, ...] | None:

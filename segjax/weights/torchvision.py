@@ -1,4 +1,4 @@
-"""torchvision weights in segjax: `maskrcnn_resnet50_fpn` (COCO) and ResNet-18/34/50/101 (ImageNet).
+"""torchvision weights in segjax: `maskrcnn_resnet50_fpn` (COCO), ResNet-18/34/50/101 (ImageNet).
 
   python -m segjax.weights.torchvision --arch maskrcnn_resnet50_fpn \
       --input maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --workdir workdirs/tv_coco
@@ -21,13 +21,16 @@ Dropped explicitly, and reported: `num_batches_tracked` (BatchNorm's step counte
 frozen) and, for the ImageNet classifiers, the `fc.*` classifier. Any other key of the file that
 maps nowhere, or segjax leaf that no key fills, or shape that disagrees, is a ValueError naming
 the keys. Key names of older torchvision files (`rpn.head.conv.weight`,
-`fpn.inner_blocks.0.weight`, `mask_head.mask_fcn1.weight`, as in the published COCO file) are
-read as torchvision's own loading hooks read them.
+`fpn.inner_blocks.0.weight`, `mask_head.mask_fcn1.weight`: files saved before torchvision 0.13)
+are read as torchvision's own loading hooks read them.
 
 Classes: torchvision's COCO models have 91 outputs, background 0 and the COCO category ids as
 labels (10 ids unused, named "N/A"), i.e. segjax `roi_heads.num_classes=90`; `model_config`
 records the names and ids (`dataset.class_names`, `dataset.category_ids`: label l is category
-id l). The ImageNet ResNets fill the backbone of an otherwise freshly initialised Mask R-CNN.
+id l). Not yet honoured downstream: `segjax.data.coco` and `segjax.train.instance` map the
+annotation file's categories to contiguous labels 1..80, so COCO evaluation of the 91-label
+model needs them to read `dataset.category_ids` first. The ImageNet ResNets fill the backbone
+of an otherwise freshly initialised Mask R-CNN (its other variables: `config.seed`'s init).
 
 The Mask R-CNN config sets `model.conventions = "torchvision"` (torchvision's anchors, ROIAlign,
 small-box filtering and mask pasting; `segjax.models.mask_rcnn.CONVENTIONS`). What still
@@ -111,7 +114,7 @@ def model_config(arch: str, num_classes: int | None = None) -> ml_collections.Co
   config.model.backbone = ml_collections.ConfigDict(dict(depth=depth, norm="frozen_bn"))
   if arch in DETECTION_ARCHS:
     k = COCO_NUM_CLASSES if num_classes is None else int(num_classes)
-    # torchvision's anchors, ROIAlign and small-box filtering (segjax.models.mask_rcnn).
+    # torchvision's anchors, ROIAlign, small-box filtering, mask pasting (models/mask_rcnn.py).
     config.model.conventions = "torchvision"
     config.model.roi_heads = ml_collections.ConfigDict(dict(num_classes=k))
     if k == COCO_NUM_CLASSES:
@@ -124,7 +127,7 @@ def model_config(arch: str, num_classes: int | None = None) -> ml_collections.Co
 
 def _torch_key(path: tuple[str, ...], body: str) -> tuple[str, str]:
   """(torchvision key, kind) of a segjax variable path (collection dropped); kind is how the
-  array converts: "conv", "dense", "fc6", "upconv" or "vector"."""
+  array converts (`_convert_array`): "kernel", "fc6", "upconv" or "vector"."""
   *module, leaf = path
   top = module[0] if module else ""
   if top == "backbone":

@@ -3,8 +3,15 @@
 torch is imported inside the fixtures: this file must import without it (the test modules skip
 then)."""
 
+import sys
+
 import numpy as np
 import pytest
+
+# tests/conftest.py imports TensorFlow first; loading triton's native library after it (CUDA
+# builds of torch import triton through torchvision.ops -> torch._dynamo) segfaults. These CPU
+# tests need no triton, so it is hidden. (Reading .pth files imports no triton: segjax is fine.)
+sys.modules.setdefault("triton", None)
 
 MASK_RCNN = "maskrcnn_resnet50_fpn"
 

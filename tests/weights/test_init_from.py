@@ -3,7 +3,6 @@ segjax/train/state.py: fine-tuning imported torchvision weights on the shapes se
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -16,7 +15,6 @@ from segjax.train.state import frozen_params
 from segjax.weights import torchvision as tvw
 from tests.weights.conftest import MASK_RCNN
 
-sys.modules.setdefault("triton", None)  # As in test_torchvision.py: triton after TF segfaults.
 pytest.importorskip("torch")  # Only where the `torch` extra is missing; CI installs it.
 
 pytestmark = pytest.mark.xdist_group("torchvision_import")

@@ -23,11 +23,6 @@ from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
 from tests.weights.conftest import MASK_RCNN, random_images, randomize_and_calibrate
 
-# tests/conftest.py imports TensorFlow first; loading triton's native library after it (CUDA
-# builds of torch import triton through torchvision.ops -> torch._dynamo) segfaults. These CPU
-# tests need no triton, so it is hidden. (Reading .pth files imports no triton: segjax is fine.)
-sys.modules.setdefault("triton", None)
-
 try:
   import torch
   import torchvision
@@ -402,3 +397,38 @@ def test_torchvision_mask_pasting():
   np.testing.assert_array_equal(
     ops.paste_masks(jnp.asarray(masks), jnp.asarray(boxes), (h, w), convention="torchvision"),
     ref >= 0.5)
+
+
+def test_end_to_end_detections_match(tv_mask_rcnn, imported):
+  import copy
+
+  from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+  tv_model, _ = tv_mask_rcnn
+  model, variables, _ = imported
+  # Random class scores are all near 1/91, under the 0.05 threshold: sharpen them alike (to
+  # 0.25..0.5; much more and float32 saturates them at 1.0, and ties reorder).
+  tv_model = copy.deepcopy(tv_model)
+  with torch.no_grad():
+    tv_model.roi_heads.box_predictor.cls_score.weight *= 4.0
+    tv_model.roi_heads.box_predictor.cls_score.bias *= 4.0
+  head = variables["params"]["roi_heads"]["box_head"]["cls_score"]
+  variables = jax.tree.map(lambda x: x, variables)
+  variables["params"]["roi_heads"]["box_head"]["cls_score"] = jax.tree.map(
+    lambda x: x * 4.0, head)
+  h, w = 224, 288  # P6: stride 56 x 57 in torchvision's anchors.
+  # Images already normalized and sized: torchvision's transform then changes nothing.
+  tv_model.transform = GeneralizedRCNNTransform(min_size=h, max_size=w, image_mean=[0.0] * 3,
+                                                image_std=[1.0] * 3).eval()
+  image = np.random.default_rng(11).normal(size=(1, h, w, 3)).astype(np.float32)
+  with torch.no_grad():
+    (ref,) = tv_model([torch.from_numpy(image[0].transpose(2, 0, 1).copy())])
+  det, _ = jax.jit(lambda v, x: model.apply(v, x))(variables, image)
+  n = int(det["valid"][0].sum())
+  assert n == len(ref["scores"]) > 10
+  np.testing.assert_array_equal(det["classes"][0, :n], ref["labels"].numpy())
+  assert_close(det["scores"][0, :n], ref["scores"].numpy())
+  assert_close(det["boxes"][0, :n], ref["boxes"].numpy())
+  masks = np.asarray(det["instance_masks"][0, :n])
+  ref_masks = ref["masks"][:, 0].numpy() >= 0.5
+  assert np.mean(masks != ref_masks) < 1e-4  # Only probabilities within ~1e-6 of 0.5 may flip.
