@@ -67,8 +67,9 @@ def _main_or_exit(main, argv) -> None:
 
 def _exit(code: int, cause: str | None, error: BaseException | None = None) -> None:
   program = os.path.basename(sys.argv[0])
-  if cause:
-    print(f"{program}: error: {cause}", file=sys.stderr, flush=True)
+  if cause:  # One write, on a line of its own, whatever other threads are printing.
+    sys.stderr.write(f"\n{program}: error: {cause}\n")
+    sys.stderr.flush()
   if error is not None and not isinstance(error, (ConfigError, Terminated, KeyboardInterrupt)):
     traceback.print_exception(type(error), error, error.__traceback__)
   sys.stdout.flush()

@@ -49,6 +49,7 @@ from segjax.data import instance_ops
 from segjax.data.coco import coco_instances
 from segjax.data.pipeline import dataset_options, numbered, padded_batches
 from segjax.data.shapes import shapes
+from segjax.errors import ConfigError
 
 TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
 EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
@@ -94,8 +95,8 @@ def make_instance_source(config: ml_collections.ConfigDict, split: str, *, proce
   """This process's share of `split` from the source named by `config.dataset.name`."""
   dataset = config.dataset
   if dataset.name not in INSTANCE_SOURCES:
-    raise ValueError(f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
-                     f"known: {sorted(INSTANCE_SOURCES)}.")
+    raise ConfigError(f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
+                      f"known: {sorted(INSTANCE_SOURCES)}.")
   if dataset.name == "shapes":  # Only shapes keeps decoded examples in its shuffle buffer.
     kwargs["shuffle_buffer"] = dataset.get("shuffle_buffer", 1000)
   return INSTANCE_SOURCES[dataset.name](
@@ -108,10 +109,10 @@ def _check_sizes(config) -> tuple[tuple[int, int], int | None, int | None]:
   size = tuple(int(s) for s in config.image_size)
   min_size, max_size = config.dataset.get("min_size"), config.dataset.get("max_size")
   if size[0] % 32 or size[1] % 32:
-    raise ValueError(f"config.image_size={size} must be multiples of 32 (the FPN's strides).")
+    raise ConfigError(f"config.image_size={size} must be multiples of 32 (the FPN's strides).")
   if max_size is not None and max_size > min(size):
-    raise ValueError(f"config.dataset.max_size={max_size} exceeds min(config.image_size)="
-                     f"{min(size)}: a resized image could overflow the padded size.")
+    raise ConfigError(f"config.dataset.max_size={max_size} exceeds min(config.image_size)="
+                      f"{min(size)}: a resized image could overflow the padded size.")
   return size, min_size, max_size
 
 

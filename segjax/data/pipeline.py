@@ -19,10 +19,12 @@ import math
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from segjax.data import ops
 from segjax.data.folder import image_folder
+from segjax.data.iteration import numpy_batches
 from segjax.data.shapes import shapes
 from segjax.data.tfds_sources import cityscapes, oxford_iiit_pet
 from segjax.errors import ConfigError
@@ -39,8 +41,8 @@ def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, proces
                 process_count: int, **kwargs) -> tf.data.Dataset:
   """This process's share of `split` from the source named by `dataset_config.name`."""
   if dataset_config.name not in SOURCES:
-    raise ValueError(f"Unknown dataset.name {dataset_config.name!r}; "
-                     f"known: {sorted(SOURCES)}.")
+    raise ConfigError(f"Unknown dataset.name {dataset_config.name!r}; "
+                      f"known: {sorted(SOURCES)}.")
   source = SOURCES[dataset_config.name]
   return source(split, data_dir=dataset_config.data_dir, process_index=process_index,
                 process_count=process_count, **kwargs)
@@ -173,9 +175,11 @@ def eval_canvas(config: ml_collections.ConfigDict, *, multiple: int, process_ind
       hw = tf.shape(features["mask"])[:2]
       return tf.stack([hw, eval_image_size(hw, settings.shorter_side)])
 
-    ds = ds.map(sizes, num_parallel_calls=tf.data.AUTOTUNE)
-    largest = ds.reduce(tf.zeros([2, 2], tf.int32), tf.maximum)
-  (mask_h, mask_w), images = largest.numpy().tolist()
+    ds = ds.map(sizes, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
+    largest = np.zeros([2, 2], np.int32)
+    for batch in numpy_batches(ds, "evaluation data"):  # Data errors name the file.
+      largest = np.maximum(largest, batch.max(0))
+  (mask_h, mask_w), images = np.asarray(largest).tolist()
   minimum = settings.crop_size if settings.mode == "slide" else (0, 0)
   image_canvas = tuple(max(-(-int(s) // multiple) * multiple, int(m))
                        for s, m in zip(images, minimum))

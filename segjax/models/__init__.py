@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.errors import ConfigError
 from segjax.models.mask_rcnn import MaskRCNN
 from segjax.models.unet import UNet
 
@@ -18,7 +19,7 @@ def _build(cls, kwargs: dict, where: str, base: nn.Module | None = None) -> nn.M
   fields = {k: f for k, f in fields.items() if k not in ("parent", "name")}
   unknown = sorted(set(kwargs) - set(fields))
   if unknown:
-    raise ValueError(
+    raise ConfigError(
         f"Model {where} has no attribute(s) {unknown}; accepted keys: {sorted(fields)}.")
   for key, value in kwargs.items():
     field = fields[key]
@@ -51,7 +52,7 @@ def create_model(model_config: Any):
   kwargs = dict(model_config.items())
   name = kwargs.pop("name", None)
   if name not in MODELS:
-    raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+    raise ConfigError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
   return _build(MODELS[name], kwargs, repr(name))
 
 

@@ -18,6 +18,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from segjax.errors import ConfigError
+
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
 PARALLELISMS = ("jit", "pmap")
@@ -56,7 +58,7 @@ def _on_managed_cluster() -> bool:
 
 def check_parallelism(name: str) -> str:
   if name not in PARALLELISMS:
-    raise ValueError(f"Unknown config.parallelism {name!r}; known: {PARALLELISMS}.")
+    raise ConfigError(f"Unknown config.parallelism {name!r}; known: {PARALLELISMS}.")
   return name
 
 
@@ -76,8 +78,8 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int, name: str = "batch_size") -> int:
   """This process's share of a global batch; the global batch must split over all devices."""
   if global_batch_size % jax.device_count():
-    raise ValueError(f"config.{name}={global_batch_size} is the global batch and must be "
-                     f"divisible by the number of devices, {jax.device_count()}.")
+    raise ConfigError(f"config.{name}={global_batch_size} is the global batch and must be "
+                      f"divisible by the number of devices, {jax.device_count()}.")
   return global_batch_size // jax.process_count()
 
 

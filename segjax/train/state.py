@@ -10,6 +10,8 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from segjax.errors import ConfigError
+
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
@@ -20,8 +22,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   or "piecewise" (detectron2's multi-step): times `config.lr_decay_factor` (default 0.1) at
   each step of `config.lr_boundaries`."""
   if not 0 <= config.warmup_steps < config.num_train_steps:
-    raise ValueError(f"config.warmup_steps={config.warmup_steps} must be in "
-                     f"[0, config.num_train_steps={config.num_train_steps}).")
+    raise ConfigError(f"config.warmup_steps={config.warmup_steps} must be in "
+                      f"[0, config.num_train_steps={config.num_train_steps}).")
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, config.warmup_steps, config.num_train_steps)
@@ -33,15 +35,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     factor = config.get("lr_decay_factor", 0.1)
     boundaries = [int(b) for b in config.lr_boundaries]
     if not all(config.warmup_steps < b < config.num_train_steps for b in boundaries):
-      raise ValueError(f"config.lr_boundaries={boundaries} must lie between warmup_steps and "
-                       "num_train_steps.")
+      raise ConfigError(f"config.lr_boundaries={boundaries} must lie between warmup_steps and "
+                        "num_train_steps.")
     return optax.join_schedules(
       [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
        optax.piecewise_constant_schedule(
          config.learning_rate, {b - config.warmup_steps: factor for b in boundaries})],
       [config.warmup_steps])
-  raise ValueError(f"Unknown config.schedule {config.schedule!r}; "
-                   "known: cosine, constant, piecewise.")
+  raise ConfigError(f"Unknown config.schedule {config.schedule!r}; "
+                    "known: cosine, constant, piecewise.")
 
 
 def frozen_params(model, params) -> Any:
@@ -91,7 +93,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
   elif config.optimizer == "sgd":
     tx = optax.chain(decay, optax.sgd(schedule, momentum=0.9))
   else:
-    raise ValueError(f"Unknown config.optimizer {config.optimizer!r}; known: adamw, sgd.")
+    raise ConfigError(f"Unknown config.optimizer {config.optimizer!r}; known: adamw, sgd.")
   if config.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import ml_collections
 
 from segjax.data import instance_pipeline, pipeline
+from segjax.errors import ConfigError
 from segjax.train import instance, semantic, visualizations
 from segjax.train.evaluator import Evaluator
 
@@ -66,5 +67,5 @@ TASKS = {
 def get_task(config: ml_collections.ConfigDict) -> Task:
   name = config.model.name
   if name not in TASKS:
-    raise ValueError(f"No task for config.model.name={name!r}; known: {sorted(TASKS)}.")
+    raise ConfigError(f"No task for config.model.name={name!r}; known: {sorted(TASKS)}.")
   return TASKS[name]
