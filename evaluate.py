@@ -18,14 +18,10 @@ def main(argv):
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
   cli.initialize_distributed()
-  import jax
-
   from segjax.train.evaluation import evaluate_checkpoint
 
-  metrics = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir,
-                                flags.FLAGS.num_visualizations)
-  if jax.process_index() == 0:
-    print(cli.format_metrics(metrics), flush=True)
+  evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.num_visualizations,
+                      report=lambda metrics: print(cli.format_metrics(metrics), flush=True))
 
 
 if __name__ == "__main__":

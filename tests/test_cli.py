@@ -245,6 +245,18 @@ def test_evaluate_bad_image_exits(trained_folder, tmp_path):
                 program="evaluate.py")
 
 
+@pytest.mark.xdist_group("cli_trained_folder")
+def test_evaluate_prints_metrics_it_cannot_write(trained_folder, tmp_path):
+  data_dir, trained = trained_folder
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  os.makedirs(workdir / "eval_metrics.json")  # Not writable as a file.
+  exited = run(["evaluate.py", *TINY_FOLDER, "--workdir", str(workdir),
+                f"--config.dataset.data_dir={data_dir}"])
+  assert_failed(exited, r"Cannot write .*eval_metrics.json .*the metrics: \{", "evaluate.py")
+  assert "mean_iou:" in exited.stdout
+
+
 def test_evaluate_without_checkpoint_exits(tmp_path):
   exited = run(["evaluate.py", *TINY_SHAPES, "--workdir", str(tmp_path / "typo")])
   assert_failed(exited, r"No checkpoint in .*typo", program="evaluate.py")

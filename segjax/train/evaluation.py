@@ -55,7 +55,9 @@ def metrics_filename(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        num_visualizations: int = 0) -> dict:
+                        num_visualizations: int = 0, report=None) -> dict:
+  """Metrics of the latest checkpoint, written to `workdir` (module docstring); `report(metrics)`
+  runs on process 0 before anything is written, so a write error loses nothing."""
   run_config.check(config)
   mesh = parallel.make_mesh()
   model = build_model(config)
@@ -68,6 +70,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
              **({"mode": mode} if mode else {}), **evaluator.run(run_variables)}
   name = metrics_filename(config, workdir)
   if jax.process_index() == 0:
+    if report is not None:
+      report(metrics)
     try:
       with open(os.path.join(workdir, name), "w") as f:
         json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
