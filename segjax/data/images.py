@@ -1,9 +1,11 @@
 """Reading image files into uint8 RGB arrays, with errors that name the file.
 
 Used inside tf.data (through `tf.numpy_function`) by the folder and COCO sources, and by
-prediction on users' images, so that all three see the same pixels. Pillow decodes with
-libjpeg/libpng as TensorFlow does (same pixels for JPEG and 8-bit PNG), but unlike
-`tf.io.decode_image` its errors say which file is truncated or not an image.
+prediction on users' images, so that all three see the same pixels. Unlike
+`tf.io.decode_image`, Pillow's errors say which file is truncated or not an image. PNGs decode
+to the same pixels as with TensorFlow; JPEGs as TensorFlow's `dct_method="INTEGER_ACCURATE"`
+(libjpeg's accurate IDCT, as torchvision's PIL-based pipelines), a few levels away from
+`tf.io.decode_image`'s fast default (tests/data/test_images.py).
 """
 
 from __future__ import annotations
