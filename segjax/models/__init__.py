@@ -13,6 +13,14 @@ from segjax.models.unet import UNet
 MODELS = {"unet": UNet, "mask_rcnn": MaskRCNN}
 
 
+def model_class(name: str) -> type:
+  """The module class of `config.model.name`; its `task` ("semantic" or "instance") picks the
+  training and prediction functions (`segjax.train.tasks`)."""
+  if name not in MODELS:
+    raise ConfigError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+  return MODELS[name]
+
+
 def _build(cls, kwargs: dict, where: str, base: nn.Module | None = None) -> nn.Module:
   """`cls(**kwargs)` (or `base.clone(**kwargs)`), building nested submodule sections too."""
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -51,9 +59,7 @@ def create_model(model_config: Any):
   """
   kwargs = dict(model_config.items())
   name = kwargs.pop("name", None)
-  if name not in MODELS:
-    raise ConfigError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
-  return _build(MODELS[name], kwargs, repr(name))
+  return _build(model_class(name), kwargs, repr(name))
 
 
-__all__ = ["MODELS", "MaskRCNN", "UNet", "create_model"]
+__all__ = ["MODELS", "MaskRCNN", "UNet", "create_model", "model_class"]

@@ -31,6 +31,7 @@ as torchvision keeps them in buffers.
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -88,6 +89,9 @@ class MaskRCNN(nn.Module):
     conventions: "detectron2" (the submodules as configured) or "torchvision" (overrides the
       RPN and ROI-head fields in `CONVENTIONS`, for torchvision's weights).
   """
+  task: ClassVar[str] = "instance"
+  stride: ClassVar[int] = 32  # Padded sizes multiples of it keep the FPN's levels aligned.
+
   backbone: ResNet = dataclasses.field(default_factory=ResNet)
   fpn: FPN = dataclasses.field(default_factory=FPN)
   rpn: RPN = dataclasses.field(default_factory=RPN)

@@ -16,7 +16,7 @@ Decoder upsampling, chosen by `upsampling`:
 Shapes: B batch, H, W image size, K classes.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -128,6 +128,8 @@ class UNet(nn.Module):
     dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
       logits are returned as float32.
   """
+  task: ClassVar[str] = "semantic"
+
   num_classes: int
   depth: int = 4
   base_width: int = 64
@@ -137,6 +139,11 @@ class UNet(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32
+
+  @property
+  def stride(self) -> int:
+    """What the input's height and width must be multiples of: 2**depth."""
+    return 2 ** self.depth
 
   def _check(self, x: jax.Array) -> None:
     if self.norm not in NORMS:

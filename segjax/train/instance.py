@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from segjax import coco_eval, visualize
+from segjax import coco_eval, models, visualize
 from segjax.data import coco, instance_ops, instance_pipeline
 from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
@@ -121,9 +121,9 @@ class Evaluator:
 
 
 def stride(config: ml_collections.ConfigDict) -> int:
-  """What padded sizes must be multiples of: 32, as the instance pipeline requires."""
-  del config
-  return 32
+  """What padded sizes must be multiples of: the model's `stride` (32, the FPN's coarsest
+  level below P6), as the instance pipeline pads."""
+  return models.model_class(config.model.name).stride
 
 
 def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[str, ...]]:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from segjax import losses, metrics, visualize
+from segjax import losses, metrics, models, visualize
 from segjax.ops import sliding
 
 
@@ -112,8 +112,8 @@ def summarize(sums: dict, class_names=None) -> dict:
 
 
 def stride(config: ml_collections.ConfigDict) -> int:
-  """What padded sizes must be multiples of: 2**depth, the U-Net's poolings."""
-  return 2 ** config.model.depth
+  """What padded sizes must be multiples of: the model's `stride` (U-Net: 2**depth)."""
+  return models.create_model(config.model).stride
 
 
 def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:

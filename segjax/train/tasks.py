@@ -1,10 +1,10 @@
-"""What the loop runs for each model: training data, loss and evaluator, by `config.model.name`,
-and how prediction on new images (`segjax.predict`, `segjax.export`) prepares, runs and
-converts back.
+"""What the loop runs for each kind of model: training data, loss and evaluator, and how
+prediction on new images (`segjax.predict`, `segjax.export`) prepares, runs and converts back.
 
-One explicit dict: "unet" is semantic segmentation (`semantic.py`, `evaluator.py`),
-"mask_rcnn" instance segmentation (`instance.py`). The loop, `evaluation.py` and
-`segjax.predict` call only these functions, so they never look at the model's type.
+One explicit dict keyed by task: "semantic" segmentation (`semantic.py`, `evaluator.py`) and
+"instance" segmentation (`instance.py`). A model class names its task (`UNet.task =
+"semantic"`), so a new model of a known task needs no entry here. The loop, `evaluation.py`
+and `segjax.predict` call only these functions, so they never look at the model's type.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from segjax import models
 from segjax.data import instance_pipeline, pipeline
 from segjax.errors import ConfigError
 from segjax.train import instance, semantic, visualizations
@@ -54,10 +55,10 @@ class Task:
 
 
 TASKS = {
-  "unet": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator,
+  "semantic": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator,
                visualizations.write_semantic, semantic.stride, semantic.preprocess,
                semantic.predict, semantic.bind_postprocess, semantic.write_predictions),
-  "mask_rcnn": Task(instance_pipeline.instance_train_dataset, instance.bind_loss,
+  "instance": Task(instance_pipeline.instance_train_dataset, instance.bind_loss,
                     instance.Evaluator, visualizations.write_instance, instance.stride,
                     instance.preprocess, instance.predict, instance.bind_postprocess,
                     instance.write_predictions),
@@ -65,7 +66,8 @@ TASKS = {
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
-  name = config.model.name
-  if name not in TASKS:
-    raise ConfigError(f"No task for config.model.name={name!r}; known: {sorted(TASKS)}.")
-  return TASKS[name]
+  """The task of `config.model.name`'s model class."""
+  task = models.model_class(config.model.name).task
+  if task not in TASKS:
+    raise ConfigError(f"Model {config.model.name!r} has task {task!r}; known: {sorted(TASKS)}.")
+  return TASKS[task]
