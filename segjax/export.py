@@ -50,7 +50,7 @@ def export_predictor(predictor, *, image_size: Sequence[int] | None = None,
   stride = predictor.task.stride(predictor.config)
   if len(size) != 2 or size[0] % stride or size[1] % stride:
     raise ValueError(f"image_size {size} must be (H, W), multiples of {stride} for this model.")
-  infer = inference_fn(predictor.task, predictor.model)
+  infer = inference_fn(predictor.task.bind_predict(predictor.config, predictor.model))
   variables = jax.tree.map(np.asarray, jax.device_get(predictor.variables))  # Constants.
 
   def fn(images):

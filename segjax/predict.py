@@ -76,8 +76,9 @@ def for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def normalize_padded(images: jax.Array, image_size: jax.Array) -> jax.Array:
-  """(B, H, W, 3) uint8 -> float32 standardized as `segjax.data.ops.normalize`, and 0 outside
-  each image's content: the top-left `image_size` (B, 2) (h, w)."""
+  """(B, H, W, 3) uint8 (or float on the 0..255 scale) -> float32 standardized as
+  `segjax.data.ops.normalize`, and 0 outside each image's content: the top-left `image_size`
+  (B, 2) (h, w)."""
   x = images.astype(jnp.float32)
   x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
   rows = jnp.arange(images.shape[1])[None, :, None] < image_size[:, 0, None, None]
@@ -85,14 +86,15 @@ def normalize_padded(images: jax.Array, image_size: jax.Array) -> jax.Array:
   return jnp.where((rows & cols)[..., None], x, 0.0)
 
 
-def inference_fn(task: tasks.Task, model) -> Callable:
-  """`infer(variables, images, image_size) -> dict` (jittable): uint8 images (B, H, W, 3),
-  padded bottom and right, of content sizes `image_size` (B, 2) int32, normalized, padding
-  zeroed, then the task's `predict` (the outputs are in the padded input's pixels)."""
+def inference_fn(predict: Callable) -> Callable:
+  """`infer(variables, images, image_size) -> dict` (jittable): images (B, H, W, 3) (uint8 or
+  float 0..255), padded bottom and right, of content sizes `image_size` (B, 2) int32,
+  normalized, padding zeroed, then `predict(variables, batch)` (a task's `bind_predict`; the
+  outputs are in the padded input's pixels)."""
   def infer(variables, images, image_size):
     image_size = jnp.asarray(image_size, jnp.int32)
     batch = {"image": normalize_padded(images, image_size), "image_size": image_size}
-    return task.predict(variables, batch, model=model)
+    return predict(variables, batch)
 
   return infer
 
@@ -133,7 +135,7 @@ class Predictor:
     self.score_threshold = score_threshold
     self.multiple = math.lcm(bucket or 1, self.task.stride(self.config))
     self.postprocess = self.task.bind_postprocess(self.config)
-    self.infer = jax.jit(inference_fn(self.task, self.model))
+    self.infer = jax.jit(inference_fn(self.task.bind_predict(self.config, self.model)))
     self.step = None
 
   @classmethod
@@ -166,7 +168,8 @@ class Predictor:
     for size, indices in buckets.items():
       for start in range(0, len(indices), self.batch_size):
         rows = indices[start:start + self.batch_size]
-        batch = np.zeros((self.batch_size, *size, 3), np.uint8)
+        dtype = np.result_type(*(prepared[i][0].dtype for i in rows))
+        batch = np.zeros((self.batch_size, *size, 3), dtype)
         sizes = np.zeros((self.batch_size, 2), np.int32)
         for row, i in enumerate(rows):
           image = prepared[i][0]

@@ -19,8 +19,6 @@ import numpy as np
 
 from segjax.data import pipeline
 from segjax.data.iteration import numpy_batches
-from segjax.errors import ConfigError
-from segjax.ops import sliding
 from segjax.train import parallel, semantic
 
 
@@ -51,7 +49,8 @@ class Evaluator:
     if self.settings.mode == "resize":
       step = functools.partial(semantic.eval_step, **bound)
     else:
-      step = functools.partial(semantic.native_eval_step, infer=bind_inference(config), **bound)
+      step = functools.partial(semantic.native_eval_step,
+                               infer=semantic.bind_inference(config), **bound)
     self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     if self.parallelism == "pmap":
       axis = parallel.PMAP_AXIS
@@ -86,19 +85,3 @@ def add_counts(total: dict | None, counts: dict) -> dict:
   counts = jax.tree.map(lambda x: np.asarray(x, np.int64), counts)
   return counts if total is None else jax.tree.map(np.add, total, counts)
 
-
-def bind_inference(config: ml_collections.ConfigDict):
-  """`segjax.ops.sliding.dense_probabilities` bound to `config.evaluation` (whole/slide) and
-  the model's stride."""
-  settings = pipeline.evaluation_settings(config)
-  slide = settings.mode == "slide"
-  multiple = semantic.stride(config)
-  if slide and any(c % multiple for c in settings.crop_size):
-    raise ConfigError(f"evaluation.crop_size={tuple(settings.crop_size)} must be divisible by "
-                      f"the model's stride {multiple}.")
-  return functools.partial(
-    sliding.dense_probabilities, multiple=multiple,
-    scales=tuple(float(s) for s in settings.scales), flip=bool(settings.flip),
-    crop=tuple(settings.crop_size) if slide else None,
-    stride=tuple(settings.stride) if slide else None,
-    same_size=not settings.shorter_side)

@@ -162,9 +162,11 @@ def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np
     "scale": float(features["scale"])}
 
 
-def predict(variables: dict, batch: dict, *, model) -> dict:
-  """`segjax.models.mask_rcnn.predict`: detections in the padded input image's pixels."""
-  return mask_rcnn.predict(variables, batch, model=model)
+def bind_predict(config: ml_collections.ConfigDict, model):
+  """`predict(variables, batch)`: `segjax.models.mask_rcnn.predict`, detections in the padded
+  input image's pixels."""
+  del config
+  return functools.partial(mask_rcnn.predict, model=model)
 
 
 def bind_postprocess(config: ml_collections.ConfigDict):

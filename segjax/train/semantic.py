@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from segjax import losses, metrics, models, visualize
+from segjax.data import pipeline
+from segjax.errors import ConfigError
 from segjax.ops import sliding
 
 
@@ -116,37 +118,83 @@ def stride(config: ml_collections.ConfigDict) -> int:
   return models.create_model(config.model).stride
 
 
+def bind_inference(config: ml_collections.ConfigDict):
+  """`segjax.ops.sliding.dense_probabilities` bound to `config.evaluation` (whole/slide) and
+  the model's stride."""
+  settings = pipeline.evaluation_settings(config)
+  slide = settings.mode == "slide"
+  multiple = stride(config)
+  if slide and any(c % multiple for c in settings.crop_size):
+    raise ConfigError(f"evaluation.crop_size={tuple(settings.crop_size)} must be divisible by "
+                      f"the model's stride {multiple}.")
+  return functools.partial(
+    sliding.dense_probabilities, multiple=multiple,
+    scales=tuple(float(s) for s in settings.scales), flip=bool(settings.flip),
+    crop=tuple(settings.crop_size) if slide else None,
+    stride=tuple(settings.stride) if slide else None,
+    same_size=not settings.shorter_side)
+
+
 def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:
-  """(image, meta): the image is kept at its size (it is padded, never resized, so that the
-  prediction has the image's pixels); meta `original_size` = `image_size` = (h, w), scale 1."""
-  del config
-  size = tuple(int(s) for s in image.shape[:2])
-  return image, {"original_size": size, "image_size": size, "scale": 1.0}
+  """(image, meta): the image at its size (padded, never resized, so that the prediction has
+  the image's pixels), or, with `evaluation.shorter_side` (whole/slide), resized as the eval
+  pipeline resizes it (float32, bilinear); meta `original_size`, `image_size`, `scale`."""
+  original = tuple(int(s) for s in image.shape[:2])
+  settings = pipeline.evaluation_settings(config)
+  if settings.mode == "resize" or not settings.shorter_side:
+    return image, {"original_size": original, "image_size": original, "scale": 1.0}
+  import tensorflow as tf
+
+  size = pipeline.eval_image_size(tf.constant(original, tf.int32), settings.shorter_side)
+  resized = tf.image.resize(tf.constant(image, tf.float32), size, method="bilinear").numpy()
+  return resized, {"original_size": original, "image_size": tuple(int(s) for s in size),
+                   "scale": float(size[0]) / original[0]}
 
 
-def predict(variables: dict, batch: dict, *, model) -> dict:
-  """{"probs": (B, H, W, K) float32 softmax, "labels": (B, H, W) int32} of the normalized
-  images `batch["image"]` (B, H, W, 3), H and W multiples of `stride`.
+def bind_predict(config: ml_collections.ConfigDict, model):
+  """`predict(variables, batch)` -> {"probs": (B, H, W, K) float32, "labels": (B, H, W)
+  int32} of the normalized images `batch["image"]` (B, H, W, 3), H and W multiples of
+  `stride`, padding 0 (as the eval pipelines pad), content sizes `batch["image_size"]`.
 
-  `labels` is the argmax of the logits, as `eval_step` takes it. `batch["image_size"]` is not
-  read: the caller has set the padding to 0 after normalization, as the eval pipelines pad.
+  Evaluation mode "resize": the softmax of the model's logits. "whole"/"slide": what the
+  evaluator scores, `bind_inference`'s probabilities (windows, flip and scale passes) at the
+  input's size. `labels` is their argmax, as the evaluator takes it.
   """
-  logits, _ = apply_model(model, variables, batch["image"], None, train=False)
-  return {"probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
-          "labels": jnp.argmax(logits, -1).astype(jnp.int32)}
+  resize_mode = pipeline.evaluation_settings(config).mode == "resize"
+  infer = None if resize_mode else bind_inference(config)
+
+  def predict(variables: dict, batch: dict) -> dict:
+    apply_fn = lambda image: apply_model(model, variables, image, None, train=False)[0]  # noqa: E731
+    image, size = batch["image"], batch["image_size"]
+    if infer is None:
+      scores = apply_fn(image).astype(jnp.float32)
+      probs = jax.nn.softmax(scores, axis=-1)
+    else:
+      scores = probs = infer(apply_fn, image, size, size, image.shape[1:3], same_size=True)
+    return {"probs": probs, "labels": jnp.argmax(scores, -1).astype(jnp.int32)}
+
+  return predict
 
 
 def bind_postprocess(config: ml_collections.ConfigDict):
   """`postprocess(prediction, meta, *, score_threshold)`: one image's `predict` output (no
-  batch axis, numpy) cropped to its original size: {"labels": int32 (h, w), "probs": float32
-  (h, w, K)}. `score_threshold` is accepted for the instance task's sake and ignored."""
+  batch axis, numpy) at its original size: {"labels": int32 (h, w), "probs": float32
+  (h, w, K)}: cropped, or, for images that `preprocess` resized, the probabilities resized
+  bilinearly back (`sliding.resize_content`; the evaluator resizes each pass's logits before
+  the softmax instead, so labels may differ on a few boundary pixels) and their argmax.
+  `score_threshold` is accepted for the instance task's sake and ignored."""
   del config
 
   def postprocess(prediction: dict, meta: dict, *, score_threshold: float = 0.5) -> dict:
     del score_threshold
     h, w = meta["original_size"]
-    return {"labels": np.asarray(prediction["labels"][:h, :w], np.int32),
-            "probs": np.asarray(prediction["probs"][:h, :w], np.float32)}
+    if tuple(meta["image_size"]) == (h, w):
+      return {"labels": np.asarray(prediction["labels"][:h, :w], np.int32),
+              "probs": np.asarray(prediction["probs"][:h, :w], np.float32)}
+    probs = np.asarray(sliding.resize_content(
+      jnp.asarray(prediction["probs"]), jnp.asarray(meta["image_size"], jnp.int32),
+      jnp.asarray((h, w), jnp.int32), (h, w)), np.float32)
+    return {"labels": probs.argmax(-1).astype(np.int32), "probs": probs}
 
   return postprocess
 

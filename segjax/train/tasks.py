@@ -34,10 +34,12 @@ class Task:
     stride: `(config)` -> int, what a padded prediction input's height and width must be
       multiples of.
     preprocess: `(config, image)` -> `(image, meta)`: a uint8 (H, W, 3) image resized as the
-      eval pipeline would (still uint8, unpadded), and meta {"original_size": (H, W),
-      "image_size": (h, w) after resizing, "scale": h / H}.
-    predict: `(variables, batch, *, model)` -> dict of (B, ...) arrays, jittable: the model on
-      `batch` {"image": (B, Hp, Wp, 3) normalized, 0 on padding, "image_size": (B, 2)}.
+      eval pipeline would (unpadded; uint8, or float32 on the 0..255 scale when resized), and
+      meta {"original_size": (H, W), "image_size": (h, w) after resizing, "scale": h / H}.
+    bind_predict: `(config, model)` -> `predict(variables, batch)` -> dict of (B, ...) arrays,
+      jittable: the model on `batch` {"image": (B, Hp, Wp, 3) normalized, 0 on padding,
+      "image_size": (B, 2)}, with the config's evaluation settings (semantic: whole/slide
+      windows, flip and scale test-time augmentation).
     bind_postprocess: `(config)` -> `postprocess(prediction, meta, *, score_threshold)`: one
       image's `predict` output (numpy, no batch axis) in the original image's pixels.
     write_predictions: `(config, directory, predictions, *, overlay)` -> paths written, for
@@ -49,7 +51,7 @@ class Task:
   visualize: Callable
   stride: Callable
   preprocess: Callable
-  predict: Callable
+  bind_predict: Callable
   bind_postprocess: Callable
   write_predictions: Callable
 
@@ -57,10 +59,10 @@ class Task:
 TASKS = {
   "semantic": Task(pipeline.train_dataset, semantic.bind_loss, Evaluator,
                visualizations.write_semantic, semantic.stride, semantic.preprocess,
-               semantic.predict, semantic.bind_postprocess, semantic.write_predictions),
+               semantic.bind_predict, semantic.bind_postprocess, semantic.write_predictions),
   "instance": Task(instance_pipeline.instance_train_dataset, instance.bind_loss,
                     instance.Evaluator, visualizations.write_instance, instance.stride,
-                    instance.preprocess, instance.predict, instance.bind_postprocess,
+                    instance.preprocess, instance.bind_predict, instance.bind_postprocess,
                     instance.write_predictions),
 }
 

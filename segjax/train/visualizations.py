@@ -19,9 +19,7 @@ import numpy as np
 from segjax import visualize
 from segjax.data.iteration import numpy_batches
 from segjax.models import mask_rcnn
-from segjax.train import parallel
-from segjax.train.evaluator import bind_inference
-from segjax.train.semantic import apply_model
+from segjax.train import parallel, semantic
 
 
 def _examples(dataset, predict, count: int) -> Iterator[tuple[dict, dict]]:
@@ -49,12 +47,12 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
                    directory: str, count: int) -> list[str]:
   """Panels image | ground truth | prediction of the first `count` eval examples."""
   variables = parallel.fetch(variables)  # This process's copy: no collective, any process.
-  apply = lambda v, x: apply_model(model, v, x, None, train=False)[0]  # noqa: E731
+  apply = lambda v, x: semantic.apply_model(model, v, x, None, train=False)[0]  # noqa: E731
   if getattr(evaluator, "canvas", None) is None:  # "resize": images and masks of one size.
     labels = jax.jit(lambda v, x: jnp.argmax(apply(v, x), -1))
     predict = lambda batch: {"mask": labels(variables, batch["image"])}
   else:  # "whole"/"slide": the evaluator's scores, at each mask's original size.
-    infer = bind_inference(config)
+    infer = semantic.bind_inference(config)
     labels = jax.jit(lambda v, b: jnp.argmax(infer(
       functools.partial(apply, v), b["image"], b["image_size"], b["mask_size"],
       b["mask"].shape[1:3]), -1))
