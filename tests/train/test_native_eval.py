@@ -226,3 +226,42 @@ def test_visualizations_of_resized_whole_evaluation_show_each_mask_at_its_size(f
   paths = visualizations.write_semantic(config, evaluator, model, variables, str(tmp_path), 3)
   shapes = [np.asarray(Image.open(p)).shape for p in paths]
   assert shapes == [(h, 3 * w, 3) for h, w in SIZES]  # Image | truth | prediction.
+
+
+def test_mious_of_predicted_pngs_equal_the_evaluators(folder, tmp_path):
+  """What predict.py writes (`predict_to_directory`), scored in numpy against the original
+  label PNGs, gives evaluate.py's metrics, flip TTA included: the Predictor runs the evaluator's
+  inference. The images share one size, so the evaluator's canvas is the Predictor's padding."""
+  from segjax.predict import Predictor, predict_to_directory
+
+  config, model, variables, _ = folder
+  data_dir = tmp_path / "data"
+  rng = np.random.default_rng(1)
+  for sub in ("images", "masks"):
+    os.makedirs(data_dir / "validation" / sub)
+  for n in range(3):
+    mask = rng.integers(0, NUM_CLASSES, (97, 131)).astype(np.uint8)
+    mask[rng.random(mask.shape) < 0.1] = IGNORE
+    image = mask[..., None] * np.array([60, 0, 90]) % 256 + rng.integers(0, 40, (97, 131, 3))
+    Image.fromarray(image.astype(np.uint8)).save(data_dir / "validation" / "images" / f"{n}.png")
+    Image.fromarray(mask).save(data_dir / "validation" / "masks" / f"{n}.png")
+  config = config.copy_and_resolve_references()
+  config.dataset.data_dir = str(data_dir)
+  config.evaluation.flip = True
+  _, result = evaluate(config, model, variables)
+
+  predictor = Predictor(config, variables, model=model, batch_size=2)
+  images = sorted((data_dir / "validation" / "images").iterdir())
+  predict_to_directory(predictor, [str(p) for p in images], str(tmp_path / "out"), log=str)
+  total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  for path in images:
+    predicted = np.asarray(Image.open(tmp_path / "out" / path.name))
+    mask = np.asarray(Image.open(data_dir / "validation" / "masks" / path.name))
+    assert predicted.shape == mask.shape
+    keep = mask != IGNORE
+    np.add.at(total, (mask[keep].astype(int), predicted[keep].astype(int)), 1)
+  confusion = total.astype(np.float64)
+  iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
+  assert result["mean_iou"] == pytest.approx(iou.mean(), abs=1e-12)
+  assert result["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(),
+                                                   abs=1e-12)
