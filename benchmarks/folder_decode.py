@@ -34,7 +34,7 @@ def write_folder(root, count, size, ext):
 
 def previous_source(data_dir):
   """The source before: TensorFlow decodes the image, Pillow (in Python) the mask."""
-  images, masks = folder._list_pairs("train", data_dir)
+  images, masks = folder.list_pairs("train", data_dir)
 
   def decode(image_path, mask_path):
     image = tf.io.decode_image(tf.io.read_file(image_path), channels=3, expand_animations=False)

@@ -3,8 +3,15 @@
   python train.py --config configs/unet_folder.py:NUM_CLASSES --workdir /tmp/unet_folder \
       --config.dataset.data_dir=/path/to/data
 
-Layout: DATA_DIR/{train,validation}/images/NAME.{jpg,png} and
-DATA_DIR/{train,validation}/masks/NAME.png (single-channel or palette PNG; 255 = ignore).
+Layout (`dataset.images_dir`, `masks_dir`, `mask_pattern`; segjax/data/folder.py): by default
+DATA_DIR/{train,validation}/images/NAME.{jpg,png} and DATA_DIR/{train,validation}/masks/NAME.png
+(single-channel or palette PNG of class ids 0..NUM_CLASSES-1; 255 = ignore). SegNet's CamVid:
+
+  --config.dataset.images_dir='{split}' --config.dataset.masks_dir='{split}annot' \
+      --config.dataset.eval_split=val --config.dataset.ignore_label=11
+
+One folder split by name order: --config.dataset.images_dir=images --config.dataset.masks_dir=masks
+--config.dataset.train_split='all[:80%]' --config.dataset.eval_split='all[80%:]'.
 
 Trains on random `image_size` crops; evaluates every validation image whole at its native size
 (padded to the split's largest image, rounded up to 2**depth), scored on the original masks.
@@ -30,7 +37,10 @@ def get_config(arg=None):
   config.dataset.name = "folder"
   config.dataset.train_split = "train"
   config.dataset.eval_split = "validation"
-  config.dataset.shuffle_buffer = 1000
+  config.dataset.images_dir = "{split}/images"  # Under data_dir; without {split}: split "all".
+  config.dataset.masks_dir = "{split}/masks"
+  config.dataset.mask_pattern = "{stem}.png"  # A mask's name from its image's stem.
+  config.dataset.shuffle_buffer = 1000  # Unused: the folder shuffles file names.
   config.dataset.class_names = tuple(f"class_{i}" for i in range(num_classes))
   config.dataset.train_kwargs = {}
   config.dataset.eval_kwargs = {}

@@ -1,9 +1,16 @@
-"""Your own data set: a folder of images with same-named PNG masks (layout below; no paper).
+"""Your own data set: a folder of images with PNG masks (layout below; no paper).
 
-Layout, one directory per split:
+Layout: `images_dir` and `masks_dir` are directories under `data_dir`, templates that may
+contain `{split}`; a mask's file name is `mask_pattern` with the image's stem. The defaults,
 
-  <data_dir>/<split>/images/<stem>.jpg | .jpeg | .png
-  <data_dir>/<split>/masks/<stem>.png
+  <data_dir>/<split>/images/<stem>.jpg | .jpeg | .png      images_dir="{split}/images"
+  <data_dir>/<split>/masks/<stem>.png                      masks_dir="{split}/masks"
+
+read one directory per split; SegNet's CamVid is `images_dir="{split}"`,
+`masks_dir="{split}annot"`; PennFudanPed-like names are `mask_pattern="{stem}_mask.png"`.
+Without `{split}` in `images_dir`, the sorted listing is one split named `all`. Any split takes
+tfds's slicing syntax over the sorted listing (`segjax.data.splits`): `all[:120]`,
+`all[120:]`, `train[:80%]`: deterministic, disjoint, together covering the listing.
 
 A mask holds one class id per pixel, 255 = ignore: a single-channel PNG (8-bit grey, or a
 palette PNG, whose indices are the ids as in PASCAL VOC; 1-bit and 16-bit grey with ids
@@ -14,15 +21,19 @@ palette PNG, whose indices are the ids as in PASCAL VOC; 1-bit and 16-bit grey w
 `process_index` of `process_count` reads a contiguous part of the sorted list, the first
 parts taking the remainder (as `tfds.even_splits` does).
 
-Errors. Checked when the source is built, naming the path: a missing split or `images/`
-directory, a split without images, an image without a mask, two images with one stem; then,
+With `shuffle_seed`, the file names are shuffled (anew each pass when repeated) before
+decoding, so that a checkpoint of the training iterator holds names, not decoded images.
+
+Errors. Checked when the source is built, naming the path: a missing image directory, a split without images, an image without a mask, two images with one stem; then,
 from the files' headers (`check_files`, all of them at once): a file that is not an image, a
 truncated PNG, a mask that is not single-channel or whose size differs from its image's.
-Checked again when an example is decoded (a truncated JPEG is found only then); the error
-names the files.
+Checked again when an example is decoded (a truncated JPEG is found only then), with a mask
+value that is neither a class id below `num_classes` nor `ignore_label`; the error names the
+files and the value.
 """
 
 import concurrent.futures
+import functools
 import os
 
 import numpy as np
@@ -30,38 +41,55 @@ import tensorflow as tf
 from PIL import Image
 
 from segjax.data.images import read_image
-from segjax.errors import DataError
+from segjax.data.splits import parse_split
+from segjax.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def image_folder(
-    split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1
+    split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1,
+    images_dir: str = "{split}/images", masks_dir: str = "{split}/masks",
+    mask_pattern: str = "{stem}.png", num_classes: int | None = None, ignore_label: int = 255,
+    shuffle_seed: int | None = None,
 ) -> tf.data.Dataset:
-  """Image/mask pairs of `<data_dir>/<split>` (see the module docstring)."""
+  """Image/mask pairs of `split` (see the module docstring); `num_classes` None skips the
+  mask value check."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-  image_paths, mask_paths = _list_pairs(split, data_dir)
+  image_paths, mask_paths = list_pairs(split, data_dir, images_dir=images_dir,
+                                       masks_dir=masks_dir, mask_pattern=mask_pattern)
   begin, end = _part_bounds(len(image_paths), process_index, process_count)
   check_files(image_paths[begin:end], mask_paths[begin:end])
   ds = tf.data.Dataset.from_tensor_slices((
       tf.constant(image_paths[begin:end], tf.string),
       tf.constant(mask_paths[begin:end], tf.string),
   ))
-  return ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(end - begin, seed=shuffle_seed, reshuffle_each_iteration=True)
+  read = functools.partial(_read_pair, num_classes=num_classes, ignore_label=ignore_label)
+  return ds.map(functools.partial(_decode, read=read), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _list_pairs(split: str, data_dir: str | None) -> tuple[list[str], list[str]]:
-  """Sorted image paths of a split and their mask paths; raises naming what is wrong."""
+def list_pairs(split: str, data_dir: str | None, *, images_dir: str = "{split}/images",
+               masks_dir: str = "{split}/masks",
+               mask_pattern: str = "{stem}.png") -> tuple[list[str], list[str]]:
+  """Image paths of a split (sorted by stem, sliced) and their mask paths; raises naming what
+  is wrong."""
   if data_dir is None:
-    raise ValueError("image_folder needs data_dir: the folder holding one directory per split.")
-  split_dir = os.path.join(data_dir, split)
-  images_dir = os.path.join(split_dir, "images")
-  masks_dir = os.path.join(split_dir, "masks")
-  if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f"Split directory {split_dir} does not exist.")
+    raise ValueError("image_folder needs data_dir: the folder holding the images and masks "
+                     "(dataset.images_dir, dataset.masks_dir).")
+  if "{stem}" not in mask_pattern:
+    raise ConfigError(f"dataset.mask_pattern={mask_pattern!r} must contain {{stem}}, the "
+                      "image's file name without extension.")
+  selected = parse_split(split)
+  if "{split}" not in images_dir and selected.name != "all":
+    raise ConfigError(f"dataset.images_dir={images_dir!r} has no {{split}}: its listing is the "
+                      f"split 'all' (sliced as 'all[:80%]', 'all[80%:]'), not {split!r}.")
+  images_dir = os.path.join(data_dir, images_dir.format(split=selected.name))
+  masks_dir = os.path.join(data_dir, masks_dir.format(split=selected.name))
   if not os.path.isdir(images_dir):
-    raise FileNotFoundError(f"Image directory {images_dir} does not exist.")
+    raise FileNotFoundError(f"Image directory {images_dir} does not exist (split {split!r}).")
 
   images_by_stem = {}
   for name in sorted(os.listdir(images_dir)):
@@ -71,16 +99,21 @@ def _list_pairs(split: str, data_dir: str | None) -> tuple[list[str], list[str]]
     if stem in images_by_stem:
       raise ValueError(
           f"Images {images_by_stem[stem]} and {name} in {images_dir} share the mask "
-          f"{stem}.png; keep one."
+          f"{mask_pattern.format(stem=stem)}; keep one."
       )
     images_by_stem[stem] = name
   if not images_by_stem:
     raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images in {images_dir}.")
 
+  stems = sorted(images_by_stem)
+  stems = [stems[i] for i in selected.indices(len(stems))]
+  if not stems:
+    raise ValueError(f"Split {split!r} selects none of the {len(images_by_stem)} images in "
+                     f"{images_dir}.")
   image_paths, mask_paths = [], []
-  for stem in sorted(images_by_stem):
+  for stem in stems:
     image_path = os.path.join(images_dir, images_by_stem[stem])
-    mask_path = os.path.join(masks_dir, stem + ".png")
+    mask_path = os.path.join(masks_dir, mask_pattern.format(stem=stem))
     if not os.path.isfile(mask_path):
       raise FileNotFoundError(f"Image {image_path} has no mask: expected {mask_path}.")
     image_paths.append(image_path)
@@ -142,17 +175,18 @@ def _part_bounds(n: int, index: int, count: int) -> tuple[int, int]:
   return begin, begin + size + (index < remainder)
 
 
-def _decode(image_path: tf.Tensor, mask_path: tf.Tensor) -> dict[str, tf.Tensor]:
+def _decode(image_path: tf.Tensor, mask_path: tf.Tensor, *, read) -> dict[str, tf.Tensor]:
   # Pillow for both: TF expands palette PNGs to RGB, losing the class indices, and its decode
   # errors do not name the file.
-  image, mask = tf.numpy_function(_read_pair, [image_path, mask_path], [tf.uint8, tf.uint8],
+  image, mask = tf.numpy_function(read, [image_path, mask_path], [tf.uint8, tf.uint8],
                                   stateful=False)
   image.set_shape([None, None, 3])
   mask.set_shape([None, None])
   return {"image": image, "mask": mask}
 
 
-def _read_pair(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_pair(image_path: bytes, mask_path: bytes, *, num_classes: int | None = None,
+               ignore_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
   image_path, mask_path = image_path.decode(), mask_path.decode()
   image = read_image(image_path)
   try:
@@ -173,4 +207,10 @@ def _read_pair(image_path: bytes, mask_path: bytes) -> tuple[np.ndarray, np.ndar
     )
   if mask.max(initial=0) > 255:
     raise ValueError(f"Mask {mask_path} has class id {mask.max()} > 255.")
+  if num_classes is not None:
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    bad = values[(values >= num_classes) & (values != ignore_label)]
+    if bad.size:
+      raise ValueError(f"Mask {mask_path} has class id {bad[0]} (of {bad.tolist()[:8]}): "
+                       f"not below num_classes={num_classes} nor ignore_label={ignore_label}.")
   return image, mask.astype(np.uint8)

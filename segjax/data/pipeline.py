@@ -15,6 +15,7 @@ Batches are dicts of numpy-convertible tensors:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -37,15 +38,37 @@ SOURCES: dict[str, Callable[..., tf.data.Dataset]] = {
 }
 
 
-def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                process_count: int, **kwargs) -> tf.data.Dataset:
-  """This process's share of `split` from the source named by `dataset_config.name`."""
+# `dataset.KEY`s passed to the sources whose signature takes them (the folder's layout).
+SOURCE_KEYS = ("images_dir", "masks_dir", "mask_pattern", "ignore_label")
+
+
+def source_accepts(dataset_config: ml_collections.ConfigDict, parameter: str) -> bool:
+  """Whether the source of `dataset_config.name` takes the keyword `parameter`."""
+  return parameter in inspect.signature(_source(dataset_config)).parameters
+
+
+def _source(dataset_config: ml_collections.ConfigDict) -> Callable[..., tf.data.Dataset]:
   if dataset_config.name not in SOURCES:
     raise ConfigError(f"Unknown dataset.name {dataset_config.name!r}; "
                       f"known: {sorted(SOURCES)}.")
-  source = SOURCES[dataset_config.name]
+  return SOURCES[dataset_config.name]
+
+
+def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, process_index: int,
+                process_count: int, num_classes: int | None = None,
+                shuffle_seed: int | None = None, **kwargs) -> tf.data.Dataset:
+  """This process's share of `split` from the source named by `dataset_config.name`, given
+  the `SOURCE_KEYS` of `dataset_config`, `num_classes` (the mask values allowed besides
+  `ignore_label`) and `shuffle_seed` when its signature takes them; `kwargs` as they are."""
+  source = _source(dataset_config)
+  accepted = inspect.signature(source).parameters
+  optional = {k: dataset_config[k] for k in SOURCE_KEYS
+              if k in accepted and dataset_config.get(k) is not None}
+  optional.update({k: v for k, v in dict(num_classes=num_classes,
+                                         shuffle_seed=shuffle_seed).items()
+                   if k in accepted and v is not None})
   return source(split, data_dir=dataset_config.data_dir, process_index=process_index,
-                process_count=process_count, **kwargs)
+                process_count=process_count, **optional, **kwargs)
 
 
 def dataset_options() -> tf.data.Options:
@@ -79,11 +102,18 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   """Infinite augmented batches of `local_batch_size` for this process.
 
   The augmentation of the i-th example this process reads is seeded by (config.seed,
-  process_index, i): reproducible, and different on every host and epoch.
+  process_index, i): reproducible, and different on every host and epoch. Sources that take a
+  `shuffle_seed` (the folder) shuffle file names before decoding; the others are shuffled in a
+  buffer of `dataset.shuffle_buffer` decoded examples, which iterator checkpoints hold.
   """
+  seed = config.seed + process_index
+  names_shuffled = source_accepts(config.dataset, "shuffle_seed")
   ds = make_source(config.dataset, config.dataset.train_split, process_index=process_index,
-                   process_count=process_count, **config.dataset.get("train_kwargs", {}))
-  ds = ds.shuffle(config.dataset.shuffle_buffer, seed=config.seed + process_index)
+                   process_count=process_count, num_classes=config.model.get("num_classes"),
+                   shuffle_seed=seed if names_shuffled else None,
+                   **config.dataset.get("train_kwargs", {}))
+  if not names_shuffled:  # A buffer of decoded examples (which iterator checkpoints hold).
+    ds = ds.shuffle(config.dataset.shuffle_buffer, seed=seed)
   ds = numbered(ds.repeat())
   base_seed = tf.constant([config.seed, process_index], tf.int64)
 
@@ -168,7 +198,8 @@ def eval_canvas(config: ml_collections.ConfigDict, *, multiple: int, process_ind
     largest = tf.stack([masks, eval_image_size(masks, settings.shorter_side)])
   else:
     ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
-                     process_count=process_count, **config.dataset.get("eval_kwargs", {}))
+                     process_count=process_count, num_classes=config.model.get("num_classes"),
+                     **config.dataset.get("eval_kwargs", {}))
 
     @tf.autograph.experimental.do_not_convert
     def sizes(features):
@@ -206,7 +237,8 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   """
   settings = evaluation_settings(config)
   ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
-                   process_count=process_count, **config.dataset.get("eval_kwargs", {}))
+                   process_count=process_count, num_classes=config.model.get("num_classes"),
+                   **config.dataset.get("eval_kwargs", {}))
   ignore = tf.constant(config.dataset.ignore_label, tf.int32)
   if settings.mode == "resize":
     size = mask_canvas = tuple(config.image_size)
