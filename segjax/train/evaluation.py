@@ -4,7 +4,8 @@ Writes `workdir/eval_metrics.json`, the evaluated `split` (and a semantic model'
 `mode`) among the metrics; for another split than training evaluated,
 `eval_metrics_<split>.json` (`metrics_filename`). For instance models also
 `workdir/detections.json` (the COCO results format); on request, PNG panels to
-`workdir/visualizations/` (`visualizations.py`).
+`workdir/visualizations/` (`visualizations.py`), also as TensorBoard images in
+`workdir/tensorboard/`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 import jax
 import ml_collections
 
+from segjax.data.images import read_image
 from segjax.train import checkpoint, parallel, run_config, tasks
 from segjax.train.loop import build_model, initial_state
-from segjax.train.writer import to_json_value
+from segjax.train.writer import MetricWriter, to_json_value
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str, model, mesh):
@@ -84,7 +86,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       with open(os.path.join(workdir, "detections.json"), "w") as f:
         json.dump(results, f)
     if num_visualizations:
-      tasks.get_task(config).visualize(config, evaluator, model, variables,
-                                       os.path.join(workdir, "visualizations"),
-                                       num_visualizations)
+      paths = tasks.get_task(config).visualize(config, evaluator, model, variables,
+                                               os.path.join(workdir, "visualizations"),
+                                               num_visualizations)
+      MetricWriter(workdir).write_images(step, {
+        f"visualizations/{os.path.splitext(os.path.basename(p))[0]}": read_image(p)
+        for p in paths})
   return metrics

@@ -60,6 +60,49 @@ def test_training_lowers_loss_and_writes_outputs(trained):
   assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 4
 
 
+def _tensorboard_events(workdir) -> dict:
+  """{tag: {step: value or image shape}} read back from workdir/tensorboard's event files."""
+  import tensorflow as tf
+
+  directory = os.path.join(workdir, "tensorboard")
+  events = {}
+  for name in sorted(os.listdir(directory)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        if value.metadata.plugin_data.plugin_name == "images":  # [width, height, png, ...]
+          array = tf.io.decode_png(array[2]).shape
+        events.setdefault(value.tag, {})[event.step] = array
+  return events
+
+
+@pytest.mark.xdist_group("unet_trained")
+def test_tensorboard_holds_every_logged_scalar(trained):
+  _, workdir, _ = trained
+  events = _tensorboard_events(workdir)
+  for record in _records(workdir):
+    for key, value in record.items():
+      if key == "step" or value is None:
+        continue
+      values = value if isinstance(value, list) else [value]
+      for i, v in enumerate(values):
+        tag = key if not isinstance(value, list) else f"{key}/{i}"
+        if v is not None:
+          assert float(events[tag][record["step"]]) == pytest.approx(v, rel=1e-6), tag
+
+
+def test_progress_line_estimates_the_time_left(tmp_path, monkeypatch, capsys):
+  now = [100.0]
+  monkeypatch.setattr("segjax.train.writer.time.time", lambda: now[0])
+  writer = MetricWriter(str(tmp_path), num_train_steps=100)
+  now[0] = 150.0
+  writer.write(10, {"loss": 1.0})  # The first record (after compiling) starts the clock.
+  now[0] = 170.0
+  writer.write(30, {"loss": 0.5})  # 20 steps in 20 s: 70 left take 70 s.
+  lines = capsys.readouterr().out.splitlines()
+  assert "ETA" not in lines[0] and "step 30/100 (30%) ETA 1m10s loss=0.5" in lines[1]
+
+
 @pytest.mark.xdist_group("unet_trained")
 def test_resume_after_sigterm_continues_exactly(trained, tmp_path, monkeypatch, capsys):
   config, reference_dir, _ = trained
@@ -134,9 +177,11 @@ def test_evaluate_writes_metrics_and_visualizations(trained):
   assert pngs == ["0000.png", "0001.png", "0002.png"]
   from PIL import Image
 
+  shape = np.asarray(Image.open(os.path.join(workdir, "visualizations", pngs[0]))).shape
   h, w = config.image_size
-  assert np.asarray(Image.open(os.path.join(workdir, "visualizations", pngs[0]))).shape == (
-    h, 3 * w, 3)
+  assert shape == (h, 3 * w, 3)
+  images = _tensorboard_events(workdir)["visualizations/0000"]
+  assert tuple(images[config.num_train_steps]) == shape
 
 
 @pytest.mark.parametrize("override, expected", [
