@@ -108,8 +108,61 @@ def quiet_logging() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
+
+OVERRIDE_HELP = """\
+Any key of the config can be overridden on the command line with --config.KEY=VALUE, nested
+keys joined by dots, e.g. --config.num_train_steps=500 --config.model.depth=3
+--config.image_size='(128, 128)' (tuples quoted, as Python literals). A config file takes an
+argument after a colon: --config configs/unet_folder.py:NUM_CLASSES."""
+
+
+def config_lines(config, prefix: str = "") -> list[str]:
+  """`KEY = VALUE` for every leaf of a ConfigDict, nested keys joined by dots, in order."""
+  lines = []
+  for key, value in config.items():
+    if hasattr(value, "items") and not isinstance(value, dict):
+      lines += config_lines(value, f"{prefix}{key}.")
+    else:
+      lines.append(f"  --config.{prefix}{key}={value!r}")
+  return lines
+
+
+def print_help(argv: list[str]) -> None:
+  """The program's usage, how `--config.KEY=VALUE` works, the keys of the config given with
+  `--config` (or `--workdir`'s config.json) and their values, then the flags."""
+  program = os.path.basename(argv[0])
+  doc = (sys.modules["__main__"].__doc__ or "").strip()
+  print(f"{program}: {doc}\n\n{OVERRIDE_HELP}\n")
+  rest = [a for a in argv if a not in HELP_FLAGS]
+  config = None
+  try:
+    flags.FLAGS(rest, known_only=True)
+  except flags.Error:
+    pass
+  if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+    config = flags.FLAGS.config
+  elif "workdir" in flags.FLAGS and flags.FLAGS["workdir"].present:
+    path = os.path.join(flags.FLAGS.workdir or "", "config.json")
+    if os.path.isfile(path):
+      from segjax.train import run_config
+
+      config = run_config.load(flags.FLAGS.workdir)
+  if config is None:
+    print("Pass --config FILE (or --workdir DIR of a trained model) with --help to list the "
+          "config's keys and values.\n")
+  else:
+    print("The config's keys and values:")
+    print("\n".join(config_lines(config)) + "\n")
+  print(flags.FLAGS.main_module_help())
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that turns an unknown `--config.key` into an error naming the key."""
+  """absl flag parsing that turns an unknown `--config.key` into an error naming the key;
+  `--help` also lists the config's keys (`print_help`)."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print_help(argv)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:

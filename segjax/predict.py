@@ -29,7 +29,6 @@ predictions near the bottom and right edges can differ slightly between bucket s
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import time
@@ -42,29 +41,10 @@ import numpy as np
 
 from segjax.data.images import read_image
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
-from segjax.train import evaluation, parallel, tasks
+from segjax.train import evaluation, parallel, run_config, tasks
 from segjax.train.loop import build_model
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-
-
-def _tuples(value):
-  """JSON lists back to the tuples the config held (`to_json_best_effort` writes lists)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config that training wrote to `workdir/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: pass the config the model was trained "
-                            "with, or a workdir written by train.py.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -143,7 +123,7 @@ class Predictor:
                    **kwargs) -> Predictor:
     """The latest checkpoint of `workdir` (model variables only), with `config` or else
     `workdir/config.json`; `kwargs` as the constructor's."""
-    config = for_inference(load_config(workdir) if config is None else config)
+    config = for_inference(run_config.load(workdir) if config is None else config)
     model = build_model(config)
     variables, step = evaluation.restore_variables(config, workdir, model, parallel.make_mesh())
     predictor = cls(config, variables, model=model, **kwargs)

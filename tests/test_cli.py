@@ -287,3 +287,18 @@ def test_sigterm_while_compiling_saves_and_exits(tmp_path):
   assert re.search(r"terminated: SIGTERM: stopped at step 1; checkpoint saved",
                    exited.cause())
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_help_explains_overrides_and_lists_the_configs_keys_and_values():
+  exited = run(["train.py", *TINY_SHAPES, "--config.model.depth=3", "--help"])
+  assert exited.returncode == 0, exited.stderr[-3000:]
+  out = exited.stdout
+  assert "--config.KEY=VALUE" in out and "--workdir" in out  # The override rule, the flags.
+  from configs import unet_shapes
+  from segjax.cli import config_lines
+
+  config = unet_shapes.get_config("tiny")
+  config.model.depth = 3
+  lines = config_lines(config)
+  assert "  --config.model.depth=3" in lines and "  --config.dataset.name='shapes'" in lines
+  assert all(line in out.splitlines() for line in lines)

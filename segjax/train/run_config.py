@@ -106,3 +106,22 @@ def _write(path: str, config: ml_collections.ConfigDict) -> None:
   with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   os.replace(tmp, path)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the config held (`to_json_best_effort` writes lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config that training wrote to `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: pass the config the model was trained "
+                            "with, or a workdir written by train.py.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
