@@ -49,11 +49,42 @@ def test_instance_panel_skips_invalid_truth_and_low_scores():
   detections = {**truth, "valid": np.array([True, True]), "scores": np.array([0.9, 0.2])}
   panel = visualize.instance_panel(image, truth, detections, num_classes=3, class_names=NAMES,
                                    score_threshold=0.5, min_side=64)
-  scale = 4
-  assert panel.shape == (size * scale, 3 * size * scale, 3)
-  plain = np.full((size * scale, size * scale, 3), 100, np.uint8)
-  np.testing.assert_array_equal(panel[:, :size * scale], plain)
+  scale, title, gap = 4, visualize.TITLE_HEIGHT, 2
+  side = size * scale
+  assert panel.shape == (title + side, 3 * side + 2 * gap, 3)
+  panel = panel[title:]
+  plain = np.full((side, side, 3), 100, np.uint8)
+  np.testing.assert_array_equal(panel[:, :side], plain)
   for third in (1, 2):  # The second instance is padding in the truth and scores 0.2.
-    drawn = panel[:, third * size * scale:(third + 1) * size * scale]
+    drawn = panel[:, third * (side + gap):third * (side + gap) + side]
     np.testing.assert_array_equal(drawn[11 * scale, 11 * scale], plain[0, 0])
     assert not np.array_equal(drawn[4 * scale, 4 * scale], plain[0, 0])
+
+
+def test_semantic_panel_is_upscaled_titled_and_has_a_legend_of_the_classes_shown():
+  image = np.zeros((32, 48, 3), np.float32)
+  label = np.zeros((32, 48), np.int64)
+  label[:, 24:] = 2
+  label[0, 0] = 255  # Ignored: grey, not in the legend.
+  prediction = np.ones((32, 48), np.int64)
+  panel = visualize.side_by_side(image, label, prediction, 4, class_names=NAMES + ("cross",))
+  scale, title = 6, visualize.TITLE_HEIGHT  # 48 * 6 = 288 >= 256.
+  colours = visualize.palette(4)
+  truth = panel[title:title + 32 * scale, 48 * scale + 2:2 * 48 * scale + 2]
+  np.testing.assert_array_equal(truth[scale, 0], colours[0])  # Background, black.
+  np.testing.assert_array_equal(truth[0, 0], colours[-1])  # Ignore, grey.
+  np.testing.assert_array_equal(truth[-1, -1], colours[2])
+  assert (panel[:title] != 32).any(-1).any()  # Titles written on the strip.
+  legend = panel[title + 32 * scale:]
+  assert legend.shape[0] == 14 * 3 + 4  # Classes 0, 1 (prediction) and 2 (truth).
+  for line, c in enumerate((0, 1, 2)):  # Each line's swatch has the class's colour.
+    np.testing.assert_array_equal(legend[2 + 14 * line + 5, 6], colours[c])
+
+
+def test_class_0_is_coloured_when_it_is_not_a_background():
+  assert visualize.palette(3)[0].tolist() == [0, 0, 0]
+  coloured = visualize.palette(3, background=False)
+  assert coloured[0].tolist() == list(visualize.DISTINCT_COLOURS[0])
+  assert len({tuple(c) for c in coloured[:3]}) == 3 and coloured[-1].tolist() == [128] * 3
+  assert not visualize.has_background(("road", "sidewalk"))
+  assert visualize.has_background(("Background", "pet")) and not visualize.has_background(None)

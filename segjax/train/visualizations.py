@@ -64,7 +64,8 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
       (h, w), (mh, mw) = example["image_size"], example["mask_size"]
       image = np.asarray(jax.image.resize(image[:h, :w], (mh, mw, 3), "bilinear"))
       mask, prediction = mask[:mh, :mw], prediction[:mh, :mw]
-    return visualize.side_by_side(image, mask, prediction, config.model.num_classes)
+    return visualize.side_by_side(image, mask, prediction, config.model.num_classes,
+                                  class_names=config.dataset.get("class_names"))
 
   return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)),
                directory)
@@ -77,7 +78,9 @@ def _class_names(config: ml_collections.ConfigDict, evaluator) -> tuple[str, ...
   gt, category_ids = getattr(evaluator, "gt", None), getattr(evaluator, "category_ids", None)
   if gt is None or category_ids is None:
     return None
-  return ("background",) + tuple(c["name"] for c in gt.loadCats(list(category_ids)))
+  # dataset.category_ids may list ids the file lacks (torchvision's "N/A" labels).
+  return ("background",) + tuple(gt.cats[c]["name"] if c in gt.cats else "N/A"
+                                 for c in category_ids)
 
 
 def write_instance(config: ml_collections.ConfigDict, evaluator, model, variables,

@@ -83,7 +83,8 @@ def test_visualizations_show_image_truth_and_detections(trained):
   scale = -(-256 // max(h, w))
   for i, name in enumerate(["0000.png", "0001.png"]):
     panel = np.asarray(Image.open(os.path.join(directory, name)))
-    assert panel.shape == (h * scale, 3 * w * scale, 3)
+    assert panel.shape == (visualize.TITLE_HEIGHT + h * scale, 3 * w * scale + 4, 3)
+    panel = panel[visualize.TITLE_HEIGHT:]  # Below the titles; panels 2 px apart.
     image = np.repeat(np.repeat(visualize.denormalize(batch["image"][i]), scale, 0), scale, 1)
     np.testing.assert_array_equal(panel[:, :w * scale], image)
-    assert not np.array_equal(panel[:, w * scale:2 * w * scale], image)  # Truth drawn.
+    assert not np.array_equal(panel[:, w * scale + 2:2 * w * scale + 2], image)  # Truth drawn.

@@ -224,8 +224,9 @@ def test_visualizations_of_resized_whole_evaluation_show_each_mask_at_its_size(f
   config.evaluation.shorter_side = 24
   evaluator = Evaluator(config, model=model, mesh=parallel.make_mesh())
   paths = visualizations.write_semantic(config, evaluator, model, variables, str(tmp_path), 3)
-  shapes = [np.asarray(Image.open(p)).shape for p in paths]
-  assert shapes == [(h, 3 * w, 3) for h, w in SIZES]  # Image | truth | prediction.
+  widths = [np.asarray(Image.open(p)).shape[1] for p in paths]
+  scales = [-(-256 // max(h, w)) for h, w in SIZES]  # Image | truth | prediction, upscaled.
+  assert widths == [3 * w * s + 4 for (h, w), s in zip(SIZES, scales)]
 
 
 def test_mious_of_predicted_pngs_equal_the_evaluators(folder, tmp_path):
