@@ -26,6 +26,39 @@ RUN_LENGTH_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps",
                    "checkpoint_every_steps", "eval_batch_size", "init_from", "evaluation.")
 
 
+def _semantic_model(config: ml_collections.ConfigDict):
+  """The module of a semantic model's config (for its `stride`), else None."""
+  from segjax import models
+
+  name = config.get("model", {}).get("name")
+  if name not in models.MODELS or models.model_class(name).task != "semantic":
+    return None
+  return models.create_model(config.model)
+
+
+def class_count(config: ml_collections.ConfigDict) -> tuple[str, int] | None:
+  """(key, count) of the model's classes, background included (the length `dataset.
+  class_names` must have): `model.num_classes` for semantic models, `model.roi_heads.
+  num_classes` + 1 for Mask R-CNN, whose key counts the foreground classes only."""
+  model = config.get("model", {})
+  if model.get("roi_heads") is not None and model.roi_heads.get("num_classes") is not None:
+    return "model.roi_heads.num_classes (foreground) + 1", model.roi_heads.num_classes + 1
+  if model.get("num_classes") is not None:
+    return "model.num_classes", model.num_classes
+  return None
+
+
+def check_class_count(config: ml_collections.ConfigDict) -> None:
+  """`dataset.class_names`, when given, names every class the model outputs (index 0 first,
+  the background where there is one): a count that differs is a `ConfigError` naming both."""
+  names = config.get("dataset", {}).get("class_names")
+  counted = class_count(config)
+  if names and counted and len(names) != counted[1]:
+    raise ConfigError(f"dataset.class_names has {len(names)} names but {counted[0]} = "
+                      f"{counted[1]} classes: name every class the model outputs, index 0 "
+                      "first (Mask R-CNN: the background too).")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Normalises `image_size` (an int or `(s,)` means a square) and `eval_batch_size` (rounded
   up to the device count: evaluation pads); raises `ConfigError` for values that cannot work."""
@@ -38,9 +71,12 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"image_size={config.image_size!r}: give (height, width) or one int "
                         "for a square.")
     config.image_size = size
-    depth = config.model.get("depth") if config.model.get("name") == "unet" else None
-    if depth is not None and any(s % 2**depth for s in size):
-      raise ConfigError(f"image_size={size} must be divisible by 2**model.depth={2**depth}.")
+    model = _semantic_model(config)
+    if model is not None and any(s % model.stride for s in size):
+      raise ConfigError(f"image_size={size} must be divisible by the model's stride "
+                        f"{model.stride}" + (" (2**model.depth)." if "depth" in config.model
+                                             else "."))
+  check_class_count(config)
   for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
               "eval_every_steps", "checkpoint_every_steps"):
     value = config.get(key)

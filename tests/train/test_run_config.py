@@ -23,7 +23,7 @@ def test_image_size_of_one_int_means_a_square(value, expected):
 @pytest.mark.parametrize("value, message", [
   ((32, 32, 3), r"image_size=\(32, 32, 3\): give \(height, width\)"),
   ((0, 32), r"image_size=\(0, 32\)"),
-  ((30, 32), r"image_size=\(30, 32\) must be divisible by 2\*\*model.depth=4"),
+  ((30, 32), r"image_size=\(30, 32\) must be divisible by the model's stride 4 \(2\*\*model.depth\)"),
 ])
 def test_bad_image_size_names_the_key(value, message):
   config = unet_shapes.get_config("tiny")
@@ -61,3 +61,17 @@ def test_differences_name_changed_keys_outside_run_length():
   assert run_config.differences(old, new) == [
     "extra: (absent) -> 1", "learning_rate: 0.003 -> 0.1", "model.depth: 2 -> 3",
     "model.norm: 'batch' -> (absent)"]
+
+
+def test_class_names_must_name_every_class_the_model_outputs():
+  config = unet_shapes.get_config("tiny")  # 5 names, model.num_classes 5.
+  run_config.check(config)
+  config.model.num_classes = 4
+  with pytest.raises(ConfigError, match=r"class_names has 5 names but model.num_classes = 4"):
+    run_config.check(config)
+  config = mask_rcnn_shapes.get_config("tiny")  # Background + 4 names, 4 foreground classes.
+  run_config.check(config)
+  config.model.roi_heads.num_classes = 5
+  with pytest.raises(ConfigError, match=r"5 names but model.roi_heads.num_classes "
+                                        r"\(foreground\) \+ 1 = 6 classes"):
+    run_config.check(config)
