@@ -1,17 +1,27 @@
 """Mask R-CNN R50-FPN on COCO 2017: detectron2's `mask_rcnn_R_50_FPN_1x` recipe.
 
-  python train.py --config configs/mask_rcnn_r50_fpn_coco.py --workdir /tmp/mask_rcnn_coco \
-      --config.dataset.data_dir=/data/coco
-  python evaluate.py --config configs/mask_rcnn_r50_fpn_coco.py --workdir /tmp/mask_rcnn_coco \
-      --config.dataset.data_dir=/data/coco
+Starts from an ImageNet ResNet-50, as detectron2 does: import torchvision's weights (the file
+of `torchvision.models.ResNet50_Weights.IMAGENET1K_V1`, fetched by the user), then train:
+
+  python -m segjax.weights.torchvision --arch resnet50 --input resnet50-0676ba61.pth \
+      --workdir workdirs/resnet50_imagenet
+  python train.py --config configs/mask_rcnn_r50_fpn_coco.py --workdir workdirs/mask_rcnn_coco \
+      --config.dataset.data_dir=/data/coco --config.init_from=workdirs/resnet50_imagenet
+  python evaluate.py --config configs/mask_rcnn_r50_fpn_coco.py \
+      --workdir workdirs/mask_rcnn_coco --config.dataset.data_dir=/data/coco
+
+`init_from` is required: the backbone has frozen batch norm and its stem and res2 frozen
+(detectron2 FREEZE_AT=2), parts that never train, so a fresh run without the ImageNet weights
+stops with a ConfigError (`segjax/train/init_from.py`). Training from scratch needs trainable
+normalisation everywhere: configs/mask_rcnn_r50_fpn_coco_scratch_gn.py.
 
 `data_dir` holds `annotations/instances_{train,val}2017.json` and `{train,val}2017/` images.
 16 images per batch (over all devices), SGD momentum 0.9, lr 0.02 with a 1000-step linear
-warm-up, times 0.1 at 60k and 80k of 90k steps, weight decay 1e-4; shorter side 800, longer
-at most 1333, padded to 1344 x 1344; horizontal flip. 80 classes: labels 1..80 are the sorted
-COCO category ids, background 0 (detectron2's 81 scores). The backbone has frozen batch norm,
-stem and res2 frozen (detectron2 FREEZE_AT=2), and starts from scratch: segjax does not load
-ImageNet weights yet, so expect a lower AP than detectron2's 38.6 box / 35.2 mask.
+warm-up, times 0.1 at 60k and 80k of 90k steps, weight decay 1e-4 (not on the frozen
+weights); shorter side 800 (detectron2 samples 640..800), longer at most 1333, padded to
+1344 x 1344; horizontal flip. 80 classes: labels 1..80 are the sorted COCO category ids,
+background 0 (detectron2's 81 scores). detectron2 reports 38.6 box / 35.2 mask AP with its
+MSRA ResNet-50; torchvision's ImageNet weights are a different initialisation.
 `--config.parallelism` must stay "jit" (instance evaluation runs under jit).
 """
 
@@ -38,8 +48,8 @@ def get_config(arg=None):
   config.eval_every_steps = 90_000  # detectron2 evaluates once, at the end.
   config.checkpoint_every_steps = 5000
   config.parallelism = "jit"
-  # A workdir (train.py or `python -m segjax.weights.torchvision`) whose latest checkpoint
-  # initialises a fresh run (segjax/train/init_from.py).
+  # Required: a workdir (train.py or `python -m segjax.weights.torchvision`) whose latest
+  # checkpoint initialises a fresh run; here the imported ImageNet ResNet-50.
   config.init_from = ml_collections.config_dict.placeholder(str)
 
   config.dataset = ml_collections.ConfigDict()
@@ -57,5 +67,7 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mask_rcnn"  # The module defaults are the detectron2 1x settings.
+  config.model.backbone = ml_collections.ConfigDict(
+    dict(depth=50, norm="frozen_bn", freeze_at=2))  # Only with init_from (docstring).
   config.model.roi_heads = ml_collections.ConfigDict(dict(num_classes=80))
   return config

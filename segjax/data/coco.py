@@ -9,7 +9,8 @@ Layout (COCO 2017 by default, `split="train2017"`):
   image: uint8 (H, W, 3) as stored (grey expanded to RGB).
   boxes: float32 (N, 4) `[x1, y1, x2, y2]` absolute pixels, from the COCO `bbox` `[x, y, w, h]`,
     clipped to the image.
-  classes: int32 (N,) contiguous labels 1..C: label l is the l-th smallest category id.
+  classes: int32 (N,) labels 1..C: label l is the l-th smallest category id, or with
+    `category_ids` given (`config.dataset.category_ids`), the category `category_ids[l - 1]`.
   instance_masks: uint8 (N, H, W), pycocotools `annToMask` of polygons, compressed RLE or
     uncompressed RLE.
   valid: bool (N,) True for instances to learn from. is_crowd: bool (N,) True for `iscrowd`
@@ -28,7 +29,11 @@ As detectron2's `load_coco_json`, polygons of fewer than 3 points are ignored, a
 annotations left without a polygon or with a box of no area are dropped, with a logged count.
 
 Category ids map to labels with `CocoInfo.category_ids` (label l <-> category_ids[l - 1]),
-which `segjax.coco_eval.detections_to_coco_json` uses to write results.
+which `segjax.coco_eval.detections_to_coco_json` uses to write results. By default they are
+the file's categories, sorted; `load_coco(..., category_ids=...)` fixes them instead, e.g.
+torchvision's 91-label COCO models (`segjax.weights.torchvision`: label l is category id l,
+1..90, ids absent from COCO 2017 included). Ids of that list missing from the file are named
+"N/A"; an annotation of a category not in the list is an error naming it, as in detectron2.
 
 Process `process_index` of `process_count` reads a contiguous part of the sorted images, the
 first parts taking the remainder (as `tfds.even_splits`); the parts are disjoint and cover the
@@ -49,6 +54,8 @@ import dataclasses
 import io
 import json
 import os
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -56,6 +63,7 @@ from absl import logging
 from pycocotools.coco import COCO
 
 from segjax.data.images import read_image
+from segjax.errors import ConfigError
 
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
 
@@ -66,8 +74,10 @@ class CocoInfo:
 
   Attributes:
     annotation_file: path of the instances JSON.
-    category_ids: sorted COCO category ids; label l (1..C) is `category_ids[l - 1]`.
-    class_names: ("background", name of label 1, ..., name of label C).
+    category_ids: label l (1..C) is category `category_ids[l - 1]`: the sorted COCO category
+      ids, or those `load_coco` was given.
+    class_names: ("background", name of label 1, ..., name of label C), "N/A" for an id the
+      file does not have.
     coco: the pycocotools ground truth, for `segjax.coco_eval.evaluate_coco`.
   """
 
@@ -86,8 +96,13 @@ def default_annotation_file(data_dir: str, split: str) -> str:
   return os.path.join(data_dir, "annotations", f"instances_{split}.json")
 
 
-def load_coco(annotation_file: str) -> CocoInfo:
-  """Parses and checks an instances JSON; raises naming the file and field at fault."""
+def load_coco(annotation_file: str, category_ids: Sequence[int] | None = None) -> CocoInfo:
+  """Parses and checks an instances JSON; raises naming the file and field at fault.
+
+  `category_ids` (`config.dataset.category_ids`), when given, is the label -> category id map
+  (label l is `category_ids[l - 1]`) in place of the file's sorted categories; a ConfigError
+  names any annotated category it lacks.
+  """
   if not os.path.isfile(annotation_file):
     raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist.")
   try:
@@ -108,12 +123,12 @@ def load_coco(annotation_file: str) -> CocoInfo:
   _check_entries(annotation_file, "annotations", data["annotations"],
                  ("id", "image_id", "category_id", "bbox", "segmentation"))
   sizes = {image["id"]: [image["height"], image["width"]] for image in data["images"]}
-  category_ids = {category["id"] for category in data["categories"]}
+  known = {category["id"] for category in data["categories"]}
   for ann in data["annotations"]:
     where = f"{annotation_file}: annotation id {ann['id']}"
     if ann["image_id"] not in sizes:
       raise ValueError(f"{where} has image_id {ann['image_id']}, which no image has.")
-    if ann["category_id"] not in category_ids:
+    if ann["category_id"] not in known:
       raise ValueError(f"{where} has category_id {ann['category_id']}, which no category has.")
     if not (isinstance(ann["bbox"], (list, tuple)) and len(ann["bbox"]) == 4):
       raise ValueError(f"{where}: 'bbox' must be [x, y, width, height], got {ann['bbox']!r}.")
@@ -129,13 +144,37 @@ def load_coco(annotation_file: str) -> CocoInfo:
   coco.dataset = data
   with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress.
     coco.createIndex()
-  categories = sorted(data["categories"], key=lambda c: c["id"])
+  names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
+  if category_ids is None:
+    category_ids = sorted(names)
+  else:
+    category_ids = _check_category_ids(annotation_file, category_ids, data, names)
   return CocoInfo(
     annotation_file=annotation_file,
-    category_ids=tuple(c["id"] for c in categories),
-    class_names=("background",) + tuple(str(c.get("name", c["id"])) for c in categories),
+    category_ids=tuple(category_ids),
+    class_names=("background",) + tuple(names.get(c, "N/A") for c in category_ids),
     coco=coco,
   )
+
+
+def _check_category_ids(path: str, category_ids: Sequence[int], data: dict,
+                        names: dict) -> tuple[int, ...]:
+  """`category_ids` as ints, after checking they are distinct and cover every annotation."""
+  ids = tuple(int(c) for c in category_ids)
+  if not ids or len(set(ids)) != len(ids):
+    raise ConfigError(f"dataset.category_ids={list(ids)} must be distinct category ids, one "
+                      "per label 1..C.")
+  listed = set(ids)
+  unlisted = Counter(a["category_id"] for a in data["annotations"]
+                     if a["category_id"] not in listed)
+  if unlisted:
+    found = ", ".join(f"{c} ({names[c]!r}, {n} annotation{'s' * (n != 1)})"
+                      for c, n in sorted(unlisted.items()))
+    raise ConfigError(f"{path} has annotations of categories that dataset.category_ids "
+                      f"(label -> category id) does not list: {found}. Add them to "
+                      "dataset.category_ids (and model.roi_heads.num_classes), or unset it to "
+                      "label the file's categories 1..C.")
+  return ids
 
 
 def _check_entries(path: str, key: str, entries: list, fields: tuple[str, ...]) -> None:
@@ -232,10 +271,12 @@ def coco_instances(
   overflow: str = "truncate",
   shuffle_seed: int | None = None,
   info: CocoInfo | None = None,
+  category_ids: Sequence[int] | None = None,
 ) -> tf.data.Dataset:
   """This process's part of a COCO-format split (see the module docstring).
 
-  `info` reuses an already loaded `load_coco(annotation_file)`.
+  `info` reuses an already loaded `load_coco(annotation_file, category_ids)`;
+  `category_ids` is the label -> category id map (default: the file's, sorted).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
@@ -244,7 +285,10 @@ def coco_instances(
       raise ValueError("coco_instances needs data_dir, or both annotation_file and image_dir.")
   annotation_file = annotation_file or default_annotation_file(data_dir, split)
   image_dir = image_dir or os.path.join(data_dir, split)
-  info = info or load_coco(annotation_file)
+  info = info or load_coco(annotation_file, category_ids)
+  if category_ids is not None and tuple(category_ids) != info.category_ids:
+    raise ValueError(f"info.category_ids {info.category_ids} differ from category_ids "
+                     f"{tuple(category_ids)}.")
   selected = select_annotations(info, max_instances=max_instances, overflow=overflow)
   begin, end = _part_bounds(len(selected), process_index, process_count)
   part = selected[begin:end]

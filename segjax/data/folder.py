@@ -24,7 +24,8 @@ parts taking the remainder (as `tfds.even_splits` does).
 With `shuffle_seed`, the file names are shuffled (anew each pass when repeated) before
 decoding, so that a checkpoint of the training iterator holds names, not decoded images.
 
-Errors. Checked when the source is built, naming the path: a missing image directory, a split without images, an image without a mask, two images with one stem; then,
+Errors. Checked when the source is built, naming the path: a missing image directory, a split
+without images, an image without a mask, two images with one stem; then,
 from the files' headers (`check_files`, all of them at once): a file that is not an image, a
 truncated PNG, a mask that is not single-channel or whose size differs from its image's.
 Checked again when an example is decoded (a truncated JPEG is found only then), with a mask
@@ -51,10 +52,11 @@ def image_folder(
     split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1,
     images_dir: str = "{split}/images", masks_dir: str = "{split}/masks",
     mask_pattern: str = "{stem}.png", num_classes: int | None = None, ignore_label: int = 255,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
 ) -> tf.data.Dataset:
   """Image/mask pairs of `split` (see the module docstring); `num_classes` None skips the
-  mask value check."""
+  mask value check; with `shuffle_seed`, names are shuffled in a buffer of `shuffle_buffer`
+  (default: all of them; 1 keeps the sorted order)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   image_paths, mask_paths = list_pairs(split, data_dir, images_dir=images_dir,
@@ -66,7 +68,8 @@ def image_folder(
       tf.constant(mask_paths[begin:end], tf.string),
   ))
   if shuffle_seed is not None:
-    ds = ds.shuffle(end - begin, seed=shuffle_seed, reshuffle_each_iteration=True)
+    buffer = end - begin if shuffle_buffer is None else min(shuffle_buffer, end - begin)
+    ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
   read = functools.partial(_read_pair, num_classes=num_classes, ignore_label=ignore_label)
   return ds.map(functools.partial(_decode, read=read), num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -1,8 +1,10 @@
 """Instance data ops: detectron2's detection transforms on feature dicts (Wu et al. 2019).
 
 Resizing follows detectron2 `ResizeShortestEdge` (the Mask R-CNN recipe of He et al. 2017:
-shorter side 800, longer at most 1333), padding follows `ImageList.from_tensors` (bottom and
-right, normalized image padded with 0, i.e. the mean colour), flipping `HFlipTransform`.
+shorter side 800, longer at most 1333), or torchvision's `GeneralizedRCNNTransform` for models
+of `conventions="torchvision"` (the same rule, sizes floored, torch's bilinear), padding follows
+`ImageList.from_tensors` (bottom and right, normalized image padded with 0, i.e. the mean
+colour), flipping `HFlipTransform`.
 
 Every op has the contract `op(features: dict, ...) -> dict` over these keys:
   image: (H, W, 3) uint8 or float32.
@@ -32,35 +34,90 @@ def with_size(features: dict) -> dict:
   return {"image_size": tf.cast(size, tf.int32), "scale": tf.constant(1.0), **features}
 
 
-def resize_output_size(height, width, shorter: int, longer: int | None):
-  """(new_h, new_w, scale) of detectron2 `ResizeShortestEdge.get_output_shape`.
+# How each `model.conventions` resizes (`resize_shorter_longer`): detectron2 `ResizeShortestEdge`
+# rounds sides half up; torchvision `GeneralizedRCNNTransform` floors them (F.interpolate's
+# output size for a scale factor) and resizes the float image with torch's own bilinear rule.
+RESIZE_CONVENTIONS = ("detectron2", "torchvision")
+
+
+def _check_convention(convention: str) -> None:
+  if convention not in RESIZE_CONVENTIONS:
+    raise ValueError(f"Unknown resize convention {convention!r}; known: {RESIZE_CONVENTIONS}.")
+
+
+def resize_output_size(height, width, shorter: int, longer: int | None,
+                       convention: str = "detectron2"):
+  """(new_h, new_w, scale) of the shortest-edge rule.
 
   Scales so that the shorter side becomes `shorter`, unless the longer side would then exceed
-  `longer`, in which case the longer side becomes `longer`; sides round half up.
+  `longer`, in which case the longer side becomes `longer`. "detectron2"
+  (`ResizeShortestEdge.get_output_shape`): sides round half up. "torchvision"
+  (`_resize_image_and_masks`): sides are `floor(side * scale)` computed in float64 as Python
+  computes them, so that e.g. a shorter side of 97 becomes 799, not 800.
   """
-  height = tf.cast(height, tf.float32)
-  width = tf.cast(width, tf.float32)
+  _check_convention(convention)
+  dtype = tf.float64 if convention == "torchvision" else tf.float32
+  height = tf.cast(height, dtype)
+  width = tf.cast(width, dtype)
   scale = shorter / tf.minimum(height, width)
   if longer is not None:
     scale = tf.minimum(scale, longer / tf.maximum(height, width))
-  new_h = tf.cast(tf.floor(height * scale + 0.5), tf.int32)
-  new_w = tf.cast(tf.floor(width * scale + 0.5), tf.int32)
-  return new_h, new_w, scale
+  offset = 0.0 if convention == "torchvision" else 0.5
+  new_h = tf.cast(tf.floor(height * scale + offset), tf.int32)
+  new_w = tf.cast(tf.floor(width * scale + offset), tf.int32)
+  return new_h, new_w, tf.cast(scale, tf.float32)
 
 
-def resize_shorter_longer(features: dict, shorter: int, longer: int | None = None) -> dict:
-  """Resizes image (bilinear), masks (nearest) and boxes by detectron2's shortest-edge rule.
+def _torch_linear_weights(n_in, n_out):
+  """(low, high, weight of high) of torch's bilinear resize along one axis, n_in -> n_out
+  (`align_corners=False`, scale n_in / n_out in float32): source coordinate
+  `max(scale * (i + 0.5) - 0.5, 0)` rounded once to float32, as torch's CPU kernel computes it
+  with a fused multiply-add (the product is exact in float64)."""
+  scale = tf.cast(tf.cast(n_in, tf.float32) / tf.cast(n_out, tf.float32), tf.float64)
+  source = tf.cast(scale * (tf.range(n_out, dtype=tf.float64) + 0.5) - 0.5, tf.float32)
+  source = tf.maximum(source, 0.0)
+  low = tf.floor(source)
+  weight = source - low
+  low = tf.cast(low, tf.int32)
+  return low, tf.minimum(low + 1, n_in - 1), weight
+
+
+def resize_bilinear_torch(image, size):
+  """(H, W, C) image -> float32 (h, w, C) as torch's `F.interpolate(mode="bilinear",
+  align_corners=False)` of a float image to `size` (h, w), which is what torchvision's
+  `scale_factor=..., recompute_scale_factor=True` computes: half-pixel centres, source
+  coordinates clamped at 0, no antialiasing, columns interpolated first. Differs from
+  `tf.image.resize` only in rounding (up to ~0.01 on 0..255 values)."""
+  x = tf.cast(image, tf.float32)
+  hw = tf.shape(x)[:2]
+  x0, x1, wx = _torch_linear_weights(hw[1], size[1])
+  y0, y1, wy = _torch_linear_weights(hw[0], size[0])
+  cols = (tf.gather(x, x0, axis=1) * (1.0 - wx)[:, None]
+          + tf.gather(x, x1, axis=1) * wx[:, None])
+  return (tf.gather(cols, y0) * (1.0 - wy)[:, None, None]
+          + tf.gather(cols, y1) * wy[:, None, None])
+
+
+def resize_shorter_longer(features: dict, shorter: int, longer: int | None = None,
+                          convention: str = "detectron2") -> dict:
+  """Resizes image (bilinear), masks (nearest) and boxes by the shortest-edge rule.
 
   Boxes scale by new_w / w and new_h / h, exactly as the pixels move; `scale` records the
-  (pre-rounding) factor and `image_size` the new (h, w).
+  (pre-rounding) factor and `image_size` the new (h, w). `convention` (`resize_output_size`):
+  "detectron2" resizes with `tf.image.resize` and keeps a uint8 image uint8 (rounded);
+  "torchvision" floors the sizes and returns the float32 image of `resize_bilinear_torch`,
+  unrounded, as torchvision resizes its float image.
   """
   features = with_size(features)
   hw = tf.shape(features["image"])[:2]
-  new_h, new_w, scale = resize_output_size(hw[0], hw[1], shorter, longer)
+  new_h, new_w, scale = resize_output_size(hw[0], hw[1], shorter, longer, convention)
   size = tf.stack([new_h, new_w])
-  image = tf.image.resize(features["image"], size, method="bilinear")
-  if features["image"].dtype == tf.uint8:  # Keep uint8 so that later ops see one dtype.
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  if convention == "torchvision":
+    image = resize_bilinear_torch(features["image"], size)
+  else:
+    image = tf.image.resize(features["image"], size, method="bilinear")
+    if features["image"].dtype == tf.uint8:  # Keep uint8 so that later ops see one dtype.
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
   masks = tf.image.resize(features["instance_masks"][..., None], size, method="nearest")[..., 0]
   factors = tf.cast(size, tf.float32) / tf.cast(hw, tf.float32)
   boxes = features["boxes"] * tf.stack([factors[1], factors[0], factors[1], factors[0]])

@@ -24,14 +24,18 @@ Config keys read:
   config.image_size: (H, W) padded size, multiples of 32 (the FPN's largest stride).
   config.seed: shuffling and augmentation seed.
   config.augment.flip: random horizontal flip in training.
-  config.dataset.name: "shapes" (segjax.data.shapes, with instances) or "coco"
-    (segjax.data.coco).
+  config.dataset.name: "shapes" (segjax.data.shapes, with instances), "coco"
+    (segjax.data.coco) or "instance_folder" (segjax.data.instance_folder: PNG masks of
+    instance ids, converted to COCO JSON, then read as "coco"; its keys images_dir,
+    masks_dir, mask_pattern, classes_dir, classes_file, class_names).
   config.dataset.data_dir, .train_split, .eval_split: where the source reads.
   config.dataset.max_instances: K. config.dataset.overflow: "truncate" | "skip" | "error"
     for images with more instances (coco only; evaluation never skips: "skip" truncates).
   config.dataset.min_size, .max_size: detectron2 `ResizeShortestEdge` shorter side and
     longest side (COCO: 800, 1333); None or absent: no resizing. max_size must not exceed
     min(config.image_size), so that every orientation fits the padded size.
+  config.model.conventions: "torchvision" resizes as torchvision does (sizes floored, torch's
+    bilinear on the float image: `instance_ops.resize_shorter_longer`); default "detectron2".
   config.dataset.shuffle_buffer: shapes' shuffle buffer (its examples live in memory). COCO
     permutes image indices before decoding instead, so no decoded image waits in a buffer.
   config.dataset.train_kwargs, .eval_kwargs (optional): extra source arguments, e.g. shapes'
@@ -45,8 +49,8 @@ from collections.abc import Callable
 import ml_collections
 import tensorflow as tf
 
-from segjax.data import instance_ops
-from segjax.data.coco import coco_instances
+from segjax.data import instance_folder, instance_ops
+from segjax.data.coco import coco_instances, default_annotation_file
 from segjax.data.pipeline import dataset_options, numbered, padded_batches
 from segjax.data.shapes import shapes
 from segjax.errors import ConfigError
@@ -58,13 +62,17 @@ EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
 def shapes_instances(split: str, *, data_dir: str | None, process_index: int = 0,
                      process_count: int = 1, max_instances: int = 8, overflow: str = "truncate",
                      shuffle_seed: int | None = None, shuffle_buffer: int = 1000,
-                     **kwargs) -> tf.data.Dataset:
+                     category_ids=None, **kwargs) -> tf.data.Dataset:
   """The shapes set in the instance source contract of `segjax.data.coco`.
 
   `image_id` is the example index in the split, so `segjax.coco_eval.shapes_to_coco` builds
   the matching ground truth. Shapes never overflow (`max_shapes <= max_instances` is checked).
+  Its labels are its class indices: `category_ids` must be unset.
   """
   del overflow
+  if category_ids is not None:
+    raise ConfigError("dataset.category_ids maps labels to the categories of COCO-format data; "
+                      "the shapes set labels its classes 1..C itself: unset it.")
   ds = shapes(split, data_dir=data_dir, process_index=process_index,
               process_count=process_count, max_instances=max_instances, with_instances=True,
               **kwargs)
@@ -86,7 +94,25 @@ def shapes_instances(split: str, *, data_dir: str | None, process_index: int = 0
 INSTANCE_SOURCES: dict[str, Callable[..., tf.data.Dataset]] = {
   "shapes": shapes_instances,
   "coco": coco_instances,
+  "instance_folder": instance_folder.instance_folder,
 }
+# Sources read from a COCO instances JSON, which evaluation scores against.
+COCO_FORMAT_SOURCES = ("coco", "instance_folder")
+
+
+def eval_annotation_file(config: ml_collections.ConfigDict) -> str:
+  """The COCO JSON of the eval split of a `COCO_FORMAT_SOURCES` data set: COCO's
+  `eval_kwargs.annotation_file` or `data_dir/annotations/instances_<split>.json`; an instance
+  folder's split converted (`segjax.data.instance_folder.annotation_file`)."""
+  dataset = config.dataset
+  if dataset.name == "instance_folder":
+    return instance_folder.annotation_file(dataset.data_dir, dataset.eval_split,
+                                           **instance_folder.conversion_kwargs(dataset))
+  if dataset.name == "coco":
+    return dict(dataset.get("eval_kwargs", {})).get("annotation_file") or (
+      default_annotation_file(dataset.data_dir, dataset.eval_split))
+  raise ConfigError(f"dataset.name {dataset.name!r} is not COCO-format data; those are "
+                    f"{COCO_FORMAT_SOURCES}.")
 
 
 def make_instance_source(config: ml_collections.ConfigDict, split: str, *, process_index: int,
@@ -99,6 +125,10 @@ def make_instance_source(config: ml_collections.ConfigDict, split: str, *, proce
                       f"known: {sorted(INSTANCE_SOURCES)}.")
   if dataset.name == "shapes":  # Only shapes keeps decoded examples in its shuffle buffer.
     kwargs["shuffle_buffer"] = dataset.get("shuffle_buffer", 1000)
+  if dataset.get("category_ids") is not None:  # Label -> category id (segjax.data.coco).
+    kwargs["category_ids"] = tuple(dataset.category_ids)
+  if dataset.name == "instance_folder":  # Its layout and classes (segjax.data.to_coco).
+    kwargs.update(instance_folder.conversion_kwargs(dataset))
   return INSTANCE_SOURCES[dataset.name](
     split, data_dir=dataset.get("data_dir"), process_index=process_index,
     process_count=process_count, max_instances=dataset.max_instances, overflow=overflow,
@@ -122,7 +152,8 @@ def _prepare(features, flip_seed, *, config, keys):
   original_size = tf.cast(tf.shape(features["image"])[:2], tf.int32)
   features = instance_ops.with_size(features)
   if min_size is not None:
-    features = instance_ops.resize_shorter_longer(features, min_size, max_size)
+    features = instance_ops.resize_shorter_longer(
+      features, min_size, max_size, config.get("model", {}).get("conventions", "detectron2"))
   if flip_seed is not None:
     features = instance_ops.random_flip_left_right(features, flip_seed)
   features = instance_ops.normalize(features)

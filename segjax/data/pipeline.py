@@ -56,7 +56,8 @@ def _source(dataset_config: ml_collections.ConfigDict) -> Callable[..., tf.data.
 
 def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, process_index: int,
                 process_count: int, num_classes: int | None = None,
-                shuffle_seed: int | None = None, **kwargs) -> tf.data.Dataset:
+                shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
+                **kwargs) -> tf.data.Dataset:
   """This process's share of `split` from the source named by `dataset_config.name`, given
   the `SOURCE_KEYS` of `dataset_config`, `num_classes` (the mask values allowed besides
   `ignore_label`) and `shuffle_seed` when its signature takes them; `kwargs` as they are."""
@@ -64,8 +65,8 @@ def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, proces
   accepted = inspect.signature(source).parameters
   optional = {k: dataset_config[k] for k in SOURCE_KEYS
               if k in accepted and dataset_config.get(k) is not None}
-  optional.update({k: v for k, v in dict(num_classes=num_classes,
-                                         shuffle_seed=shuffle_seed).items()
+  optional.update({k: v for k, v in dict(num_classes=num_classes, shuffle_seed=shuffle_seed,
+                                         shuffle_buffer=shuffle_buffer).items()
                    if k in accepted and v is not None})
   return source(split, data_dir=dataset_config.data_dir, process_index=process_index,
                 process_count=process_count, **optional, **kwargs)
@@ -103,14 +104,16 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
 
   The augmentation of the i-th example this process reads is seeded by (config.seed,
   process_index, i): reproducible, and different on every host and epoch. Sources that take a
-  `shuffle_seed` (the folder) shuffle file names before decoding; the others are shuffled in a
-  buffer of `dataset.shuffle_buffer` decoded examples, which iterator checkpoints hold.
+  `shuffle_seed` (the folder) shuffle file names before decoding, in a buffer of
+  `dataset.shuffle_buffer` names; the others are shuffled in a buffer of that many decoded
+  examples, which iterator checkpoints hold.
   """
   seed = config.seed + process_index
   names_shuffled = source_accepts(config.dataset, "shuffle_seed")
   ds = make_source(config.dataset, config.dataset.train_split, process_index=process_index,
                    process_count=process_count, num_classes=config.model.get("num_classes"),
                    shuffle_seed=seed if names_shuffled else None,
+                   shuffle_buffer=config.dataset.get("shuffle_buffer"),
                    **config.dataset.get("train_kwargs", {}))
   if not names_shuffled:  # A buffer of decoded examples (which iterator checkpoints hold).
     ds = ds.shuffle(config.dataset.shuffle_buffer, seed=seed)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from segjax.errors import ConfigError
 from segjax.models.mask_rcnn import MaskRCNN
 from segjax.models.unet import UNet
+from segjax.models.unet_resnet import ResNetUNet
 
-MODELS = {"unet": UNet, "mask_rcnn": MaskRCNN}
+MODELS = {"unet": UNet, "unet_resnet": ResNetUNet, "mask_rcnn": MaskRCNN}
 
 
 def model_class(name: str) -> type:
@@ -51,7 +52,8 @@ def create_model(model_config: Any):
       attributes, e.g. for "unet": num_classes, depth, base_width, norm, dropout_rate,
       upsampling and optionally dtype (a string such as "bfloat16"). A section for a
       submodule attribute updates that submodule's defaults, e.g. for "mask_rcnn":
-      `backbone.depth`, `rpn.anchor_sizes`, `roi_heads.num_classes`. Keys left out take the
+      `backbone.depth`, `rpn.anchor_sizes`, `roi_heads.num_classes`; for "unet_resnet":
+      `backbone.depth`, `backbone.norm`. Keys left out take the
       module's defaults.
 
   Raises:
@@ -62,4 +64,4 @@ def create_model(model_config: Any):
   return _build(model_class(name), kwargs, repr(name))
 
 
-__all__ = ["MODELS", "MaskRCNN", "UNet", "create_model", "model_class"]
+__all__ = ["MODELS", "MaskRCNN", "ResNetUNet", "UNet", "create_model", "model_class"]

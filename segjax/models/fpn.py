@@ -6,6 +6,10 @@ the running top-down map is upsampled 2x (nearest) and added to the next lateral
 on each sum gives P_l. P6 (the RPN's extra level, `LastLevelMaxPool`) is a max pool of P5
 with kernel 1 and stride 2, i.e. every other pixel.
 
+With `norm` (torchvision `maskrcnn_resnet50_fpn_v2`: BatchNorm; detectron2's GN recipes:
+GroupNorm), every conv is bias-free and followed by that norm (`conv_norm`), as torchvision's
+`Conv2dNormActivation(..., activation_layer=None)` and detectron2's `FPN(norm=...)`.
+
 Shapes: B batch; level l has stride 2**l and `ceil(H / 2**l) x ceil(W / 2**l)` pixels.
 """
 
@@ -17,10 +21,41 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models.resnet import norm_layer
+
 Array = jax.Array
 
 # detectron2 `c2_xavier_fill`: kaiming_uniform(a=1), i.e. uniform with variance 1 / fan_in.
 xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+NORMS = ("", "frozen_bn", "bn", "gn")
+
+
+def conv_norm(x: Array, features: int, kernel: int, *, norm: str, train: bool, name: str,
+              kernel_init: Any, dtype: Any, axis_name: str | None = None,
+              mask: Array | None = None) -> Array:
+  """A `kernel` x `kernel` stride-1 'SAME' conv `name`, then, with `norm`, a norm `name_norm`.
+
+  norm: "" (none; the conv has a bias), or `segjax.models.resnet.norm_layer`'s "frozen_bn",
+  "bn" (BatchNorm: batch statistics when `train`, over the devices of `axis_name`) or "gn";
+  the conv has no bias then. `mask`, broadcastable to `x`'s leading axes as `(N, 1, 1, 1)`,
+  restricts BatchNorm's batch statistics to the rows it marks (padded ROIs must not count); with
+  no row marked, all count (a mean over nothing would be NaN and poison the running averages);
+  under pmap, each device's masked statistics are averaged. Call it inside a compact method:
+  the modules belong to the caller.
+  """
+  if norm not in NORMS:
+    raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
+  x = nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=not norm,
+              kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+  if not norm:
+    return x
+  layer = norm_layer(norm, train=train, dtype=dtype, name=f"{name}_norm", axis_name=axis_name)
+  if norm == "bn" and train and mask is not None:
+    mask = jnp.asarray(mask, bool)
+    return layer(x, mask=mask | ~jnp.any(mask))
+  return layer(x)
 
 
 def _upsample_to(x: Array, shape: tuple[int, int]) -> Array:
@@ -38,34 +73,40 @@ class FPN(nn.Module):
 
   Attributes:
     out_channels: channels of every pyramid level (256).
+    norm: "" (convs with biases, the default), "bn", "gn" or "frozen_bn" after every conv
+      (`conv_norm`; torchvision v2: "bn").
     dtype: computation dtype; parameters stay float32.
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   out_channels: int = 256
+  norm: str = ""
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, features: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
+  def __call__(self, features: Mapping[str, Array], *,
+               train: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
     """`{"c2": (B, H/4, W/4, C2), ..., "c5": ...}` to `({"p2": ..., "p6": ...}, aux)`.
 
     Every `p_l` has `out_channels`; `aux` holds the top-down sums before the 3x3 convs
-    (`"top_down_l"`).
+    (`"top_down_l"`). `train` only switches BatchNorm (norm="bn").
     """
     levels = sorted(_level(k) for k in features)
     if levels != list(range(levels[0], levels[0] + len(levels))):
       raise ValueError(f"FPN needs consecutive levels, got {sorted(features)}")
     by_level = {_level(k): v for k, v in features.items()}
-    dense = lambda kernel, name: nn.Conv(
-        self.out_channels, (kernel, kernel), padding="SAME", kernel_init=xavier_fill,
-        dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    dense = lambda x, kernel, name: conv_norm(
+        x, self.out_channels, kernel, norm=self.norm, train=train, name=name,
+        kernel_init=xavier_fill, dtype=self.dtype, axis_name=self.axis_name)
     outputs, aux = {}, {}
     top_down = None
     for level in reversed(levels):
-      lateral = dense(1, f"lateral_{level}")(by_level[level].astype(self.dtype))
+      lateral = dense(by_level[level].astype(self.dtype), 1, f"lateral_{level}")
       if top_down is not None:
         lateral = lateral + _upsample_to(top_down, lateral.shape[1:3])
       top_down = lateral
       aux[f"top_down_{level}"] = top_down
-      outputs[f"p{level}"] = dense(3, f"output_{level}")(top_down)
+      outputs[f"p{level}"] = dense(top_down, 3, f"output_{level}")
     last = levels[-1]
     outputs[f"p{last + 1}"] = outputs[f"p{last}"][:, ::2, ::2]
     return dict(sorted(outputs.items(), key=lambda kv: _level(kv[0]))), aux

@@ -26,7 +26,10 @@ Batch contract (the instance data pipeline produces it; B images, G ground-truth
 Parameter count: `ROIHeads(num_classes=90)` (labels 0..90 with background 0, torchvision's
 `num_classes=91`) gives 44,401,393 parameters in "params", exactly torchvision
 `maskrcnn_resnet50_fpn`; the frozen batch-norm vectors (4 x 26,560) are in "batch_stats",
-as torchvision keeps them in buffers.
+as torchvision keeps them in buffers. torchvision's `maskrcnn_resnet50_fpn_v2` (trainable
+BatchNorm in the backbone, FPN and heads, a 2-conv RPN head, the "4conv1fc" box head:
+`segjax.weights.torchvision.model_config("maskrcnn_resnet50_fpn_v2")`) has 46,359,409, here
+too, with its running means and variances (2 x 30,656) in "batch_stats".
 """
 
 import dataclasses
@@ -84,8 +87,8 @@ class MaskRCNN(nn.Module):
     rpn: the region proposal network with its anchor, proposal and loss settings.
     roi_heads: the box and mask heads with their sampling, loss and inference settings;
       `roi_heads.num_classes` is K.
-    axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone, the
-      only part with BatchNorm (norm="bn").
+    axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone, the FPN
+      and the ROI heads, the parts that may have BatchNorm (norm="bn").
     conventions: "detectron2" (the submodules as configured) or "torchvision" (overrides the
       RPN and ROI-head fields in `CONVENTIONS`, for torchvision's weights).
   """
@@ -107,15 +110,17 @@ class MaskRCNN(nn.Module):
       object.__setattr__(self, "rpn", self.rpn.clone(**rpn_fields))
     if roi_fields:
       object.__setattr__(self, "roi_heads", self.roi_heads.clone(**roi_fields))
-    # The loop sets one model-wide axis_name under pmap; the backbone is where it applies.
-    if self.axis_name is not None and self.backbone.axis_name != self.axis_name:
-      object.__setattr__(self, "backbone", self.backbone.clone(axis_name=self.axis_name))
+    # The loop sets one model-wide axis_name under pmap; the parts with norms take it.
+    for part in ("backbone", "fpn", "roi_heads"):
+      module = getattr(self, part)
+      if self.axis_name is not None and module.axis_name != self.axis_name:
+        object.__setattr__(self, part, module.clone(axis_name=self.axis_name))
     super().__post_init__()
 
   def features(self, image: Array, *, train: bool) -> tuple[dict[str, Array], dict[str, Array]]:
     """FPN maps `{"p2": (B, H/4, W/4, C), ..., "p6"}` and `aux` with the ResNet stages."""
     stages, aux = self.backbone(image, train=train)
-    features, fpn_aux = self.fpn(stages)
+    features, fpn_aux = self.fpn(stages, train=train)
     return features, {**aux, **stages, **fpn_aux}
 
   def initialize(self, image: Array, *, train: bool = False) -> None:
@@ -134,7 +139,7 @@ class MaskRCNN(nn.Module):
     "classes": (B, D) int32 in 1..K, "mask_probs": (B, D, 28, 28), "instance_masks":
     (B, D, H, W) bool, "valid": (B, D) bool}`, best first, D = `detections_per_image`;
     `aux` holds the backbone and FPN features and the proposals. `train` only switches
-    BatchNorm (norm="bn"); proposals always use the test settings.
+    BatchNorm (norm="bn", anywhere); proposals always use the test settings.
     """
     if image_size is None:
       image_size = jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32),
@@ -143,7 +148,7 @@ class MaskRCNN(nn.Module):
     objectness, deltas = self.rpn(features)
     anchors = self.rpn.anchors(features, image.shape[1:3])
     proposals = self.rpn.proposals(objectness, deltas, anchors, image_size, train=False)
-    detections = self.roi_heads(features, proposals, image_size, image.shape[1:3])
+    detections = self.roi_heads(features, proposals, image_size, image.shape[1:3], train=train)
     return detections, {**aux, **features, "proposals": proposals}
 
   def losses(self, batch: Mapping[str, Array], rng: Array, *,
@@ -161,7 +166,8 @@ class MaskRCNN(nn.Module):
     rpn_losses, rpn_metrics = self.rpn.losses(objectness, deltas, anchors, batch["boxes"],
                                               batch["valid"], rpn_rng)
     proposals = self.rpn.proposals(objectness, deltas, anchors, batch["image_size"], train=True)
-    roi_losses, roi_metrics = self.roi_heads.losses(features, proposals, batch, roi_rng)
+    roi_losses, roi_metrics = self.roi_heads.losses(features, proposals, batch, roi_rng,
+                                                    train=train)
     metrics = {**rpn_metrics, **roi_metrics,
                "num_proposals": jnp.mean(jnp.sum(proposals["valid"], axis=1))}
     return {**rpn_losses, **roi_losses}, metrics

@@ -195,10 +195,12 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Images `(B, H, W, 3)` to `({"c2": (B, H/4, W/4, C2), ..., "c5": ...}, {"stem": ...})`.
+    """Images `(B, H, W, 3)` to `({"c2": (B, H/4, W/4, C2), ..., "c5": ...}, aux)`.
 
     Sizes round up (`ceil(H / stride)`); C2..C5 are `base_width * (1, 2, 4, 8)` channels,
-    times 4 for bottleneck ResNets (256..2048 for ResNet-50).
+    times 4 for bottleneck ResNets (256..2048 for ResNet-50). aux: "c1" `(B, H/2, W/2,
+    base_width)`, the stem's activation before the max pool (a U-Net's stride-2 skip), and
+    "stem" `(B, H/4, W/4, base_width)` after it.
     """
     self._check(x)
     kind, blocks = DEPTHS[self.depth]
@@ -207,10 +209,11 @@ class ResNet(nn.Module):
     x = norm_layer(self.norm, train=train and self.freeze_at < 1, dtype=self.dtype,
                    name="stem_norm", axis_name=self.axis_name)(x)
     x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
-    aux = {"stem": x}
+    c1 = x
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    aux = {"c1": c1, "stem": x}
     outputs = {}
     for i, num_blocks in enumerate(blocks):
       stage = i + 2

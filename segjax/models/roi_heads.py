@@ -16,6 +16,13 @@ As detectron2 `modeling/roi_heads/roi_heads.py` `StandardROIHeads` with the 1x s
   clipped boxes, score > 0.05, per-class NMS 0.5, the 100 best detections, the mask head run
   on them, the detected class's mask probabilities pasted into the image.
 
+Variants (torchvision `maskrcnn_resnet50_fpn_v2`, after Li et al. 2021, "Benchmarking
+Detection Transfer Learning with Vision Transformers", arXiv:2111.11429): `box_conv_dims`
+puts 3x3 convs + ReLU before the box head's fully connected layers (detectron2 and torchvision
+`FastRCNNConvFCHead`, "4conv1fc": four convs of 256, one fc of 1024), and `norm` ("bn" or
+"gn") follows every box- and mask-head conv, then without bias. BatchNorm's batch statistics
+count only the sampled (training) or valid (inference) ROIs of the head's input.
+
 Class layout as torchvision: label 0 is background, 1..K the classes; class logits, box deltas
 and mask logits all have K + 1 entries (the background's deltas and mask are unused), so
 torchvision's `num_classes=91` is `num_classes=90` here (detectron2 omits those unused rows).
@@ -34,6 +41,7 @@ import optax
 
 from segjax import ops
 from segjax.layers.upconv import UpConv2x
+from segjax.models.fpn import conv_norm
 from segjax.models.rpn import smooth_l1_loss
 
 Array = jax.Array
@@ -255,24 +263,49 @@ def postprocess_masks(
   return probs, masks
 
 
+def _row_mask(valid: Array | None, lead: tuple[int, ...]) -> Array | None:
+  """`valid` `lead` as the `(N, 1, 1, 1)` mask of `conv_norm` over the flattened rows."""
+  return None if valid is None else jnp.broadcast_to(valid, lead).reshape(-1, 1, 1, 1)
+
+
 class BoxHead(nn.Module):
-  """Two fully connected layers and the box predictor (detectron2 `FastRCNNConvFCHead` and
-  `FastRCNNOutputLayers`).
+  """Optional convs, fully connected layers and the box predictor (detectron2
+  `FastRCNNConvFCHead` and `FastRCNNOutputLayers`).
 
   Attributes:
     num_classes: K; outputs have K + 1 entries with background 0.
-    fc_dims: widths of the fully connected layers.
+    fc_dims: widths of the fully connected layers ("fc1", ...).
     dtype: computation dtype; outputs are float32.
+    conv_dims: channels of 3x3 convs + ReLU before them ("conv1", ...; torchvision v2:
+      four of 256, then one fc of 1024).
+    norm: "", "bn" or "gn" after each conv (`segjax.models.fpn.conv_norm`).
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   num_classes: int
   fc_dims: tuple[int, ...] = (1024, 1024)
   dtype: Any = jnp.float32
+  conv_dims: tuple[int, ...] = ()
+  norm: str = ""
+  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    """Pooled `(..., h, w, C)` to logits `(..., K + 1)` and deltas `(..., K + 1, 4)`."""
+  def __call__(self, x: Array, *, train: bool = False,
+               valid: Array | None = None) -> tuple[Array, Array]:
+    """Pooled `(..., h, w, C)` to logits `(..., K + 1)` and deltas `(..., K + 1, 4)`.
+
+    `train` switches BatchNorm to batch statistics over the rows `valid` `(...)` marks (all
+    without it).
+    """
     lead = x.shape[:-3]
-    x = x.reshape(lead + (-1,)).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.conv_dims:
+      x = x.reshape((-1,) + x.shape[-3:])
+      for i, d in enumerate(self.conv_dims):
+        x = nn.relu(conv_norm(x, d, 3, norm=self.norm, train=train, name=f"conv{i + 1}",
+                              kernel_init=msra_fill, dtype=self.dtype, axis_name=self.axis_name,
+                              mask=_row_mask(valid, lead)))
+    # Flattened HWC (torchvision flattens CHW: the weight import reorders fc1's rows).
+    x = x.reshape(lead + (-1,))
     for i, d in enumerate(self.fc_dims):
       x = nn.relu(nn.Dense(d, kernel_init=xavier_fill, dtype=self.dtype,
                            param_dtype=jnp.float32, name=f"fc{i + 1}")(x))
@@ -291,19 +324,26 @@ class MaskHead(nn.Module):
     num_classes: K; K + 1 mask channels with background 0.
     conv_dims: channels of the 3x3 convs.
     dtype: computation dtype; logits are float32.
+    norm: "", "bn" or "gn" after each conv (`segjax.models.fpn.conv_norm`; torchvision v2:
+      "bn").
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   num_classes: int
   conv_dims: tuple[int, ...] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
+  norm: str = ""
+  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`."""
+  def __call__(self, x: Array, *, train: bool = False, valid: Array | None = None) -> Array:
+    """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`; `train` and `valid` `(...)`
+    as `BoxHead`'s."""
     lead, tail = x.shape[:-3], x.shape[-3:]
     x = x.reshape((-1,) + tail).astype(self.dtype)
     for i, d in enumerate(self.conv_dims):
-      x = nn.relu(nn.Conv(d, (3, 3), padding="SAME", kernel_init=msra_fill, dtype=self.dtype,
-                          param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
+      x = nn.relu(conv_norm(x, d, 3, norm=self.norm, train=train, name=f"mask_fcn{i + 1}",
+                            kernel_init=msra_fill, dtype=self.dtype, axis_name=self.axis_name,
+                            mask=_row_mask(valid, lead)))
     x = nn.relu(UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype,
                          name="deconv")(x))
     x = nn.Conv(self.num_classes + 1, (1, 1), kernel_init=nn.initializers.normal(0.001),
@@ -324,7 +364,10 @@ class ROIHeads(nn.Module):
     sampling_ratio: ROIAlign samples per bin and axis; 0 adaptive (detectron2).
     aligned: ROIAlignV2's half-pixel offset (detectron2); torchvision's is False.
     fc_dims: box head fully connected widths.
+    box_conv_dims: box head 3x3 conv widths, before the fully connected layers (torchvision
+      v2: (256,) * 4 with fc_dims (1024,)).
     mask_conv_dims: mask head conv widths.
+    norm: "", "bn" or "gn" after every box- and mask-head conv (torchvision v2: "bn").
     box_reg_weights: box-coder weights of the class-specific deltas.
     smooth_l1_beta: box-delta loss; 0 is L1.
     score_thresh: inference score threshold.
@@ -335,6 +378,7 @@ class ROIHeads(nn.Module):
     mask_threshold: binarization of the pasted mask probabilities.
     mask_paste: how masks are pasted into the image: "detectron2" or "torchvision".
     dtype: computation dtype of the heads; outputs are float32.
+    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
   num_classes: int = 80
   batch_size_per_image: int = 512
@@ -355,10 +399,16 @@ class ROIHeads(nn.Module):
   mask_threshold: float = 0.5
   mask_paste: str = "detectron2"
   dtype: Any = jnp.float32
+  box_conv_dims: tuple[int, ...] = ()
+  norm: str = ""
+  axis_name: str | None = None
 
   def setup(self):
-    self.box_head = BoxHead(self.num_classes, self.fc_dims, self.dtype)
-    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype)
+    self.box_head = BoxHead(self.num_classes, self.fc_dims, self.dtype,
+                            conv_dims=self.box_conv_dims, norm=self.norm,
+                            axis_name=self.axis_name)
+    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype,
+                              norm=self.norm, axis_name=self.axis_name)
 
   def init_heads(self, channels: int) -> None:
     """Creates the box and mask heads' parameters from zero pooled features of `channels`."""
@@ -373,16 +423,22 @@ class ROIHeads(nn.Module):
                                                self.sampling_ratio, self.aligned)
     return jax.vmap(fn)(maps, boxes)
 
-  def _forward_box(self, features: Mapping[str, Array], boxes: Array) -> tuple[Array, Array]:
-    """Logits `(B, R, K + 1)` and deltas `(B, R, K + 1, 4)` of ROIs `(B, R, 4)`."""
-    return self.box_head(self._pool(features, boxes, self.box_resolution))
+  def _forward_box(self, features: Mapping[str, Array], boxes: Array, *, train: bool = False,
+                   valid: Array | None = None) -> tuple[Array, Array]:
+    """Logits `(B, R, K + 1)` and deltas `(B, R, K + 1, 4)` of ROIs `(B, R, 4)`; `valid`
+    `(B, R)` marks the ROIs BatchNorm's batch statistics (`train`) count."""
+    return self.box_head(self._pool(features, boxes, self.box_resolution), train=train,
+                         valid=valid)
 
-  def _forward_mask(self, features: Mapping[str, Array], boxes: Array) -> Array:
-    """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`."""
-    return self.mask_head(self._pool(features, boxes, self.mask_resolution))
+  def _forward_mask(self, features: Mapping[str, Array], boxes: Array, *, train: bool = False,
+                    valid: Array | None = None) -> Array:
+    """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`; `train`, `valid` as above."""
+    return self.mask_head(self._pool(features, boxes, self.mask_resolution), train=train,
+                          valid=valid)
 
   def __call__(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
-               image_size: Array, image_shape: tuple[int, int]) -> dict[str, Array]:
+               image_size: Array, image_shape: tuple[int, int], *,
+               train: bool = False) -> dict[str, Array]:
     """Inference: detections of a batch.
 
     Args:
@@ -390,19 +446,22 @@ class ROIHeads(nn.Module):
       proposals: `{"boxes": (B, P, 4), "valid": (B, P)}`.
       image_size: `(B, 2)` true height and width, for clipping.
       image_shape: static `(H, W)` of the input (padded) image, the size masks are pasted at.
+      train: BatchNorm (norm="bn") on batch statistics of the valid proposals / detections.
 
     Returns:
       `{"boxes": (B, D, 4), "scores": (B, D), "classes": (B, D) int32, "mask_probs":
       (B, D, 2m, 2m) float32, "instance_masks": (B, D, H, W) bool, "valid": (B, D) bool}`.
     """
-    class_logits, box_deltas = self._forward_box(features, proposals["boxes"])
+    class_logits, box_deltas = self._forward_box(features, proposals["boxes"], train=train,
+                                                 valid=proposals["valid"])
     post = lambda c, d, p, v, s: postprocess(
         c, d, p, v, s, weights=self.box_reg_weights, score_thresh=self.score_thresh,
         nms_thresh=self.nms_thresh, max_detections=self.detections_per_image,
         min_size=self.min_box_size)
     detections = jax.vmap(post)(class_logits, box_deltas, proposals["boxes"],
                                 proposals["valid"], image_size)
-    mask_logits = self._forward_mask(features, detections["boxes"])
+    mask_logits = self._forward_mask(features, detections["boxes"], train=train,
+                                     valid=detections["valid"])
     paste = lambda m, c, b, v: postprocess_masks(m, c, b, v, image_shape, self.mask_threshold,
                                                  self.mask_paste)
     probs, masks = jax.vmap(paste)(mask_logits, detections["classes"], detections["boxes"],
@@ -410,8 +469,8 @@ class ROIHeads(nn.Module):
     return {**detections, "mask_probs": probs, "instance_masks": masks}
 
   def losses(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
-             targets: Mapping[str, Array],
-             rng: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+             targets: Mapping[str, Array], rng: Array, *,
+             train: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
     """Training losses of a batch.
 
     Args:
@@ -420,6 +479,8 @@ class ROIHeads(nn.Module):
       targets: the batch's `boxes` `(B, G, 4)`, `classes` `(B, G)`, `instance_masks`
         `(B, G, H, W)` and `valid` `(B, G)`.
       rng: PRNG key of the ROI sampling.
+      train: BatchNorm (norm="bn") on batch statistics of the sampled ROIs (box head) and of
+        the foreground ones (mask head), as torchvision, which runs the mask head on those only.
 
     Returns:
       `({"loss_cls", "loss_box_reg", "loss_mask"}, metrics)`.
@@ -430,14 +491,16 @@ class ROIHeads(nn.Module):
         positive_fraction=self.positive_fraction, iou_threshold=self.iou_threshold)
     rois = jax.vmap(sample)(proposals["boxes"], proposals["valid"], targets["boxes"],
                             targets["classes"], targets["valid"], jax.random.split(rng, b))
-    class_logits, box_deltas = self._forward_box(features, rois["boxes"])
+    class_logits, box_deltas = self._forward_box(features, rois["boxes"], train=train,
+                                                 valid=rois["valid"])
     losses, metrics = box_loss(class_logits, box_deltas, rois["boxes"], rois["classes"],
                                rois["gt_boxes"], rois["valid"], weights=self.box_reg_weights,
                                smooth_l1_beta=self.smooth_l1_beta)
     # Foregrounds come first in the sample, so the mask head only needs the first F slots.
     f = max(int(self.batch_size_per_image * self.positive_fraction), 1)
     fg = {k: v[:, :f] for k, v in rois.items()}
-    mask_logits = self._forward_mask(features, fg["boxes"])
+    mask_logits = self._forward_mask(features, fg["boxes"], train=train,
+                                     valid=fg["valid"] & (fg["classes"] > 0))
     m = mask_logits.shape[-2]
     mask_target = jax.vmap(lambda g, i, r: ops.mask_targets(g, i, r, m))(
         targets["instance_masks"], fg["gt_index"], fg["boxes"])

@@ -3,8 +3,10 @@
 As detectron2 `modeling/proposal_generator/rpn.py` with `StandardRPNHead` and the FPN
 settings of `Base-RCNN-FPN.yaml` (Lin et al. 2017, Sec. 4.1):
 
-- head: one 3x3 conv + ReLU shared by all levels, then 1x1 convs to A objectness logits and
-  4A box deltas per location (A = 3 anchors: one size per level, aspect ratios 0.5, 1, 2);
+- head: one 3x3 conv + ReLU shared by all levels (`num_convs`; torchvision's
+  `maskrcnn_resnet50_fpn_v2` stacks two, `RPNHead(conv_depth=2)`), then 1x1 convs to A
+  objectness logits and 4A box deltas per location (A = 3 anchors: one size per level, aspect
+  ratios 0.5, 1, 2);
 - proposals (`generate_proposals`): per level the top `pre_nms_topk` anchors by objectness
   (2000 train / 1000 test), decoded with weights (1, 1, 1, 1) and clipped to the image, empty
   boxes dropped, NMS at IoU 0.7 within each level (detectron2 and torchvision both), then the
@@ -177,6 +179,8 @@ class RPN(nn.Module):
     rounded_anchors: cell anchors rounded to whole pixels (torchvision).
     strides_from_image: each level's anchors placed with stride `image_shape // grid_size`
       per axis (torchvision) rather than `strides` (see `segjax.ops.anchors`).
+    num_convs: 3x3 conv + ReLU layers of the head, named "conv", "conv2", ... (torchvision
+      v2: 2).
     dtype: computation dtype of the head; outputs are float32.
   """
   anchor_sizes: tuple[tuple[float, ...], ...] = anchor_lib.FPN_SIZES
@@ -196,6 +200,7 @@ class RPN(nn.Module):
   box_reg_loss_weight: float = 1.0
   rounded_anchors: bool = False
   strides_from_image: bool = False
+  num_convs: int = 1
   dtype: Any = jnp.float32
 
   @property
@@ -213,17 +218,22 @@ class RPN(nn.Module):
     maps = _sorted_levels(features)
     if len(maps) != len(self.strides):
       raise ValueError(f"got {len(maps)} feature levels for {len(self.strides)} strides")
+    if self.num_convs < 1:
+      raise ValueError(f"RPN needs num_convs >= 1, got {self.num_convs}.")
     a = self.num_cell_anchors
     init = nn.initializers.normal(0.01)
-    conv = nn.Conv(maps[0].shape[-1], (3, 3), padding="SAME", kernel_init=init,
-                   dtype=self.dtype, param_dtype=jnp.float32, name="conv")
+    convs = [nn.Conv(maps[0].shape[-1], (3, 3), padding="SAME", kernel_init=init,
+                     dtype=self.dtype, param_dtype=jnp.float32,
+                     name="conv" if i == 0 else f"conv{i + 1}") for i in range(self.num_convs)]
     cls = nn.Conv(a, (1, 1), kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
                   name="objectness_logits")
     box = nn.Conv(4 * a, (1, 1), kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
                   name="anchor_deltas")
     objectness, deltas = [], []
     for x in maps:
-      t = nn.relu(conv(x.astype(self.dtype)))
+      t = x.astype(self.dtype)
+      for conv in convs:
+        t = nn.relu(conv(t))
       b = x.shape[0]
       objectness.append(cls(t).reshape(b, -1).astype(jnp.float32))
       deltas.append(box(t).reshape(b, -1, 4).astype(jnp.float32))

@@ -4,11 +4,14 @@ The evaluator runs the jitted `segjax.models.mask_rcnn.predict` over the instanc
 (`segjax.data.instance_pipeline.instance_eval_dataset`), writes the detections in the COCO
 results format in original image coordinates (`segjax.coco_eval.detections_to_coco_json`)
 and scores them with pycocotools' COCOeval against the split's ground truth: the COCO JSON
-for dataset "coco", `segjax.coco_eval.shapes_to_coco` for "shapes". With several processes,
+for datasets "coco" and "instance_folder" (`instance_pipeline.eval_annotation_file`),
+`segjax.coco_eval.shapes_to_coco` for "shapes". With several processes,
 each converts the detections of its share and all gather the results before scoring.
 
 The prediction functions at the end serve `segjax.predict` on new images with the same
-resizing, padding and conversion back to original pixels.
+resizing, padding and conversion back to original pixels; models of
+`conventions="torchvision"` resize as torchvision does and get their masks pasted in the
+original image, so that an imported torchvision model predicts what torchvision predicts.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from segjax import coco_eval, models, visualize
+from segjax import coco_eval, models, ops, visualize
 from segjax.data import coco, instance_ops, instance_pipeline
 from segjax.data.iteration import numpy_batches
+from segjax.errors import ConfigError
 from segjax.models import mask_rcnn
 from segjax.train import parallel
 
@@ -43,20 +47,40 @@ def bind_loss(config: ml_collections.ConfigDict, model):
   return functools.partial(loss_fn, model=model)
 
 
+def _coco_info(config: ml_collections.ConfigDict) -> coco.CocoInfo:
+  """The eval split's annotation file, its labels mapped by `dataset.category_ids` when set."""
+  dataset = config.dataset
+  annotation_file = instance_pipeline.eval_annotation_file(config)
+  category_ids = dataset.get("category_ids")
+  info = coco.load_coco(annotation_file, None if category_ids is None else tuple(category_ids))
+  if dataset.get("class_names"):
+    _check_class_names(dataset.class_names, info.num_classes,
+                       f"dataset.category_ids or {annotation_file}'s categories")
+  return info
+
+
+def _check_class_names(names, num_classes: int, source: str) -> None:
+  if len(names) != num_classes:
+    raise ConfigError(f"dataset.class_names has {len(names)} names (background first) for "
+                      f"{num_classes - 1} labels ({source}): give {num_classes}.")
+
+
 def ground_truth(config: ml_collections.ConfigDict):
-  """(pycocotools COCO, category_ids) of the eval split: label l is `category_ids[l - 1]`."""
+  """(pycocotools COCO, category_ids) of the eval split: label l is `category_ids[l - 1]`.
+
+  For COCO, `dataset.category_ids` when set (the labels of the model, e.g. torchvision's 91),
+  else the annotation file's categories, sorted; the ground truth is the file as it is."""
   dataset = config.dataset
   kwargs = dict(dataset.get("eval_kwargs", {}))
   if dataset.name == "shapes":
     gt = coco_eval.shapes_to_coco(dataset.eval_split, max_instances=dataset.max_instances,
                                   **kwargs)
     return gt, tuple(sorted(gt.getCatIds()))
-  if dataset.name == "coco":
-    annotation_file = kwargs.get("annotation_file") or coco.default_annotation_file(
-      dataset.data_dir, dataset.eval_split)
-    info = coco.load_coco(annotation_file)
+  if dataset.name in instance_pipeline.COCO_FORMAT_SOURCES:
+    info = _coco_info(config)
     return info.coco, info.category_ids
-  raise ValueError(f"No ground truth for dataset.name {dataset.name!r}; known: shapes, coco.")
+  raise ValueError(f"No ground truth for dataset.name {dataset.name!r}; known: shapes, "
+                   f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}.")
 
 
 class Evaluator:
@@ -129,26 +153,38 @@ def stride(config: ml_collections.ConfigDict) -> int:
 def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[str, ...]]:
   """(category_ids, class_names): label l is category `category_ids[l - 1]` (as `ground_truth`
   maps it), named `class_names[l]` (`class_names[0]` the background). Shapes needs no ground
-  truth for it (its category ids are its class ids); COCO reads the eval annotation file."""
+  truth for it (its category ids are its class ids); COCO takes `dataset.category_ids` and
+  `dataset.class_names` when both are set (torchvision's imported models: no annotation file
+  needed to predict), else reads the eval annotation file."""
   dataset = config.dataset
   if dataset.name == "shapes":
     from segjax.data.shapes import CLASS_NAMES
 
     names = tuple(dataset.get("class_names") or CLASS_NAMES)
     return tuple(range(1, len(names))), names
-  if dataset.name == "coco":
-    kwargs = dict(dataset.get("eval_kwargs", {}))
-    info = coco.load_coco(kwargs.get("annotation_file") or coco.default_annotation_file(
-      dataset.data_dir, dataset.eval_split))
+  if dataset.name in instance_pipeline.COCO_FORMAT_SOURCES:
+    ids, names = dataset.get("category_ids"), dataset.get("class_names")
+    if ids and names:
+      _check_class_names(names, len(ids) + 1, "dataset.category_ids")
+      return tuple(int(c) for c in ids), tuple(names)
+    info = _coco_info(config)
     return info.category_ids, tuple(dataset.get("class_names") or info.class_names)
-  raise ValueError(f"No categories for dataset.name {dataset.name!r}; known: shapes, coco.")
+  raise ValueError(f"No categories for dataset.name {dataset.name!r}; known: shapes, "
+                   f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}.")
+
+
+def _conventions(config: ml_collections.ConfigDict) -> str:
+  return config.model.get("conventions", "detectron2")
 
 
 def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:
-  """(uint8 image, meta): resized by `config.dataset.min_size` / `max_size` exactly as
+  """(image, meta): resized by `config.dataset.min_size` / `max_size` exactly as
   `instance_pipeline.instance_eval_dataset` resizes (`instance_ops.resize_shorter_longer`),
-  unresized when they are unset. meta: `original_size` and `image_size` (the resized (h, w)),
-  `scale` (resized / original)."""
+  unresized when they are unset: uint8, or for models of `conventions="torchvision"` float32
+  on the 0..255 scale, sized and interpolated as torchvision's `GeneralizedRCNNTransform`
+  resizes (its normalization commutes with the bilinear weights, so normalizing afterwards,
+  as `segjax.predict` does, is the same to float precision). meta: `original_size` and
+  `image_size` (the resized (h, w)), `scale` (resized / original)."""
   original = tuple(int(s) for s in image.shape[:2])
   min_size = config.dataset.get("min_size")
   if min_size is None:
@@ -156,7 +192,7 @@ def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np
   features = instance_ops.resize_shorter_longer(
     {"image": tf.constant(image), "boxes": tf.zeros((0, 4), tf.float32),
      "instance_masks": tf.zeros((0, *original), tf.uint8)}, min_size,
-    config.dataset.get("max_size"))
+    config.dataset.get("max_size"), _conventions(config))
   return features["image"].numpy(), {
     "original_size": original, "image_size": tuple(int(s) for s in features["image_size"]),
     "scale": float(features["scale"])}
@@ -169,17 +205,50 @@ def bind_predict(config: ml_collections.ConfigDict, model):
   return functools.partial(mask_rcnn.predict, model=model)
 
 
+# Masks pasted a chunk at a time: 100 float masks of a 12-megapixel photo would take 4.8 GB.
+PASTE_CHUNK = 16
+
+
+@functools.partial(jax.jit, static_argnames=("size", "threshold"))
+def _paste_torchvision(mask_probs, boxes, *, size, threshold):
+  return ops.masks.paste_mask_probs_torchvision(mask_probs, boxes, size) >= threshold
+
+
+def paste_in_original(mask_probs: np.ndarray, boxes: np.ndarray, original: tuple[int, int],
+                      threshold: float = 0.5) -> np.ndarray:
+  """(N, m, m) mask probabilities pasted at boxes (N, 4) of the original image, as
+  torchvision's `GeneralizedRCNNTransform.postprocess` pastes them
+  (`ops.masks.paste_mask_probs_torchvision` at the original size), then `>= threshold`:
+  (N, h, w) bool for `original` (h, w)."""
+  n = len(mask_probs)
+  out = np.zeros((n, *original), bool)
+  for start in range(0, n, PASTE_CHUNK):  # Fixed chunks: one compile per original size.
+    probs = np.zeros((PASTE_CHUNK, *mask_probs.shape[1:]), np.float32)
+    chunk = np.zeros((PASTE_CHUNK, 4), np.float32)
+    rows = min(PASTE_CHUNK, n - start)
+    probs[:rows], chunk[:rows] = mask_probs[start:start + rows], boxes[start:start + rows]
+    out[start:start + rows] = np.asarray(_paste_torchvision(
+      probs, chunk, size=tuple(original), threshold=float(threshold)))[:rows]
+  return out
+
+
 def bind_postprocess(config: ml_collections.ConfigDict):
   """`postprocess(prediction, meta, *, score_threshold)`: one image's `predict` output (no
   batch axis, numpy) in original pixels, as the evaluator converts it
   (`coco_eval.original_frame`, `boxes_to_original`, `mask_to_original`): detections valid and
   scoring at least `score_threshold`, best first, {"boxes": (N, 4) float32 `[x1, y1, x2, y2]`,
   "scores": (N,) float32, "labels": (N,) int32 category ids (`categories`), "classes": (N,)
-  int32 contiguous labels 1..K, "masks": (N, h, w) bool}."""
+  int32 contiguous labels 1..K, "masks": (N, h, w) bool}.
+
+  Models of `conventions="torchvision"` get their masks as torchvision does instead: the
+  m x m probabilities pasted at the boxes in the original image (`paste_in_original`), not
+  the masks pasted in the resized input and resized back, whose edges differ by a pixel."""
   category_ids = np.asarray(categories(config)[0], np.int32)
   if len(category_ids) != config.model.roi_heads.num_classes:
     raise ValueError(f"The data set has {len(category_ids)} categories but the model "
                      f"{config.model.roi_heads.num_classes} classes.")
+  in_original = _conventions(config) == "torchvision"
+  threshold = config.model.roi_heads.get("mask_threshold", 0.5)
 
   def postprocess(prediction: dict, meta: dict, *, score_threshold: float = 0.5) -> dict:
     keep = np.flatnonzero(np.asarray(prediction["valid"], bool)
@@ -187,14 +256,17 @@ def bind_postprocess(config: ml_collections.ConfigDict):
     factors, original = coco_eval.original_frame(meta["scale"], meta["image_size"],
                                                  meta["original_size"])
     boxes = coco_eval.boxes_to_original(np.asarray(prediction["boxes"])[keep], factors,
-                                        original)
-    masks = [coco_eval.mask_to_original(prediction["instance_masks"][i], meta["image_size"],
-                                        original) for i in keep]
+                                        original).astype(np.float32)
+    if in_original:
+      masks = paste_in_original(np.asarray(prediction["mask_probs"])[keep], boxes, original,
+                                threshold)
+    else:
+      masks = np.zeros((0, *original), bool) if not len(keep) else np.stack([
+        coco_eval.mask_to_original(prediction["instance_masks"][i], meta["image_size"],
+                                   original) for i in keep])
     classes = np.asarray(prediction["classes"], np.int32)[keep]
-    return {"boxes": boxes.astype(np.float32),
-            "scores": np.asarray(prediction["scores"], np.float32)[keep],
-            "labels": category_ids[classes - 1], "classes": classes,
-            "masks": np.stack(masks) if masks else np.zeros((0, *original), bool)}
+    return {"boxes": boxes, "scores": np.asarray(prediction["scores"], np.float32)[keep],
+            "labels": category_ids[classes - 1], "classes": classes, "masks": masks}
 
   return postprocess
 

@@ -175,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state, start_step = checkpoint.restore_latest_good(manager, abstract_state, train_iter)
       print(f"Resuming from checkpoint at step {start_step}.", flush=True)
     else:
+      # A backbone part that never trains needs init_from: checked before anything compiles.
+      init_from.check_frozen_backbone(config, model, abstract_state)
       state, start_step = init_from.maybe_load_pretrained(config, init()), 0
     runner = StepRunner(config, task.bind_loss(config, model), mesh)
     state = runner.to_run_state(state)

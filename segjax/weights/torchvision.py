@@ -1,4 +1,5 @@
-"""torchvision weights in segjax: `maskrcnn_resnet50_fpn` (COCO), ResNet-18/34/50/101 (ImageNet).
+"""torchvision weights in segjax: `maskrcnn_resnet50_fpn` and `maskrcnn_resnet50_fpn_v2` (COCO),
+ResNet-18/34/50/101 (ImageNet).
 
   python -m segjax.weights.torchvision --arch maskrcnn_resnet50_fpn \
       --input maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --workdir workdirs/tv_coco
@@ -9,14 +10,20 @@ laid out as the training loop writes it, so `evaluate.py` reads it and `train.py
 (torchvision's documented weight URLs) and passes them as `--input`.
 
 The mapping (`convert`) is one to one: segjax's R50-FPN Mask R-CNN has torchvision's parameter
-tree, 307 tensors onto 95 "params" and 212 "batch_stats" leaves:
+tree, 307 tensors onto 95 "params" and 212 "batch_stats" leaves (v1), 363 tensors onto 225
+"params" and 138 "batch_stats" leaves (v2, whose 46,359,409 parameters are segjax's "params"):
   * conv weights OIHW -> HWIO; linear weights transposed;
-  * fc6 (segjax `box_head/fc1`): its input is the pooled `(C, 7, 7)` ROI flattened CHW in
+  * the box head's first fully connected layer (segjax `box_head/fc1`; torchvision v1 `fc6`,
+    v2 `box_head.5` after four convs): its input is the `(C, 7, 7)` ROI flattened CHW in
     torchvision and `(7, 7, C)` flattened HWC here, so the rows are reordered;
   * the mask head's transposed conv `(I, O, 2, 2)` -> `(2, 2, I, O)` flipped in both spatial
     axes (`segjax.layers.upconv`: output pixel `(2i + a, 2j + b)` reads `kernel[1 - a, 1 - b]`);
-  * BatchNorm / FrozenBatchNorm2d weight, bias, running_mean, running_var -> segjax's
-    `FrozenBatchNorm` scale, bias, mean, var, all four in "batch_stats" (never trained).
+  * v1's BatchNorm / FrozenBatchNorm2d weight, bias, running_mean, running_var -> segjax's
+    `FrozenBatchNorm` scale, bias, mean, var, all four in "batch_stats" (never trained);
+  * v2's trainable BatchNorm (backbone, FPN, box and mask heads: norm="bn") -> flax BatchNorm:
+    weight, bias -> "params" scale, bias; running_mean, running_var -> "batch_stats" mean, var.
+    A torchvision `Conv2dNormActivation` `i` is segjax's bias-free conv `NAME` (`i.0`) and
+    its norm `NAME_norm` (`i.1`); v2's second RPN conv is `rpn/conv2` (`conv.1.0`).
 Dropped explicitly, and reported: `num_batches_tracked` (BatchNorm's step counter, meaningless
 frozen) and, for the ImageNet classifiers, the `fc.*` classifier. Any other key of the file that
 maps nowhere, or segjax leaf that no key fills, or shape that disagrees, is a ValueError naming
@@ -27,12 +34,13 @@ are read as torchvision's own loading hooks read them.
 Classes: torchvision's COCO models have 91 outputs, background 0 and the COCO category ids as
 labels (10 ids unused, named "N/A"), i.e. segjax `roi_heads.num_classes=90`; `model_config`
 records the names and ids (`dataset.class_names`, `dataset.category_ids`: label l is category
-id l). Not yet honoured downstream: `segjax.data.coco` and `segjax.train.instance` map the
-annotation file's categories to contiguous labels 1..80, so COCO evaluation of the 91-label
-model needs them to read `dataset.category_ids` first. The ImageNet ResNets fill the backbone
+id l), which the COCO data, its evaluation and `segjax.predict` read in place of the annotation
+file's contiguous labels 1..80 (`segjax.data.coco`). The ImageNet ResNets fill the backbone
 of an otherwise freshly initialised Mask R-CNN (its other variables: `config.seed`'s init).
 
-The Mask R-CNN config sets `model.conventions = "torchvision"` (torchvision's anchors, ROIAlign,
+The Mask R-CNN configs (`DETECTION_ARCHS`: v2 sets `backbone.norm`, `fpn.norm`,
+`roi_heads.norm` to "bn", `rpn.num_convs=2`, `roi_heads.box_conv_dims=(256,) * 4`,
+`fc_dims=(1024,)`) set `model.conventions = "torchvision"` (torchvision's anchors, ROIAlign,
 small-box filtering and mask pasting; `segjax.models.mask_rcnn.CONVENTIONS`). What still
 differs is outside the model: the data pipeline's resizing and padding.
 """
@@ -52,7 +60,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-DETECTION_ARCHS = {"maskrcnn_resnet50_fpn": 50}
+# Each detection arch's `config.model` sections over the COCO config's (module defaults else).
+DETECTION_ARCHS = {
+  "maskrcnn_resnet50_fpn": dict(backbone=dict(depth=50, norm="frozen_bn")),
+  # BatchNorm (trainable, as torchvision's) in the backbone, FPN and heads; the RPN head's
+  # two convs; the box head's four convs and one fc (FastRCNNConvFCHead "4conv1fc").
+  "maskrcnn_resnet50_fpn_v2": dict(
+    backbone=dict(depth=50, norm="bn"), fpn=dict(norm="bn"), rpn=dict(num_convs=2),
+    roi_heads=dict(box_conv_dims=(256,) * 4, fc_dims=(1024,), norm="bn")),
+}
 CLASSIFIER_ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 ARCHS = (*DETECTION_ARCHS, *CLASSIFIER_ARCHS)
 
@@ -105,29 +121,38 @@ def model_config(arch: str, num_classes: int | None = None) -> ml_collections.Co
   Args:
     arch: one of `ARCHS`.
     num_classes: segjax's K (`roi_heads.num_classes`, background excluded). Default: 90 for
-      "maskrcnn_resnet50_fpn" (torchvision's 91 COCO labels, names and category ids recorded),
-      80 for the ImageNet ResNets (the COCO config's contiguous labels).
+      the Mask R-CNNs (torchvision's 91 COCO labels, names and category ids recorded), 80 for
+      the ImageNet ResNets (the COCO config's contiguous labels).
   """
   _check_arch(arch)
   config = _coco_config()
-  depth = DETECTION_ARCHS.get(arch) or CLASSIFIER_ARCHS[arch]
-  config.model.backbone = ml_collections.ConfigDict(dict(depth=depth, norm="frozen_bn"))
   if arch in DETECTION_ARCHS:
     k = COCO_NUM_CLASSES if num_classes is None else int(num_classes)
+    sections = DETECTION_ARCHS[arch]
+    for name, fields in sections.items():
+      config.model[name] = ml_collections.ConfigDict(fields)
     # torchvision's anchors, ROIAlign, small-box filtering, mask pasting (models/mask_rcnn.py).
     config.model.conventions = "torchvision"
-    config.model.roi_heads = ml_collections.ConfigDict(dict(num_classes=k))
+    config.model.roi_heads = ml_collections.ConfigDict(
+      dict(sections.get("roi_heads", {}), num_classes=k))
     if k == COCO_NUM_CLASSES:
       config.dataset.class_names = COCO_CATEGORIES
       config.dataset.category_ids = tuple(range(1, k + 1))
-  elif num_classes is not None:
-    config.model.roi_heads.num_classes = int(num_classes)
+  else:
+    config.model.backbone = ml_collections.ConfigDict(
+      dict(depth=CLASSIFIER_ARCHS[arch], norm="frozen_bn"))
+    if num_classes is not None:
+      config.model.roi_heads.num_classes = int(num_classes)
   return config
 
 
-def _torch_key(path: tuple[str, ...], body: str) -> tuple[str, str]:
+def _torch_key(path: tuple[str, ...], body: str, box_convs: int = 0) -> tuple[str, str]:
   """(torchvision key, kind) of a segjax variable path (collection dropped); kind is how the
-  array converts (`_convert_array`): "kernel", "fc6", "upconv" or "vector"."""
+  array converts (`_convert_array`): "kernel", "fc6", "upconv" or "vector". `box_convs`: the
+  box head's conv count (torchvision `FastRCNNConvFCHead` when positive, else `TwoMLPHead`).
+
+  A conv with a norm is torchvision's `Conv2dNormActivation` `i`: segjax `{name}` -> `i.0`,
+  `{name}_norm` -> `i.1`."""
   *module, leaf = path
   top = module[0] if module else ""
   if top == "backbone":
@@ -141,23 +166,33 @@ def _torch_key(path: tuple[str, ...], body: str) -> tuple[str, str]:
       name = f"layer{int(stage) - 1}.{block}.{layer}"
     prefix = body + name
   elif top == "fpn":
-    kind, level = module[1].split("_")
+    kind, level, norm = re.fullmatch(r"(lateral|output)_(\d)(_norm)?", module[1]).groups()
     blocks = {"lateral": "inner_blocks", "output": "layer_blocks"}[kind]
-    prefix = f"backbone.fpn.{blocks}.{int(level) - 2}.0"
+    prefix = f"backbone.fpn.{blocks}.{int(level) - 2}.{int(bool(norm))}"
   elif top == "rpn":
-    prefix = "rpn.head." + {"conv": "conv.0.0", "objectness_logits": "cls_logits",
-                            "anchor_deltas": "bbox_pred"}[module[1]]
+    conv = re.fullmatch(r"conv(\d*)", module[1])
+    prefix = "rpn.head." + (f"conv.{int(conv[1] or 1) - 1}.0" if conv else {
+      "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}[module[1]])
   elif module[:2] == ["roi_heads", "box_head"]:
-    prefix = {"fc1": "roi_heads.box_head.fc6", "fc2": "roi_heads.box_head.fc7",
-              "cls_score": "roi_heads.box_predictor.cls_score",
-              "bbox_pred": "roi_heads.box_predictor.bbox_pred"}[module[2]]
+    conv = re.fullmatch(r"conv(\d+)(_norm)?", module[2])
+    fc = re.fullmatch(r"fc(\d+)", module[2])
+    if conv:
+      prefix = f"roi_heads.box_head.{int(conv[1]) - 1}.{int(bool(conv[2]))}"
+    elif fc and box_convs:  # Sequential: convs, Flatten, then (Linear, ReLU) pairs.
+      prefix = f"roi_heads.box_head.{box_convs + 1 + 2 * (int(fc[1]) - 1)}"
+    elif fc:
+      prefix = f"roi_heads.box_head.fc{int(fc[1]) + 5}"
+    else:
+      prefix = "roi_heads.box_predictor." + {"cls_score": "cls_score",
+                                             "bbox_pred": "bbox_pred"}[module[2]]
   elif module[:2] == ["roi_heads", "mask_head"]:
-    fcn = re.fullmatch(r"mask_fcn(\d+)", module[2])
-    prefix = (f"roi_heads.mask_head.{int(fcn[1]) - 1}.0" if fcn else "roi_heads.mask_predictor."
+    fcn = re.fullmatch(r"mask_fcn(\d+)(_norm)?", module[2])
+    prefix = (f"roi_heads.mask_head.{int(fcn[1]) - 1}.{int(bool(fcn[2]))}" if fcn else
+              "roi_heads.mask_predictor."
               + {"deconv": "conv5_mask", "predictor": "mask_fcn_logits"}[module[2]])
   else:
     raise KeyError(path)
-  if leaf in BN_LEAVES:  # FrozenBatchNorm; its "bias" is the norm's bias too.
+  if leaf in BN_LEAVES:  # FrozenBatchNorm or BatchNorm; their "bias" is the norm's bias too.
     return f"{prefix}.{BN_LEAVES[leaf]}", "vector"
   if leaf == "bias":
     return f"{prefix}.bias", "vector"
@@ -245,6 +280,16 @@ def dropped_keys(keys, arch: str) -> list[str]:
                 or (classifier and re.fullmatch(r"fc\.(weight|bias)", k)))
 
 
+def detection_arch_of(state_dict: Mapping[str, np.ndarray]) -> str | None:
+  """The Mask R-CNN arch whose box head a state dict's keys show, or None."""
+  keys = normalize_keys(state_dict)
+  if "roi_heads.box_head.fc6.weight" in keys:
+    return "maskrcnn_resnet50_fpn"
+  if "roi_heads.box_head.5.weight" in keys:
+    return "maskrcnn_resnet50_fpn_v2"
+  return None
+
+
 def num_classes_in(state_dict: Mapping[str, np.ndarray]) -> int | None:
   """segjax's K of a torchvision detection state dict: class-score rows less background."""
   w = normalize_keys(state_dict).get("roi_heads.box_predictor.cls_score.weight")
@@ -277,13 +322,13 @@ def convert_with_config(state_dict: Mapping[str, np.ndarray], arch: str,
   if arch in CLASSIFIER_ARCHS:
     targets = {p: t for p, t in targets.items() if p[1] == "backbone"}
   body = "backbone.body." if arch in DETECTION_ARCHS else ""
-  r = model.roi_heads.box_resolution
-  pooled = (r, r, model.fpn.out_channels)
+  r, box_convs = model.roi_heads.box_resolution, model.roi_heads.box_conv_dims
+  pooled = (r, r, box_convs[-1] if box_convs else model.fpn.out_channels)  # What fc1 reads.
   dropped = dropped_keys(state_dict, arch)
   out, used, missing, wrong, unmapped = {}, set(), [], [], []
   for path, target in targets.items():
     try:
-      key, kind = _torch_key(path[1:], body)
+      key, kind = _torch_key(path[1:], body, len(box_convs))
     except (KeyError, AttributeError):
       unmapped.append("/".join(path))
       continue
@@ -305,6 +350,8 @@ def convert_with_config(state_dict: Mapping[str, np.ndarray], arch: str,
   if problems:
     hint = (" (a different class count? pass num_classes)"
             if any("predictor" in w for w in wrong) else "")
+    if (guess := detection_arch_of(state_dict)) not in (None, arch):
+      hint = f" (its keys are those of {guess!r})"
     raise ValueError(f"Cannot convert these weights as {arch!r}{hint}: " + "; ".join(problems))
   return traverse_util.unflatten_dict(out), config, dropped
 

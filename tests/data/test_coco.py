@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from segjax.data import coco
+from segjax.errors import ConfigError
 from tests.coco_fixture import (
   CATEGORY_IDS,
   COLOURS,
@@ -202,3 +203,29 @@ def test_image_size_differing_from_json_raises_when_decoded(tmp_path):
   ds = coco.coco_instances(SPLIT, data_dir=fixture.data_dir)
   with pytest.raises(tf.errors.OpError, match=r"scene.png is 16x16 but .* height=20, width=30"):
     examples(ds)
+
+
+@pytest.mark.parametrize("category_ids", [tuple(range(1, 91)), (90, 3, 1)])
+def test_category_ids_fix_the_label_of_each_category(coco_data, category_ids):
+  # range(1, 91): torchvision's COCO labels, label l is category id l, ids absent from the
+  # file included. (90, 3, 1): any order.
+  label_of = {c: i + 1 for i, c in enumerate(category_ids)}
+  info = coco.load_coco(coco_data.annotation_file, category_ids)
+  assert info.category_ids == category_ids and info.num_classes == len(category_ids) + 1
+  names = {"one": 1, "three": 3, "ninety": 90}
+  for name, category in names.items():
+    assert info.class_names[label_of[category]] == name
+  assert info.class_names.count("N/A") == len(category_ids) - 3
+  got = examples(coco.coco_instances(SPLIT, data_dir=coco_data.data_dir,
+                                     category_ids=category_ids))
+  assert len(got) == len(IMAGE_IDS)
+  for example in got:
+    anns = coco_data.annotations(int(example["image_id"]))
+    assert list(example["classes"]) == [label_of[a["category_id"]] for a in anns]
+
+
+def test_category_ids_must_list_every_annotated_category_once(coco_data):
+  with pytest.raises(ConfigError, match=r"does not list: 90 \('ninety', 1 annotation\)"):
+    coco.coco_instances(SPLIT, data_dir=coco_data.data_dir, category_ids=(1, 3))
+  with pytest.raises(ConfigError, match="distinct"):
+    coco.load_coco(coco_data.annotation_file, (1, 3, 3, 90))

@@ -61,6 +61,31 @@ def test_output_size_matches_detectron2(h, w, short, long):
   assert float(scale) == pytest.approx(min(short / min(h, w), long / max(h, w)))
 
 
+def test_torchvision_output_size_floors_in_float64():
+  """torchvision's `math.floor(side * scale)`: 97 * (800 / 97) is 799.99999999999989."""
+  for (h, w), expected in {(97, 150): (799, 1237), (352, 416): (800, 945),
+                           (1200, 37): (1333, 41), (480, 640): (800, 1066)}.items():
+    new_h, new_w, _ = instance_ops.resize_output_size(h, w, 800, 1333, "torchvision")
+    assert (int(new_h), int(new_w)) == expected
+  assert [int(s) for s in instance_ops.resize_output_size(97, 150, 800, 1333)[:2]] == [800, 1237]
+  with pytest.raises(ValueError, match="Unknown resize convention 'caffe2'"):
+    instance_ops.resize_output_size(97, 150, 800, 1333, "caffe2")
+
+
+@pytest.mark.parametrize("in_dataset", [False, True])
+def test_torchvision_resize_keeps_the_float_image(in_dataset):
+  """Unrounded float32 (torch's bilinear: tests/weights/test_torchvision_predict.py compares
+  it with torch); boxes and masks move as with detectron2's rule."""
+  features = example()
+  out = run(lambda f: instance_ops.resize_shorter_longer(f, 16, 24, "torchvision"), features,
+            in_dataset)
+  assert out["image"].shape == (14, 24, 3) and out["image"].dtype == np.float32
+  assert not np.array_equal(out["image"], np.round(out["image"]))
+  reference = instance_ops.resize_shorter_longer(features, 16, 24)
+  for key in ("boxes", "instance_masks", "image_size", "scale"):
+    np.testing.assert_array_equal(out[key], reference[key])
+
+
 @pytest.mark.parametrize("in_dataset", [False, True])
 def test_resize_moves_boxes_masks_and_records_size(in_dataset):
   features = example()

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from segjax.models import fpn
 
@@ -48,3 +49,32 @@ def test_top_down_sums_p6_and_odd_sizes():
     np.testing.assert_allclose(aux[f"top_down_{l}"], expected, rtol=1e-5, atol=1e-5)
   assert [out[f"p{l}"].shape[1:3] for l in range(2, 7)] == sizes + [(1, 1)]
   np.testing.assert_array_equal(out["p6"], out["p5"][:, ::2, ::2])
+
+
+def test_norm_makes_the_convs_bias_free_and_keeps_the_default_tree():
+  c = stages([(16, 24), (8, 12), (4, 6), (2, 3)], (256, 512, 1024, 2048))
+  init = lambda m: jax.eval_shape(lambda: m.init(KEY, c))
+  default, bn, gn = init(fpn.FPN()), init(fpn.FPN(norm="bn")), init(fpn.FPN(norm="gn"))
+  assert sorted(default) == ["params"] and sorted(default["params"]["lateral_2"]) == [
+    "bias", "kernel"]
+  # torchvision FeaturePyramidNetwork(..., norm_layer=BatchNorm2d) (maskrcnn_resnet50_fpn_v2).
+  assert num_params(bn["params"]) == 3_346_432
+  assert sorted(bn["params"]["lateral_2"]) == ["kernel"]
+  assert sorted(bn["params"]["output_5_norm"]) == ["bias", "scale"]
+  assert sorted(bn["batch_stats"]["lateral_3_norm"]) == ["mean", "var"]
+  assert num_params(gn["params"]) == 3_346_432 and "batch_stats" not in gn
+  with pytest.raises(ValueError, match="Unknown norm 'ln'"):
+    init(fpn.FPN(norm="ln"))
+
+
+def test_batch_norm_trains_on_batch_statistics():
+  c = stages([(4, 4), (2, 2), (1, 1), (1, 1)], (2, 3, 4, 5), batch=2)
+  model = fpn.FPN(out_channels=3, norm="bn")
+  variables = model.init(KEY, c)
+  (out, _), updates = model.apply(variables, c, train=True, mutable=["batch_stats"])
+  # Initial running statistics are (0, 1): eval mode is the identity norm, train mode is not.
+  p2 = np.asarray(out["p2"])
+  np.testing.assert_allclose(p2.mean((0, 1, 2)), 0.0, atol=1e-5)
+  assert not np.allclose(updates["batch_stats"]["output_2_norm"]["mean"], 0.0)
+  eval_out, _ = model.apply(variables, c)
+  assert not np.allclose(eval_out["p2"], p2)

@@ -171,12 +171,13 @@ def test_create_model_builds_nested_sections():
     create_model(ml_collections.ConfigDict(dict(name="mask_rcnn", rpn=dict(topk=3))))
 
 
-def test_axis_name_reaches_the_backbone_only():
+def test_axis_name_reaches_every_part_with_batch_norm():
   config = dict(name="mask_rcnn", backbone=dict(depth=18, base_width=8, norm="bn"))
   model = create_model({**config, "axis_name": "batch"})
   assert model.backbone.axis_name == "batch" and model.backbone.norm == "bn"
+  assert model.fpn.axis_name == model.roi_heads.axis_name == "batch"
   assert create_model(config).backbone.axis_name is None
-  # The same parameter tree: the backbone keeps its name.
+  # The same parameter tree: the parts keep their names.
   x = jnp.zeros((1, H, W, 3))
   init = lambda m: jax.eval_shape(lambda: m.init(KEY, x, train=False))
   assert jax.tree.structure(init(model)) == jax.tree.structure(init(create_model(config)))
@@ -190,3 +191,27 @@ def test_check_batch_fails_early():
   batch["instance_masks"] = batch["instance_masks"][:, :, :32]
   with pytest.raises(ValueError, match="instance_masks"):
     mask_rcnn.check_batch(batch)
+
+
+def test_batch_norm_in_fpn_and_heads_trains_its_statistics():
+  # torchvision maskrcnn_resnet50_fpn_v2's options on the toy: BN in the FPN and both heads,
+  # two RPN convs, a conv box head. Traced only: the losses and the updated statistics.
+  model = toy_model(box_conv_dims=(16, 16), norm="bn")
+  model = model.clone(fpn=FPN(out_channels=16, norm="bn"), rpn=model.rpn.clone(num_convs=2),
+                      roi_heads=model.roi_heads.clone(fc_dims=(32,)))
+  batch = synthetic_batch()
+
+  def run():
+    variables = model.init(KEY, batch["image"], train=False,
+                           method=mask_rcnn.MaskRCNN.initialize)
+    return variables, mask_rcnn.loss_fn(variables, batch, KEY, model=model)
+
+  variables, (loss, (metrics, updates)) = jax.eval_shape(run)
+  assert loss.shape == () and "loss_mask" in metrics
+  stats = updates["batch_stats"]
+  assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+  assert sorted(stats["fpn"]) == [f"{k}_{l}_norm" for k in ("lateral", "output")
+                                  for l in range(2, 6)]
+  assert sorted(stats["roi_heads"]["box_head"]) == ["conv1_norm", "conv2_norm"]
+  assert sorted(variables["params"]["rpn"]) == ["anchor_deltas", "conv", "conv2",
+                                                "objectness_logits"]

@@ -52,7 +52,7 @@ def test_stage_shapes(depth, channels):
   _, (out, aux) = init_shapes(resnet.ResNet(depth=depth), (2, 64, 96, 3))
   assert {k: v.shape for k, v in out.items()} == {
       f"c{l}": (2, 64 // 2**l, 96 // 2**l, c) for l, c in zip(range(2, 6), channels)}
-  assert aux["stem"].shape == (2, 16, 24, 64)
+  assert aux["stem"].shape == (2, 16, 24, 64) and aux["c1"].shape == (2, 32, 48, 64)
   assert all(v.dtype == jnp.float32 for v in out.values())
 
 

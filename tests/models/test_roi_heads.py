@@ -29,6 +29,43 @@ def test_head_shapes_and_torchvision_parameter_counts():
   assert num_params(mv["params"]) == 2_360_320 + 285_787
 
 
+def test_conv_box_head_and_normed_heads_match_torchvision_v2_parameter_counts():
+  # maskrcnn_resnet50_fpn_v2: FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], BatchNorm2d)
+  # 15,207,424; MaskRCNNHeads(256, [256] * 4, 1, BatchNorm2d) 2,361,344; predictors as v1.
+  box = roi_heads.BoxHead(num_classes=90, fc_dims=(1024,), conv_dims=(256,) * 4, norm="bn")
+  mask = roi_heads.MaskHead(num_classes=90, norm="bn")
+  x7, x14 = jnp.zeros((2, 5, 7, 7, 256)), jnp.zeros((2, 5, 14, 14, 256))
+  bv, (logits, deltas) = jax.eval_shape(lambda: box.init_with_output(KEY, x7)[::-1])
+  mv, masks = jax.eval_shape(lambda: mask.init_with_output(KEY, x14)[::-1])
+  assert (logits.shape, deltas.shape, masks.shape) == ((2, 5, 91), (2, 5, 91, 4),
+                                                       (2, 5, 28, 28, 91))
+  assert num_params(bv["params"]) == 15_207_424 + 466_375
+  assert num_params(mv["params"]) == 2_361_344 + 285_787
+  assert sorted(bv["params"]["conv1"]) == ["kernel"]  # Bias-free before a norm.
+  assert sorted(bv["batch_stats"]) == [f"conv{i}_norm" for i in range(1, 5)]
+  assert sorted(mv["batch_stats"]) == [f"mask_fcn{i}_norm" for i in range(1, 5)]
+  gn = roi_heads.MaskHead(num_classes=90, norm="gn")
+  gv = jax.eval_shape(lambda: gn.init(KEY, x14))
+  assert num_params(gv["params"]) == 2_361_344 + 285_787 and "batch_stats" not in gv
+
+
+def test_batch_norm_statistics_count_only_valid_rois():
+  head = roi_heads.BoxHead(num_classes=2, fc_dims=(8,), conv_dims=(4,), norm="bn")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 7, 3)), jnp.float32)
+  valid = np.ones((2, 5), bool)
+  valid[0, 3:] = valid[1, 1] = False
+  variables = head.init(KEY, x)
+  run = lambda x, v: head.apply(variables, x, train=True, valid=v, mutable=["batch_stats"])
+  (logits, _), stats = run(x.at[~valid].set(100.0), valid)  # Padding must not count.
+  (ref_logits, _), ref_stats = run(x[valid], None)
+  np.testing.assert_allclose(logits[valid], ref_logits, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               stats, ref_stats)
+  # No valid ROI (no foreground for the mask head): all rows count rather than none (NaN).
+  (logits, _), stats = run(x, np.zeros((2, 5), bool))
+  assert np.isfinite(logits).all() and all(np.isfinite(v).all() for v in jax.tree.leaves(stats))
+
+
 def _sample(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, **kw):
   fn = functools.partial(roi_heads.label_and_sample_proposals, **kw)
   return jax.jit(fn)(jnp.asarray(proposals, jnp.float32), jnp.asarray(proposal_valid),

@@ -53,6 +53,16 @@ def test_head_reshape_follows_anchor_order():
   np.testing.assert_allclose(deltas[0][0], np.maximum(x, 0).reshape(-1, 4), rtol=1e-6)
 
 
+def test_num_convs_stacks_shared_convs():
+  features = {f"p{l}": jnp.zeros((1, 2, 2, 256)) for l in range(2, 7)}
+  variables = jax.eval_shape(lambda: rpn.RPN(num_convs=2).init(KEY, features))
+  assert sorted(variables["params"]) == ["anchor_deltas", "conv", "conv2", "objectness_logits"]
+  # torchvision RPNHead(256, 3, conv_depth=2) (maskrcnn_resnet50_fpn_v2).
+  assert num_params(variables["params"]) == 1_184_015
+  with pytest.raises(ValueError, match="num_convs >= 1"):
+    rpn.RPN(num_convs=0).init(KEY, features)
+
+
 def _proposals(objectness, deltas, anchors, image_size, **kw):
   fn = functools.partial(rpn.generate_proposals, **kw)
   return jax.jit(fn)([jnp.asarray(o, jnp.float32) for o in objectness],

@@ -205,7 +205,7 @@ def test_create_model_from_config():
 
 
 def test_create_model_errors_name_the_choices():
-  with pytest.raises(ValueError, match=r"'segnet'.*\['mask_rcnn', 'unet'\]"):
+  with pytest.raises(ValueError, match=r"'segnet'.*\['mask_rcnn', 'unet', 'unet_resnet'\]"):
     create_model(ml_collections.ConfigDict(dict(name="segnet", num_classes=2)))
   with pytest.raises(ValueError, match="widht"):
     create_model(ml_collections.ConfigDict(dict(name="unet", num_classes=2, widht=3)))

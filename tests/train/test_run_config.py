@@ -23,7 +23,8 @@ def test_image_size_of_one_int_means_a_square(value, expected):
 @pytest.mark.parametrize("value, message", [
   ((32, 32, 3), r"image_size=\(32, 32, 3\): give \(height, width\)"),
   ((0, 32), r"image_size=\(0, 32\)"),
-  ((30, 32), r"image_size=\(30, 32\) must be divisible by the model's stride 4 \(2\*\*model.depth\)"),
+  ((30, 32), r"image_size=\(30, 32\) must be divisible by the model's stride 4 "
+             r"\(2\*\*model.depth\)"),
 ])
 def test_bad_image_size_names_the_key(value, message):
   config = unet_shapes.get_config("tiny")

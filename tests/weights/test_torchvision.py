@@ -21,7 +21,13 @@ from segjax import ops
 from segjax.models.resnet import ResNet
 from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
-from tests.weights.conftest import MASK_RCNN, random_images, randomize_and_calibrate
+from tests.weights.conftest import (
+  MASK_RCNN,
+  assert_close,
+  nhwc,
+  random_images,
+  randomize_and_calibrate,
+)
 
 try:
   import torch
@@ -34,19 +40,6 @@ except ImportError:
 # One worker builds the torchvision models once for all tests (pytest-xdist --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("torchvision_import")
 H, W = 352, 416  # Non-square, multiples of 32: every FPN level is an exact 2x of the next.
-
-
-def assert_close(actual, expected, rel=1e-4):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  scale = np.max(np.abs(expected))
-  error = np.max(np.abs(actual - expected))
-  assert scale > 1e-3, scale  # A vanishing reference would compare nothing.
-  assert error <= rel * scale, f"max error {error:.3g} > {rel} x max |expected| {scale:.3g}"
-
-
-def nhwc(t):
-  return t.detach().permute(0, 2, 3, 1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +223,7 @@ def test_conversion_errors_name_the_keys(tv_mask_rcnn):
                      r"params/roi_heads/box_head/cls_score/kernel \(1024, 5\)"):
     tvw.convert(sd, MASK_RCNN, num_classes=4)
   with pytest.raises(ValueError, match="Unknown arch"):
-    tvw.convert(sd, "maskrcnn_resnet50_fpn_v2")
+    tvw.convert(sd, "maskrcnn_resnet101_fpn")
 
 
 def test_model_config_records_torchvision_labels():
