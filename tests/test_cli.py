@@ -45,10 +45,10 @@ class Exited:
     return lines[0]
 
 
-def run(args, *, slow_reads=False, patch="", on_line=None) -> Exited:
+def run(args, *, slow_reads=False, patch="", on_line=None, env=None) -> Exited:
   """Runs `python ARGS` in REPO in a new session; `patch` (Python) runs before the entry
-  point's module; `on_line(line, proc)` sees each line of stdout."""
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+  point's module; `on_line(line, proc)` sees each line of stdout; `env` adds variables."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
   if slow_reads:
     patch += textwrap.dedent("""
       import time
@@ -282,7 +282,8 @@ def test_sigterm_while_compiling_saves_and_exits(tmp_path):
 
   exited = run(["train.py", *TINY_SHAPES, "--workdir", str(tmp_path),
                 "--config.num_train_steps=100000", "--config.eval_every_steps=100000",
-                "--config.checkpoint_every_steps=100000"], on_line=terminate_when_compiling)
+                "--config.checkpoint_every_steps=100000"], on_line=terminate_when_compiling,
+               env={"JAX_ENABLE_COMPILATION_CACHE": "false"})  # Really compiling: step 1.
   assert exited.returncode == 143, exited.stderr[-3000:]
   assert re.search(r"terminated: SIGTERM: stopped at step 1; checkpoint saved",
                    exited.cause())
