@@ -1,5 +1,6 @@
 """Folder source decoding: Pillow for image and mask (segjax.data.folder, errors name the
-file) against the previous tf.io.decode_image for the image, interleaved A/B.
+file) against the previous tf.io.decode_image for the image, and the cost of checking every
+mask value against the class count (`num_classes`), interleaved A/B/C.
 
   python benchmarks/folder_decode.py [--images 96 --size 360,480 --rounds 5]
 
@@ -64,7 +65,9 @@ def main():
     with tempfile.TemporaryDirectory() as root:
       write_folder(root, args.images, size, ext)
       sources = {"pillow (now)": lambda: folder.image_folder("train", data_dir=root),
-                 "tf decode (before)": lambda: previous_source(root)}
+                 "tf decode (before)": lambda: previous_source(root),
+                 "pillow + class check": lambda: folder.image_folder("train", data_dir=root,
+                                                                      num_classes=12)}
       rates = {name: [] for name in sources}
       for _ in range(args.rounds):  # Interleaved: A B A B.
         for name, make in sources.items():
@@ -72,7 +75,8 @@ def main():
       medians = {name: statistics.median(r) for name, r in rates.items()}
       print(f"{ext} {size[0]}x{size[1]}, {args.images} images, load {os.getloadavg()[0]:.2f}: "
             + ", ".join(f"{n} {m:.0f} images/s" for n, m in medians.items())
-            + f"; ratio now/before {medians['pillow (now)'] / medians['tf decode (before)']:.2f}")
+            + f"; ratio now/before {medians['pillow (now)'] / medians['tf decode (before)']:.2f}"
+            + f"; class check/none {medians['pillow + class check'] / medians['pillow (now)']:.2f}")
 
 
 if __name__ == "__main__":

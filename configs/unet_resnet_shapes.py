@@ -25,7 +25,7 @@ from configs import unet_shapes
 
 
 def get_config(arg=None):
-  config = unet_shapes.get_config()
+  config = unet_shapes.get_config(arg)
   # Below unet_shapes.py's 3e-3: Adam's steps are large next to 512-channel convs' weights.
   config.learning_rate = 1e-3
   # A workdir whose latest checkpoint's variables (by path) initialise a fresh run
@@ -40,17 +40,8 @@ def get_config(arg=None):
   config.model.decoder_channels = (64, 32, 16, 16, 8)
   config.model.decoder_norm = "batch"
 
-  if arg == "tiny":
-    config.batch_size = 4
-    config.eval_batch_size = 6
-    config.image_size = (32, 32)
+  if arg == "tiny":  # unet_shapes.py's tiny run settings, half as long.
     config.num_train_steps = 10
-    config.warmup_steps = 2
-    config.log_every_steps = 5
-    config.eval_every_steps = 10
-    config.checkpoint_every_steps = 10
-    config.dataset.train_kwargs.num_examples = 40
-    config.dataset.eval_kwargs.num_examples = 10
     config.model.backbone.base_width = 8
     config.model.backbone.norm = "bn"
     config.model.decoder_channels = (32, 16, 16, 8, 8)

@@ -24,7 +24,6 @@ from segjax.data import coco, to_coco
 from segjax.data.folder import list_pairs
 
 LAYOUT_KEYS = ("images_dir", "masks_dir", "mask_pattern")
-CLASS_KEYS = ("classes_dir", "classes_file", "class_names")
 DEFAULTS = dict(images_dir="{split}/images", masks_dir="{split}/masks", mask_pattern="{stem}.png",
                 classes_dir=None, classes_file=None, class_names=to_coco.DEFAULT_CLASS_NAMES)
 
@@ -36,10 +35,7 @@ def cache_dir() -> str:
 
 def conversion_kwargs(dataset: ml_collections.ConfigDict) -> dict:
   """The keys of `to_coco.instance_folder_to_coco` that `dataset` sets."""
-  kwargs = {k: dataset[k] for k in LAYOUT_KEYS + CLASS_KEYS if dataset.get(k) is not None}
-  if "class_names" in kwargs:
-    kwargs["class_names"] = tuple(kwargs["class_names"])
-  return kwargs
+  return {k: dataset[k] for k in DEFAULTS if dataset.get(k) is not None}
 
 
 def annotation_file(data_dir: str, split: str, **kwargs) -> str:
@@ -65,16 +61,13 @@ def annotation_file(data_dir: str, split: str, **kwargs) -> str:
   return path
 
 
-def instance_folder(split: str, *, data_dir: str | None, images_dir: str = "{split}/images",
-                    masks_dir: str = "{split}/masks", mask_pattern: str = "{stem}.png",
-                    classes_dir: str | None = None, classes_file: str | None = None,
-                    class_names=to_coco.DEFAULT_CLASS_NAMES, **kwargs):
-  """`segjax.data.coco.coco_instances` of the split's converted JSON; `kwargs` as its."""
+def instance_folder(split: str, *, data_dir: str | None, **kwargs):
+  """`segjax.data.coco.coco_instances` of the split's converted JSON: `kwargs` holds the
+  conversion keys (`DEFAULTS`' names) and `coco_instances`' own."""
   if data_dir is None:
     raise ValueError("instance_folder needs dataset.data_dir: the folder holding the images "
                      "and masks.")
-  path = annotation_file(data_dir, split, images_dir=images_dir, masks_dir=masks_dir,
-                         mask_pattern=mask_pattern, classes_dir=classes_dir,
-                         classes_file=classes_file, class_names=tuple(class_names))
+  conversion = {k: kwargs.pop(k) for k in DEFAULTS if k in kwargs}
+  path = annotation_file(data_dir, split, **conversion)
   return coco.coco_instances(split, data_dir=data_dir, annotation_file=path, image_dir=data_dir,
                              **kwargs)

@@ -34,6 +34,11 @@ def apply_model(model, variables: dict, image: jax.Array, rng: jax.Array | None,
   return logits, updates
 
 
+def logits_fn(model, variables: dict):
+  """`images -> logits` of the model in inference mode (what `sliding` and analysis call)."""
+  return lambda image: apply_model(model, variables, image, None, train=False)[0]
+
+
 def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
             ignore_label: int = 255, class_weights=None, axis_name: str | None = None) -> tuple:
   """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch.
@@ -75,8 +80,7 @@ def native_eval_step(variables: dict, batch: dict, *, model, num_classes: int,
   """`eval_step` for whole/slide batches (`segjax.data.pipeline.eval_dataset`): scores from
   `infer(apply_fn, image, image_size, mask_size, mask_shape)` (`segjax.ops.sliding.
   dense_probabilities` bound to the evaluation settings) at the masks' original size."""
-  apply_fn = lambda image: apply_model(model, variables, image, None, train=False)[0]  # noqa: E731
-  scores = infer(apply_fn, batch["image"], batch["image_size"], batch["mask_size"],
+  scores = infer(logits_fn(model, variables), batch["image"], batch["image_size"], batch["mask_size"],
                  batch["mask"].shape[1:3])
   return eval_counts(scores, batch, num_classes=num_classes, ignore_label=ignore_label)
 
@@ -164,7 +168,7 @@ def bind_predict(config: ml_collections.ConfigDict, model):
   infer = None if resize_mode else bind_inference(config)
 
   def predict(variables: dict, batch: dict) -> dict:
-    apply_fn = lambda image: apply_model(model, variables, image, None, train=False)[0]  # noqa: E731
+    apply_fn = logits_fn(model, variables)
     image, size = batch["image"], batch["image_size"]
     if infer is None:
       scores = apply_fn(image).astype(jnp.float32)

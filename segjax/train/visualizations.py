@@ -47,14 +47,13 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
                    directory: str, count: int) -> list[str]:
   """Panels image | ground truth | prediction of the first `count` eval examples."""
   variables = parallel.fetch(variables)  # This process's copy: no collective, any process.
-  apply = lambda v, x: semantic.apply_model(model, v, x, None, train=False)[0]  # noqa: E731
   if getattr(evaluator, "canvas", None) is None:  # "resize": images and masks of one size.
-    labels = jax.jit(lambda v, x: jnp.argmax(apply(v, x), -1))
+    labels = jax.jit(lambda v, x: jnp.argmax(semantic.logits_fn(model, v)(x), -1))
     predict = lambda batch: {"mask": labels(variables, batch["image"])}
   else:  # "whole"/"slide": the evaluator's scores, at each mask's original size.
     infer = semantic.bind_inference(config)
     labels = jax.jit(lambda v, b: jnp.argmax(infer(
-      functools.partial(apply, v), b["image"], b["image_size"], b["mask_size"],
+      semantic.logits_fn(model, v), b["image"], b["image_size"], b["mask_size"],
       b["mask"].shape[1:3]), -1))
     predict = lambda batch: {"mask": labels(variables, batch)}
 
