@@ -5,8 +5,9 @@ from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file the model was trained with.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file the model was trained with.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
 flags.DEFINE_integer("num_visualizations", 0, "PNG panels to write to WORKDIR/visualizations/.")
 cli.define_distributed_flags()
@@ -20,8 +21,12 @@ def main(argv):
   cli.initialize_distributed()
   from segjax.train.evaluation import evaluate_checkpoint
 
-  evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.num_visualizations,
-                      report=lambda metrics: print(cli.format_metrics(metrics), flush=True))
+  evaluate_checkpoint(
+    flags.FLAGS.config,
+    flags.FLAGS.workdir,
+    flags.FLAGS.num_visualizations,
+    report=lambda metrics: print(cli.format_metrics(metrics), flush=True),
+  )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def write_folder(root, count, size, ext):
   for i in range(count):
     Image.fromarray(np.roll(base, i, 0)).save(os.path.join(root, "train", "images", f"{i}{ext}"))
     Image.fromarray((np.roll(base[..., 0], i, 1) % 12).astype(np.uint8)).save(
-      os.path.join(root, "train", "masks", f"{i}.png"))
+      os.path.join(root, "train", "masks", f"{i}.png")
+    )
 
 
 def previous_source(data_dir):
@@ -39,12 +40,14 @@ def previous_source(data_dir):
 
   def decode(image_path, mask_path):
     image = tf.io.decode_image(tf.io.read_file(image_path), channels=3, expand_animations=False)
-    mask = tf.numpy_function(lambda p: np.asarray(Image.open(p.decode())), [mask_path],
-                             tf.uint8, stateful=False)
+    mask = tf.numpy_function(
+      lambda p: np.asarray(Image.open(p.decode())), [mask_path], tf.uint8, stateful=False
+    )
     return {"image": image, "mask": mask}
 
   return tf.data.Dataset.from_tensor_slices((images, masks)).map(
-    decode, num_parallel_calls=tf.data.AUTOTUNE)
+    decode, num_parallel_calls=tf.data.AUTOTUNE
+  )
 
 
 def images_per_second(ds, count):
@@ -64,19 +67,22 @@ def main():
   for ext in (".png", ".jpg"):
     with tempfile.TemporaryDirectory() as root:
       write_folder(root, args.images, size, ext)
-      sources = {"pillow (now)": lambda: folder.image_folder("train", data_dir=root),
-                 "tf decode (before)": lambda: previous_source(root),
-                 "pillow + class check": lambda: folder.image_folder("train", data_dir=root,
-                                                                      num_classes=12)}
+      sources = {
+        "pillow (now)": lambda: folder.image_folder("train", data_dir=root),
+        "tf decode (before)": lambda: previous_source(root),
+        "pillow + class check": lambda: folder.image_folder("train", data_dir=root, num_classes=12),
+      }
       rates = {name: [] for name in sources}
       for _ in range(args.rounds):  # Interleaved: A B A B.
         for name, make in sources.items():
           rates[name].append(images_per_second(make(), args.images))
       medians = {name: statistics.median(r) for name, r in rates.items()}
-      print(f"{ext} {size[0]}x{size[1]}, {args.images} images, load {os.getloadavg()[0]:.2f}: "
-            + ", ".join(f"{n} {m:.0f} images/s" for n, m in medians.items())
-            + f"; ratio now/before {medians['pillow (now)'] / medians['tf decode (before)']:.2f}"
-            + f"; class check/none {medians['pillow + class check'] / medians['pillow (now)']:.2f}")
+      print(
+        f"{ext} {size[0]}x{size[1]}, {args.images} images, load {os.getloadavg()[0]:.2f}: "
+        + ", ".join(f"{n} {m:.0f} images/s" for n, m in medians.items())
+        + f"; ratio now/before {medians['pillow (now)'] / medians['tf decode (before)']:.2f}"
+        + f"; class check/none {medians['pillow + class check'] / medians['pillow (now)']:.2f}"
+      )
 
 
 if __name__ == "__main__":

@@ -41,20 +41,40 @@ SETTINGS = {
     title="R50-FPN, 91 classes (torchvision maskrcnn_resnet50_fpn)",
     model=dict(name="mask_rcnn", roi_heads=dict(num_classes=90)),
     optimizer=dict(optimizer="sgd", learning_rate=0.02, weight_decay=1e-4, grad_clip_norm=0.0),
-    max_instances=100, batch_sizes=(1, 2), image_size=800, repeats=2),
+    max_instances=100,
+    batch_sizes=(1, 2),
+    image_size=800,
+    repeats=2,
+  ),
   "toy": dict(
     title="toy shapes-sized (ResNet-18, base width 16, FPN 64, 4 classes)",
     model=dict(
-      name="mask_rcnn", backbone=dict(depth=18, base_width=16, norm="bn", freeze_at=0),
+      name="mask_rcnn",
+      backbone=dict(depth=18, base_width=16, norm="bn", freeze_at=0),
       fpn=dict(out_channels=64),
-      rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=256,
-               pre_nms_topk_test=128, post_nms_topk_train=128, post_nms_topk_test=64,
-               batch_size_per_image=64),
-      roi_heads=dict(num_classes=4, batch_size_per_image=64, fc_dims=(128, 128),
-                     mask_conv_dims=(64, 64), sampling_ratio=2, detections_per_image=16)),
-    optimizer=dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
-                   grad_clip_norm=10.0),
-    max_instances=8, batch_sizes=(8,), image_size=64, repeats=10),
+      rpn=dict(
+        anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+        pre_nms_topk_train=256,
+        pre_nms_topk_test=128,
+        post_nms_topk_train=128,
+        post_nms_topk_test=64,
+        batch_size_per_image=64,
+      ),
+      roi_heads=dict(
+        num_classes=4,
+        batch_size_per_image=64,
+        fc_dims=(128, 128),
+        mask_conv_dims=(64, 64),
+        sampling_ratio=2,
+        detections_per_image=16,
+      ),
+    ),
+    optimizer=dict(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, grad_clip_norm=10.0),
+    max_instances=8,
+    batch_sizes=(8,),
+    image_size=64,
+    repeats=10,
+  ),
 }
 
 
@@ -71,7 +91,8 @@ def _time_steps(train, predict, state, batch, key, repeats, warmup):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   predict_compiled, predict_compile = compile_timed(predict, variables, batch)
   predict_s = median_seconds(
-    lambda: jax.block_until_ready(predict_compiled(variables, batch)), repeats, warmup)
+    lambda: jax.block_until_ready(predict_compiled(variables, batch)), repeats, warmup
+  )
   return (train_s, train_compile), (predict_s, predict_compile)
 
 
@@ -90,11 +111,17 @@ def synthetic_batch(b: int, size: int, g: int, num_classes: int, seed: int = 0) 
       x1, y1 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
       boxes[i, j] = (x1, y1, x1 + w, y1 + h)
       classes[i, j] = rng.integers(1, num_classes + 1)
-      masks[i, j, y1:y1 + h, x1:x1 + w] = 1
-      image[i, y1:y1 + h, x1:x1 + w, j % 3] += 1.0
+      masks[i, j, y1 : y1 + h, x1 : x1 + w] = 1
+      image[i, y1 : y1 + h, x1 : x1 + w, j % 3] += 1.0
       valid[i, j] = True
-  return {"image": image, "boxes": boxes, "classes": classes, "instance_masks": masks,
-          "valid": valid, "image_size": np.full((b, 2), size, np.int32)}
+  return {
+    "image": image,
+    "boxes": boxes,
+    "classes": classes,
+    "instance_masks": masks,
+    "valid": valid,
+    "image_size": np.full((b, 2), size, np.int32),
+  }
 
 
 def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> None:
@@ -104,32 +131,44 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
 
   settings = SETTINGS[name]
   model = create_model(ml_collections.ConfigDict(settings["model"]))
-  config = ml_collections.ConfigDict(dict(
-    **settings["optimizer"], schedule="constant", warmup_steps=10, num_train_steps=1000))
+  config = ml_collections.ConfigDict(
+    dict(**settings["optimizer"], schedule="constant", warmup_steps=10, num_train_steps=1000)
+  )
   g, k = settings["max_instances"], model.roi_heads.num_classes
   note = "" if name != "r50" or size == 800 else " (reduced from torchvision's 800x800 for a CPU)"
-  print(f"Mask R-CNN {settings['title']}: image {size}x{size}{note}, G={g} ground-truth "
-        f"slots, {config.optimizer}, backbone dtype {np.dtype(model.backbone.dtype).name}, "
-        f"on {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+  print(
+    f"Mask R-CNN {settings['title']}: image {size}x{size}{note}, G={g} ground-truth "
+    f"slots, {config.optimizer}, backbone dtype {np.dtype(model.backbone.dtype).name}, "
+    f"on {jax.device_count()} x {jax.devices()[0].device_kind}",
+    flush=True,
+  )
 
   key = jax.random.key(0)
   # Parameter shapes do not depend on the image size: initialize on a small image.
   init = jax.jit(functools.partial(state_lib.create_train_state, model, config))
   fresh_state = init(key, np.zeros((1, 64, 64, 3), np.float32))
-  train = jax.jit(functools.partial(
-    steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)),
-    donate_argnums=0)
+  train = jax.jit(
+    functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)),
+    donate_argnums=0,
+  )
   predict = jax.jit(functools.partial(mask_rcnn.predict, model=model))
   for b in batch_sizes:
     batch = jax.device_put(synthetic_batch(b, size, g, k))
     state = jax.tree.map(lambda x: x.copy(), fresh_state)  # The step donates it.
     (train_s, train_compile), (predict_s, predict_compile) = _time_steps(
-      train, predict, state, batch, key, repeats, warmup)
-    print(f"  batch {b}: train     {1e3 * train_s:9.1f} ms/step   ({b / train_s:7.2f} images/s, "
-          f"median of {repeats}; compile {train_compile:.1f} s)", flush=True)
-    print(f"  batch {b}: inference {1e3 * predict_s / b:9.1f} ms/image  (step "
-          f"{1e3 * predict_s:.1f} ms, median of {repeats}; compile {predict_compile:.1f} s)",
-          flush=True)
+      train, predict, state, batch, key, repeats, warmup
+    )
+    print(
+      f"  batch {b}: train     {1e3 * train_s:9.1f} ms/step   ({b / train_s:7.2f} images/s, "
+      f"median of {repeats}; compile {train_compile:.1f} s)",
+      flush=True,
+    )
+    print(
+      f"  batch {b}: inference {1e3 * predict_s / b:9.1f} ms/image  (step "
+      f"{1e3 * predict_s:.1f} ms, median of {repeats}; compile {predict_compile:.1f} s)",
+      flush=True,
+    )
+
 
 def main(argv):
   del argv
@@ -137,8 +176,13 @@ def main(argv):
   for name in ("r50", "toy") if f.model == "all" else (f.model,):
     settings = SETTINGS[name]
     batch_sizes = [int(b) for b in f.batch_sizes] if f.batch_sizes else settings["batch_sizes"]
-    measure(name, batch_sizes, f.image_size or settings["image_size"],
-            f.repeats or settings["repeats"], f.warmup)
+    measure(
+      name,
+      batch_sizes,
+      f.image_size or settings["image_size"],
+      f.repeats or settings["repeats"],
+      f.warmup,
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def measure(name, fn, *args, repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  print(f"{name:<58} compile {compile_s:7.2f} s   median {np.median(times) * 1e3:9.1f} ms",
-        flush=True)
+  print(
+    f"{name:<58} compile {compile_s:7.2f} s   median {np.median(times) * 1e3:9.1f} ms", flush=True
+  )
 
 
 def random_boxes(rng, n, min_size, max_size):
@@ -40,8 +41,10 @@ def random_boxes(rng, n, min_size, max_size):
 
 
 def bench_roi_align(rng, repeats):
-  maps = [jnp.asarray(rng.normal(size=(IMAGE[0] >> l, IMAGE[1] >> l, 256)), jnp.float32)
-          for l in range(2, 6)]
+  maps = [
+    jnp.asarray(rng.normal(size=(IMAGE[0] >> l, IMAGE[1] >> l, 256)), jnp.float32)
+    for l in range(2, 6)
+  ]
   # Sizes spread over all four levels (32 to 700 pixels).
   rois = random_boxes(rng, 512, 32, 700)
   levels = np.bincount(np.asarray(ops.assign_boxes_to_levels(rois)), minlength=6)[2:]
@@ -49,11 +52,17 @@ def bench_roi_align(rng, repeats):
   for size in ((7, 7), (14, 14)):
     for sr in (0, 2):
       pool = lambda f, b, size=size, sr=sr: ops.multilevel_roi_align(f, b, size, sr)
-      measure(f"  multilevel_roi_align {size} sampling_ratio={sr}", pool, maps, rois,
-              repeats=repeats)
+      measure(
+        f"  multilevel_roi_align {size} sampling_ratio={sr}", pool, maps, rois, repeats=repeats
+      )
   grad = jax.grad(lambda f, b: jnp.sum(ops.multilevel_roi_align(f, b, (7, 7), 0) ** 2))
-  measure("  gradient wrt features, (7, 7) sampling_ratio=0", grad, maps, rois,
-          repeats=max(1, repeats // 2))
+  measure(
+    "  gradient wrt features, (7, 7) sampling_ratio=0",
+    grad,
+    maps,
+    rois,
+    repeats=max(1, repeats // 2),
+  )
 
 
 def bench_nms(rng, repeats):
@@ -66,11 +75,21 @@ def bench_nms(rng, repeats):
     scores = jnp.asarray(rng.uniform(size=n), jnp.float32)
     classes = jnp.asarray(rng.integers(0, 80, n), jnp.int32)
     kept = int(ops.nms(boxes, scores, 0.7, 1000)[1].sum())
-    measure(f"NMS {n} boxes, IoU 0.7, max_output 1000 ({kept} kept)",
-            lambda b, s: ops.nms(b, s, 0.7, 1000), boxes, scores, repeats=repeats)
-    measure(f"batched_nms {n} boxes, 80 classes, IoU 0.5, max_output 100",
-            lambda b, s, c: ops.batched_nms(b, s, c, 0.5, 100), boxes, scores, classes,
-            repeats=repeats)
+    measure(
+      f"NMS {n} boxes, IoU 0.7, max_output 1000 ({kept} kept)",
+      lambda b, s: ops.nms(b, s, 0.7, 1000),
+      boxes,
+      scores,
+      repeats=repeats,
+    )
+    measure(
+      f"batched_nms {n} boxes, 80 classes, IoU 0.5, max_output 100",
+      lambda b, s, c: ops.batched_nms(b, s, c, 0.5, 100),
+      boxes,
+      scores,
+      classes,
+      repeats=repeats,
+    )
 
 
 def bench_matching(rng, repeats):
@@ -79,24 +98,36 @@ def bench_matching(rng, repeats):
   valid = jnp.arange(100) < 20  # 20 objects, padded to 100
 
   def rpn_targets(gt, valid, key):
-    idx, labels = ops.match_boxes(gt, anchors, valid, thresholds=(0.3, 0.7), labels=(0, -1, 1),
-                                  allow_low_quality_matches=True)
+    idx, labels = ops.match_boxes(
+      gt, anchors, valid, thresholds=(0.3, 0.7), labels=(0, -1, 1), allow_low_quality_matches=True
+    )
     sample, ok = ops.sample_balanced(key, labels, 256, 0.5)
     return ops.mask_unsampled(labels, sample, ok), ops.encode_boxes(gt[idx], anchors)
 
-  measure(f"RPN matching + sampling + encoding, {anchors.shape[0]} anchors x 100 gt",
-          rpn_targets, gt, valid, jax.random.key(0), repeats=repeats)
+  measure(
+    f"RPN matching + sampling + encoding, {anchors.shape[0]} anchors x 100 gt",
+    rpn_targets,
+    gt,
+    valid,
+    jax.random.key(0),
+    repeats=repeats,
+  )
   batch = lambda g, v, k: jax.vmap(rpn_targets)(g, v, jax.random.split(k, 2))
-  measure("  same, vmap over 2 images", batch, jnp.stack([gt, gt[::-1]]),
-          jnp.stack([valid, valid[::-1]]), jax.random.key(0), repeats=repeats)
+  measure(
+    "  same, vmap over 2 images",
+    batch,
+    jnp.stack([gt, gt[::-1]]),
+    jnp.stack([valid, valid[::-1]]),
+    jax.random.key(0),
+    repeats=repeats,
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
-        f"({jax.device_count()} device(s))")
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
   rng = np.random.default_rng(0)
   bench_roi_align(rng, args.repeats)
   bench_nms(rng, args.repeats)

@@ -19,13 +19,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def throughput(config: str, batch_size: int, devices: int, *overrides: str) -> tuple[float, ...]:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+  }
   out = subprocess.run(
-    [sys.executable, os.path.join(HERE, "unet_throughput.py"), "--config", config,
-     f"--config.batch_size={batch_size}", f"--config.eval_batch_size={batch_size}",
-     "--repeats", "10", *overrides],
-    env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+    [
+      sys.executable,
+      os.path.join(HERE, "unet_throughput.py"),
+      "--config",
+      config,
+      f"--config.batch_size={batch_size}",
+      f"--config.eval_batch_size={batch_size}",
+      "--repeats",
+      "10",
+      *overrides,
+    ],
+    env=env,
+    cwd=os.path.dirname(HERE),
+    capture_output=True,
+    text=True,
+  )
   if out.returncode:
     raise RuntimeError(f"{devices} devices, {overrides}: {out.stderr[-2000:]}")
   out = out.stdout
@@ -44,16 +59,22 @@ def main():
   for mode in ("jit", "pmap"):
     base = None
     for devices in (1, 2, 4, 8):
-      train, infer, compile_s = throughput(args.config, args.batch_size, devices,
-                                           f"--config.parallelism={mode}")
+      train, infer, compile_s = throughput(
+        args.config, args.batch_size, devices, f"--config.parallelism={mode}"
+      )
       base = base or train
-      print(f"{mode:>6} {devices:>7} {train:8.1f} {infer:8.1f} {compile_s:9.1f}"
-            f"   ({train / base:.2f}x of 1 device)", flush=True)
+      print(
+        f"{mode:>6} {devices:>7} {train:8.1f} {infer:8.1f} {compile_s:9.1f}"
+        f"   ({train / base:.2f}x of 1 device)",
+        flush=True,
+      )
   for dtype in ("float32", "bfloat16"):
-    train, infer, compile_s = throughput(args.config, args.batch_size, 1,
-                                         f"--config.dtype={dtype}")
-    print(f"{dtype:>9} 1 device: train {train:.1f}, inference {infer:.1f} images/s, "
-          f"compile {compile_s:.1f} s", flush=True)
+    train, infer, compile_s = throughput(args.config, args.batch_size, 1, f"--config.dtype={dtype}")
+    print(
+      f"{dtype:>9} 1 device: train {train:.1f}, inference {infer:.1f} images/s, "
+      f"compile {compile_s:.1f} s",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

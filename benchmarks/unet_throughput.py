@@ -18,8 +18,9 @@ from ml_collections import config_flags
 
 from timing import compile_timed, median_seconds
 
-config_flags.DEFINE_config_file("config", "configs/unet_shapes.py", "Config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", "configs/unet_shapes.py", "Config file.", lock_config=True
+)
 flags.DEFINE_integer("repeats", 20, "Timed steps; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 
@@ -58,17 +59,24 @@ def main(argv):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   eval_batch = evaluator.put(local)
   evaluate, eval_compile = compile_timed(evaluator.step, variables, eval_batch)
-  eval_s = median_seconds(lambda: jax.block_until_ready(evaluate(variables, eval_batch)),
-                           repeats, warmup)
+  eval_s = median_seconds(
+    lambda: jax.block_until_ready(evaluate(variables, eval_batch)), repeats, warmup
+  )
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-  print(f"U-Net depth={config.model.depth} base_width={config.model.base_width} "
-        f"upsampling={config.model.upsampling} dtype={config.dtype} "
-        f"parallelism={config.parallelism} batch={config.batch_size} image={h}x{w} "
-        f"on {devices}")
-  print(f"train:     {config.batch_size / train_s:8.1f} images/s  (median step "
-        f"{1e3 * train_s:.1f} ms over {repeats}; compile {train_compile:.1f} s)")
-  print(f"inference: {config.batch_size / eval_s:8.1f} images/s  (median step "
-        f"{1e3 * eval_s:.1f} ms over {repeats}; compile {eval_compile:.1f} s)")
+  print(
+    f"U-Net depth={config.model.depth} base_width={config.model.base_width} "
+    f"upsampling={config.model.upsampling} dtype={config.dtype} "
+    f"parallelism={config.parallelism} batch={config.batch_size} image={h}x{w} "
+    f"on {devices}"
+  )
+  print(
+    f"train:     {config.batch_size / train_s:8.1f} images/s  (median step "
+    f"{1e3 * train_s:.1f} ms over {repeats}; compile {train_compile:.1f} s)"
+  )
+  print(
+    f"inference: {config.batch_size / eval_s:8.1f} images/s  (median step "
+    f"{1e3 * eval_s:.1f} ms over {repeats}; compile {eval_compile:.1f} s)"
+  )
 
 
 if __name__ == "__main__":

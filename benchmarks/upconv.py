@@ -43,10 +43,15 @@ def main(argv):
     times = {}
     for label, module in (("flax ConvTranspose", reference), ("UpConv2x", UpConv2x(features))):
       loss = lambda v, x, module=module: jnp.sum(module.apply(v, x) ** 2)
-      times[label] = (_time(module.apply, variables, x, repeats=repeats),
-                      _time(jax.grad(loss, argnums=(0, 1)), variables, x, repeats=repeats))
-      print(f"  {label:<20} forward {1e3 * times[label][0]:8.1f} ms   forward+backward "
-            f"{1e3 * times[label][1]:8.1f} ms", flush=True)
+      times[label] = (
+        _time(module.apply, variables, x, repeats=repeats),
+        _time(jax.grad(loss, argnums=(0, 1)), variables, x, repeats=repeats),
+      )
+      print(
+        f"  {label:<20} forward {1e3 * times[label][0]:8.1f} ms   forward+backward "
+        f"{1e3 * times[label][1]:8.1f} ms",
+        flush=True,
+      )
     (ref_f, ref_b), (f, b) = times.values()
     print(f"  speed-up: forward {ref_f / f:.1f}x, forward+backward {ref_b / b:.1f}x")
 

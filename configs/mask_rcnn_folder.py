@@ -59,22 +59,37 @@ def get_config(arg=None):
   dataset.classes_dir = ml_collections.config_dict.placeholder(str)
   dataset.classes_file = ml_collections.config_dict.placeholder(str)
   dataset.class_names = ("background",) + (
-    ("object",) if num_classes == 1 else tuple(f"class_{i}" for i in range(1, num_classes + 1)))
+    ("object",) if num_classes == 1 else tuple(f"class_{i}" for i in range(1, num_classes + 1))
+  )
   dataset.max_instances = 32
   dataset.overflow = "truncate"
   dataset.min_size = 512
   dataset.max_size = 512
 
   if tiny:
-    config.model = ml_collections.ConfigDict(dict(
-      name="mask_rcnn",
-      backbone=dict(depth=18, base_width=8, norm="bn", freeze_at=0),
-      fpn=dict(out_channels=16),
-      rpn=dict(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=64,
-               pre_nms_topk_test=32, post_nms_topk_train=48, post_nms_topk_test=24,
-               batch_size_per_image=64),
-      roi_heads=dict(num_classes=num_classes, batch_size_per_image=32, fc_dims=(32, 32),
-                     mask_conv_dims=(16, 16), sampling_ratio=2, detections_per_image=8)))
+    config.model = ml_collections.ConfigDict(
+      dict(
+        name="mask_rcnn",
+        backbone=dict(depth=18, base_width=8, norm="bn", freeze_at=0),
+        fpn=dict(out_channels=16),
+        rpn=dict(
+          anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+          pre_nms_topk_train=64,
+          pre_nms_topk_test=32,
+          post_nms_topk_train=48,
+          post_nms_topk_test=24,
+          batch_size_per_image=64,
+        ),
+        roi_heads=dict(
+          num_classes=num_classes,
+          batch_size_per_image=32,
+          fc_dims=(32, 32),
+          mask_conv_dims=(16, 16),
+          sampling_ratio=2,
+          detections_per_image=8,
+        ),
+      )
+    )
     config.optimizer = "adamw"
     config.learning_rate = 3e-3
     config.image_size = (64, 64)

@@ -68,6 +68,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.name = "mask_rcnn"  # The module defaults are the detectron2 1x settings.
   config.model.backbone = ml_collections.ConfigDict(
-    dict(depth=50, norm="frozen_bn", freeze_at=2))  # Only with init_from (docstring).
+    dict(depth=50, norm="frozen_bn", freeze_at=2)
+  )  # Only with init_from (docstring).
   config.model.roi_heads = ml_collections.ConfigDict(dict(num_classes=80))
   return config

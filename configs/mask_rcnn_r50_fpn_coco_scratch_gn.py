@@ -31,6 +31,7 @@ def get_config(arg=None):
   model = config.model
   model.backbone = ml_collections.ConfigDict(dict(depth=50, norm="gn", freeze_at=0))
   model.fpn = ml_collections.ConfigDict(dict(norm="gn"))
-  model.roi_heads = ml_collections.ConfigDict(dict(
-    num_classes=80, box_conv_dims=(256, 256, 256, 256), fc_dims=(1024,), norm="gn"))
+  model.roi_heads = ml_collections.ConfigDict(
+    dict(num_classes=80, box_conv_dims=(256, 256, 256, 256), fc_dims=(1024,), norm="gn")
+  )
   return config

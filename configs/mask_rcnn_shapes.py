@@ -47,9 +47,11 @@ def get_config(arg=None):
   config.dataset.class_names = CLASS_NAMES
   # Generated at the training size: a reference, so `--config.image_size` carries over.
   config.dataset.train_kwargs = ml_collections.ConfigDict(
-    dict(num_examples=2000, image_size=config.get_ref("image_size")))
+    dict(num_examples=2000, image_size=config.get_ref("image_size"))
+  )
   config.dataset.eval_kwargs = ml_collections.ConfigDict(
-    dict(num_examples=200, image_size=config.get_ref("image_size")))
+    dict(num_examples=200, image_size=config.get_ref("image_size"))
+  )
 
   config.augment = ml_collections.ConfigDict()
   config.augment.flip = True
@@ -57,15 +59,29 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.name = "mask_rcnn"
   config.model.backbone = ml_collections.ConfigDict(
-    dict(depth=18, base_width=16, norm="bn", freeze_at=0))
+    dict(depth=18, base_width=16, norm="bn", freeze_at=0)
+  )
   config.model.fpn = ml_collections.ConfigDict(dict(out_channels=64))
-  config.model.rpn = ml_collections.ConfigDict(dict(
-    anchor_sizes=((8,), (16,), (32,), (64,), (128,)),  # One size per level P2..P6.
-    pre_nms_topk_train=256, pre_nms_topk_test=128, post_nms_topk_train=128,
-    post_nms_topk_test=64, batch_size_per_image=64))
-  config.model.roi_heads = ml_collections.ConfigDict(dict(
-    num_classes=len(CLASS_NAMES) - 1, batch_size_per_image=64, fc_dims=(128, 128),
-    mask_conv_dims=(64, 64), sampling_ratio=2, detections_per_image=16))
+  config.model.rpn = ml_collections.ConfigDict(
+    dict(
+      anchor_sizes=((8,), (16,), (32,), (64,), (128,)),  # One size per level P2..P6.
+      pre_nms_topk_train=256,
+      pre_nms_topk_test=128,
+      post_nms_topk_train=128,
+      post_nms_topk_test=64,
+      batch_size_per_image=64,
+    )
+  )
+  config.model.roi_heads = ml_collections.ConfigDict(
+    dict(
+      num_classes=len(CLASS_NAMES) - 1,
+      batch_size_per_image=64,
+      fc_dims=(128, 128),
+      mask_conv_dims=(64, 64),
+      sampling_ratio=2,
+      detections_per_image=16,
+    )
+  )
 
   if arg == "tiny":
     config.batch_size = 2
@@ -80,8 +96,14 @@ def get_config(arg=None):
     config.dataset.eval_kwargs.num_examples = 4
     config.model.backbone.base_width = 8
     config.model.fpn.out_channels = 16
-    config.model.rpn.update(dict(pre_nms_topk_train=64, pre_nms_topk_test=32,
-                                 post_nms_topk_train=48, post_nms_topk_test=24))
-    config.model.roi_heads.update(dict(batch_size_per_image=32, fc_dims=(32, 32),
-                                       mask_conv_dims=(16, 16), detections_per_image=8))
+    config.model.rpn.update(
+      dict(
+        pre_nms_topk_train=64, pre_nms_topk_test=32, post_nms_topk_train=48, post_nms_topk_test=24
+      )
+    )
+    config.model.roi_heads.update(
+      dict(
+        batch_size_per_image=32, fc_dims=(32, 32), mask_conv_dims=(16, 16), detections_per_image=8
+      )
+    )
   return config

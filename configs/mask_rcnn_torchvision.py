@@ -37,13 +37,24 @@ def get_config(arg=None):
   shapes = mask_rcnn_shapes.get_config()
   model = config.model
   # Updated, not replaced: the arch's own fields (v2's rpn.num_convs, box head, norms) stay.
-  model.rpn = ml_collections.ConfigDict(dict(
-    model.get("rpn", {}), anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
-    pre_nms_topk_train=512, pre_nms_topk_test=256, post_nms_topk_train=256,
-    post_nms_topk_test=128, batch_size_per_image=128))
-  model.roi_heads.update(dict(
-    num_classes=len(shapes.dataset.class_names) - 1, batch_size_per_image=128,
-    detections_per_image=16))
+  model.rpn = ml_collections.ConfigDict(
+    dict(
+      model.get("rpn", {}),
+      anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+      pre_nms_topk_train=512,
+      pre_nms_topk_test=256,
+      post_nms_topk_train=256,
+      post_nms_topk_test=128,
+      batch_size_per_image=128,
+    )
+  )
+  model.roi_heads.update(
+    dict(
+      num_classes=len(shapes.dataset.class_names) - 1,
+      batch_size_per_image=128,
+      detections_per_image=16,
+    )
+  )
   shapes.model = model
   shapes.image_size = (128, 128)
   shapes.batch_size = 4

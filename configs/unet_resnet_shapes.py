@@ -35,8 +35,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet_resnet"
   config.model.num_classes = len(config.dataset.class_names)
-  config.model.backbone = ml_collections.ConfigDict(
-    dict(depth=18, norm="frozen_bn", freeze_at=0))
+  config.model.backbone = ml_collections.ConfigDict(dict(depth=18, norm="frozen_bn", freeze_at=0))
   config.model.decoder_channels = (64, 32, 16, 16, 8)
   config.model.decoder_norm = "batch"
 

@@ -41,9 +41,11 @@ def get_config(arg=None):
   config.dataset.class_names = CLASS_NAMES
   # Generated at the training size: a reference, so `--config.image_size` carries over.
   config.dataset.train_kwargs = ml_collections.ConfigDict(
-    dict(num_examples=2000, image_size=config.get_ref("image_size")))
+    dict(num_examples=2000, image_size=config.get_ref("image_size"))
+  )
   config.dataset.eval_kwargs = ml_collections.ConfigDict(
-    dict(num_examples=200, image_size=config.get_ref("image_size")))
+    dict(num_examples=200, image_size=config.get_ref("image_size"))
+  )
 
   config.augment = ml_collections.ConfigDict()
   config.augment.min_scale = 0.75

@@ -48,8 +48,9 @@ from absl import app, flags
 BY = ("loss", "grad_norm")
 
 
-def class_score(apply_fn: Callable, image: jax.Array, class_index: int,
-                region: jax.Array | None = None) -> jax.Array:
+def class_score(
+  apply_fn: Callable, image: jax.Array, class_index: int, region: jax.Array | None = None
+) -> jax.Array:
   """The mean logit of `class_index` over `region` (bool (H, W), default every pixel) of one
   image (H, W, C); `apply_fn(images (B, H, W, C)) -> logits (B, H, W, K)`."""
   logits = apply_fn(image[None])[0, ..., class_index].astype(jnp.float32)
@@ -59,17 +60,25 @@ def class_score(apply_fn: Callable, image: jax.Array, class_index: int,
   return (logits * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def saliency(apply_fn: Callable, image: jax.Array, class_index: int,
-             region: jax.Array | None = None) -> jax.Array:
+def saliency(
+  apply_fn: Callable, image: jax.Array, class_index: int, region: jax.Array | None = None
+) -> jax.Array:
   """(H, W, C): the gradient of `class_score` with respect to the input image (Simonyan et al.
   2014 take its absolute maximum over channels to draw it; this returns it signed)."""
-  return jax.grad(class_score, argnums=1)(apply_fn, jnp.asarray(image, jnp.float32),
-                                          class_index, region)
+  return jax.grad(class_score, argnums=1)(
+    apply_fn, jnp.asarray(image, jnp.float32), class_index, region
+  )
 
 
-def integrated_gradients(apply_fn: Callable, image: jax.Array, class_index: int,
-                         region: jax.Array | None = None, baseline: jax.Array | None = None,
-                         steps: int = 32, batch_size: int | None = None) -> jax.Array:
+def integrated_gradients(
+  apply_fn: Callable,
+  image: jax.Array,
+  class_index: int,
+  region: jax.Array | None = None,
+  baseline: jax.Array | None = None,
+  steps: int = 32,
+  batch_size: int | None = None,
+) -> jax.Array:
   """(H, W, C): integrated gradients of `class_score` from `baseline` (default zeros, the
   mean colour for normalized images) to `image`:
   `(image - baseline) * mean_k grad f(baseline + a_k (image - baseline))`, the path integral
@@ -95,8 +104,9 @@ def global_norm(tree) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("loss_of_example", "has_aux"))
-def per_example_losses_and_grad_norms(loss_of_example: Callable, params, batch, *args,
-                                      has_aux: bool = False):
+def per_example_losses_and_grad_norms(
+  loss_of_example: Callable, params, batch, *args, has_aux: bool = False
+):
   """(losses (B,), grad_norms (B,)[, aux]): `loss_of_example(params, example, *args)` and the
   global L2 norm of its gradient with respect to `params`, for each example of `batch` (a
   pytree whose leaves have the batch axis first; each example without it), by
@@ -117,8 +127,9 @@ def per_example_losses_and_grad_norms(loss_of_example: Callable, params, batch, 
   return values, norms
 
 
-def semantic_example_loss(params, example: dict, batch_stats, *, model,
-                          ignore_label: int = 255) -> tuple[jax.Array, dict]:
+def semantic_example_loss(
+  params, example: dict, batch_stats, *, model, ignore_label: int = 255
+) -> tuple[jax.Array, dict]:
   """(loss, aux) of one example {"image": (H, W, 3), "mask": (H, W)}: the mean cross-entropy
   over its labelled pixels with BatchNorm in eval mode, and aux {"prediction": int32 (H, W),
   "pixel_accuracy": the fraction of labelled pixels predicted right}. For
@@ -136,16 +147,15 @@ def semantic_example_loss(params, example: dict, batch_stats, *, model,
   return loss, {"prediction": prediction, "pixel_accuracy": accuracy}
 
 
-def rank_examples(indices, losses, grad_norms, pixel_accuracies, *,
-                  by: str = "loss") -> list[dict]:
+def rank_examples(indices, losses, grad_norms, pixel_accuracies, *, by: str = "loss") -> list[dict]:
   """Every example as {"rank", "index", "loss", "grad_norm", "pixel_accuracy"}, the largest
   `by` ("loss" or "grad_norm") first, ties broken by index."""
   if by not in BY:
     raise ValueError(f"by={by!r}; known: {BY}.")
-  rows = [{"index": int(i), "loss": float(loss), "grad_norm": float(norm),
-           "pixel_accuracy": float(acc)}
-          for i, loss, norm, acc in zip(indices, losses, grad_norms, pixel_accuracies,
-                                        strict=True)]
+  rows = [
+    {"index": int(i), "loss": float(loss), "grad_norm": float(norm), "pixel_accuracy": float(acc)}
+    for i, loss, norm, acc in zip(indices, losses, grad_norms, pixel_accuracies, strict=True)
+  ]
   rows.sort(key=lambda r: (-r[by], r["index"]))
   return [{"rank": rank, **row} for rank, row in enumerate(rows)]
 
@@ -158,10 +168,17 @@ def split_examples(config: ml_collections.ConfigDict, split: str, *, batch_size:
 
   from segjax.data import ops, pipeline
 
-  kwargs = config.dataset.get("train_kwargs" if split == config.dataset.train_split
-                              else "eval_kwargs", {})
-  ds = pipeline.make_source(config.dataset, split, process_index=0, process_count=1,
-                            num_classes=config.model.get("num_classes"), **kwargs)
+  kwargs = config.dataset.get(
+    "train_kwargs" if split == config.dataset.train_split else "eval_kwargs", {}
+  )
+  ds = pipeline.make_source(
+    config.dataset,
+    split,
+    process_index=0,
+    process_count=1,
+    num_classes=config.model.get("num_classes"),
+    **kwargs,
+  )
   size = tuple(config.image_size)
 
   @tf.autograph.experimental.do_not_convert
@@ -169,17 +186,32 @@ def split_examples(config: ml_collections.ConfigDict, split: str, *, batch_size:
     features = ops.normalize(ops.resize({k: features[k] for k in ("image", "mask")}, size))
     return {**features, "index": tf.cast(index, tf.int32), "example_mask": tf.constant(True)}
 
-  padding = {"image": tf.zeros(size + (3,), tf.float32),
-             "mask": tf.fill(size, tf.constant(config.dataset.ignore_label, tf.int32)),
-             "index": tf.constant(-1, tf.int32), "example_mask": tf.constant(False)}
+  padding = {
+    "image": tf.zeros(size + (3,), tf.float32),
+    "mask": tf.fill(size, tf.constant(config.dataset.ignore_label, tf.int32)),
+    "index": tf.constant(-1, tf.int32),
+    "example_mask": tf.constant(False),
+  }
   ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return pipeline.padded_batches(ds, padding, local_batch_size=batch_size, num_batches=None,
-                                 name=f"{config.dataset.name!r} split {split!r}")
+  return pipeline.padded_batches(
+    ds,
+    padding,
+    local_batch_size=batch_size,
+    num_batches=None,
+    name=f"{config.dataset.name!r} split {split!r}",
+  )
 
 
-def hardest(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-            split: str | None = None, top_k: int = 8, by: str = "loss", batch_size: int = 8,
-            log: Callable[[str], object] = print) -> dict:
+def hardest(
+  workdir: str,
+  config: ml_collections.ConfigDict | None = None,
+  *,
+  split: str | None = None,
+  top_k: int = 8,
+  by: str = "loss",
+  batch_size: int = 8,
+  log: Callable[[str], object] = print,
+) -> dict:
   """Ranks every example of `split` and writes the JSON file and the top `top_k` panels (the
   module docstring); returns what the JSON file holds."""
   from segjax import models
@@ -194,16 +226,23 @@ def hardest(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     raise ValueError(f"top_k={top_k} must be >= 0 and batch_size={batch_size} positive.")
   config = for_inference(run_config.load(workdir) if config is None else config)
   if models.model_class(config.model.name).task != "semantic":
-    raise ConfigError(f"model {config.model.name!r} is not a semantic model: segjax.analysis "
-                      "covers semantic segmentation only.")
+    raise ConfigError(
+      f"model {config.model.name!r} is not a semantic model: segjax.analysis "
+      "covers semantic segmentation only."
+    )
   run_config.check(config)
   split = split or config.dataset.eval_split
   model = build_model(config)
   variables, step = evaluation.restore_variables(config, workdir, model, parallel.make_mesh())
-  signals, top = score_split(config, model, variables, split, by=by, top_k=top_k,
-                             batch_size=batch_size)
-  result = {"split": split, "step": int(step), "by": by,
-            "examples": rank_examples(**signals, by=by)}
+  signals, top = score_split(
+    config, model, variables, split, by=by, top_k=top_k, batch_size=batch_size
+  )
+  result = {
+    "split": split,
+    "step": int(step),
+    "by": by,
+    "examples": rank_examples(**signals, by=by),
+  }
   name = evaluation.split_filename(split)
   os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
   with open(os.path.join(workdir, "analysis", f"hardest_{name}.json"), "w") as f:
@@ -213,35 +252,60 @@ def hardest(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   return result
 
 
-def score_split(config: ml_collections.ConfigDict, model, variables: dict, split: str, *,
-                by: str, top_k: int, batch_size: int) -> tuple[dict, list]:
+def score_split(
+  config: ml_collections.ConfigDict,
+  model,
+  variables: dict,
+  split: str,
+  *,
+  by: str,
+  top_k: int,
+  batch_size: int,
+) -> tuple[dict, list]:
   """(signals, top): {"indices", "losses", "grad_norms", "pixel_accuracies"}, one value per
   example of `split` (`split_examples`), and the `top_k` examples of largest `by` as
   (index, normalized image, mask, prediction), the largest first."""
   from segjax.data.iteration import numpy_batches
 
-  loss_of_example = functools.partial(semantic_example_loss, model=model,
-                                      ignore_label=config.dataset.ignore_label)
+  loss_of_example = functools.partial(
+    semantic_example_loss, model=model, ignore_label=config.dataset.ignore_label
+  )
   batches, _ = split_examples(config, split, batch_size=batch_size)
   signals = {k: [] for k in ("indices", "losses", "grad_norms", "pixel_accuracies")}
   heap = []  # The top_k so far, smallest first: (score, -index, image, mask, prediction).
   for batch in numpy_batches(batches, f"split {split!r}"):
-    losses, norms, aux = jax.device_get(per_example_losses_and_grad_norms(
-      loss_of_example, variables["params"], {k: batch[k] for k in ("image", "mask")},
-      variables.get("batch_stats", {}), has_aux=True))
+    losses, norms, aux = jax.device_get(
+      per_example_losses_and_grad_norms(
+        loss_of_example,
+        variables["params"],
+        {k: batch[k] for k in ("image", "mask")},
+        variables.get("batch_stats", {}),
+        has_aux=True,
+      )
+    )
     rows = np.flatnonzero(batch["example_mask"])
     if not np.all(np.isfinite(losses[rows]) & np.isfinite(norms[rows])):
-      raise FloatingPointError(f"Non-finite loss or gradient norm for the examples "
-                               f"{batch['index'][rows].tolist()} of split {split!r}.")
+      raise FloatingPointError(
+        f"Non-finite loss or gradient norm for the examples "
+        f"{batch['index'][rows].tolist()} of split {split!r}."
+      )
     for row in rows:
-      values = {"indices": int(batch["index"][row]), "losses": float(losses[row]),
-                "grad_norms": float(norms[row]),
-                "pixel_accuracies": float(aux["pixel_accuracy"][row])}
+      values = {
+        "indices": int(batch["index"][row]),
+        "losses": float(losses[row]),
+        "grad_norms": float(norms[row]),
+        "pixel_accuracies": float(aux["pixel_accuracy"][row]),
+      }
       for key, value in values.items():
         signals[key].append(value)
       score = values["losses" if by == "loss" else "grad_norms"]
-      item = (score, -values["indices"], batch["image"][row], batch["mask"][row],
-              aux["prediction"][row])
+      item = (
+        score,
+        -values["indices"],
+        batch["image"][row],
+        batch["mask"][row],
+        aux["prediction"][row],
+      )
       if len(heap) < top_k:
         heapq.heappush(heap, item)
       elif top_k and item[:2] > heap[0][:2]:
@@ -260,18 +324,28 @@ def write_panels(directory: str, top: list, config: ml_collections.ConfigDict) -
     if re.fullmatch(r"\d{3,}_\d+\.png", stale):
       os.remove(os.path.join(directory, stale))
   for rank, (index, image, mask, prediction) in enumerate(top):
-    panel = visualize.side_by_side(image, mask, prediction, config.model.num_classes,
-                                   class_names=config.dataset.get("class_names"))
+    panel = visualize.side_by_side(
+      image,
+      mask,
+      prediction,
+      config.model.num_classes,
+      class_names=config.dataset.get("class_names"),
+    )
     visualize.save_png(panel, os.path.join(directory, f"{rank:03d}_{index}.png"))
 
 
 def format_ranking(result: dict, top_k: int) -> str:
   """The top `top_k` rows of a `hardest` result as a table."""
-  lines = [f"The {min(top_k, len(result['examples']))} hardest of {len(result['examples'])} "
-           f"examples of split {result['split']!r} by {result['by']} (step {result['step']}):",
-           f"{'rank':>4} {'index':>7} {'loss':>10} {'grad_norm':>10} {'pixel_acc':>9}"]
-  lines += [f"{r['rank']:>4} {r['index']:>7} {r['loss']:>10.4f} {r['grad_norm']:>10.4f} "
-            f"{r['pixel_accuracy']:>9.4f}" for r in result["examples"][:top_k]]
+  lines = [
+    f"The {min(top_k, len(result['examples']))} hardest of {len(result['examples'])} "
+    f"examples of split {result['split']!r} by {result['by']} (step {result['step']}):",
+    f"{'rank':>4} {'index':>7} {'loss':>10} {'grad_norm':>10} {'pixel_acc':>9}",
+  ]
+  lines += [
+    f"{r['rank']:>4} {r['index']:>7} {r['loss']:>10.4f} {r['grad_norm']:>10.4f} "
+    f"{r['pixel_accuracy']:>9.4f}"
+    for r in result["examples"][:top_k]
+  ]
   return "\n".join(lines)
 
 
@@ -283,8 +357,12 @@ def define_flags() -> None:
   module leaves absl's global flags alone."""
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Config the model was trained with "
-                                  "(default: WORKDIR/config.json).", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config the model was trained with (default: WORKDIR/config.json).",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
   flags.DEFINE_string("split", None, "Split to rank (default the config's dataset.eval_split).")
   flags.DEFINE_integer("top_k", 8, "Examples printed and drawn as panels.")
@@ -295,8 +373,10 @@ def define_flags() -> None:
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"Give one command of {COMMANDS}, e.g. `python -m segjax.analysis "
-                         f"hardest --workdir DIR`; got {argv[1:]}.")
+    raise app.UsageError(
+      f"Give one command of {COMMANDS}, e.g. `python -m segjax.analysis "
+      f"hardest --workdir DIR`; got {argv[1:]}."
+    )
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
   f = flags.FLAGS

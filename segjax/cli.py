@@ -56,11 +56,18 @@ def _main_or_exit(main, argv) -> None:
   except SystemExit as e:
     if e.code in (None, 0):
       raise
-    _exit(EXIT_FAILURE if not isinstance(e.code, int) else e.code,
-          str(e.code) if not isinstance(e.code, int) else None)
+    _exit(
+      EXIT_FAILURE if not isinstance(e.code, int) else e.code,
+      str(e.code) if not isinstance(e.code, int) else None,
+    )
   except BaseException as e:  # noqa: BLE001  (every failure must end the process)
-    code = (EXIT_TERMINATED if isinstance(e, Terminated) else
-            EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILURE)
+    code = (
+      EXIT_TERMINATED
+      if isinstance(e, Terminated)
+      else EXIT_INTERRUPTED
+      if isinstance(e, KeyboardInterrupt)
+      else EXIT_FAILURE
+    )
     _exit(code, describe(e), e)
   gc.collect()  # Frees reference cycles (tf.data iterators among them) before shutdown.
 
@@ -86,8 +93,11 @@ def hide_gpus_from_tensorflow() -> None:
 
 def define_distributed_flags() -> None:
   """Flags for multi-process runs outside managed clusters (Cloud TPU needs none of them)."""
-  flags.DEFINE_string("coordinator_address", None,
-                      "Multi-process runs outside managed clusters: host:port of process 0.")
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-process runs outside managed clusters: host:port of process 0.",
+  )
   flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 
@@ -149,8 +159,10 @@ def print_help(argv: list[str]) -> None:
 
       config = run_config.load(flags.FLAGS.workdir)
   if config is None:
-    print("Pass --config FILE (or --workdir DIR of a trained model) with --help to list the "
-          "config's keys and values.\n")
+    print(
+      "Pass --config FILE (or --workdir DIR of a trained model) with --help to list the "
+      "config's keys and values.\n"
+    )
   else:
     print("The config's keys and values:")
     print("\n".join(config_lines(config)) + "\n")
@@ -171,8 +183,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     keys = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)", a))]
     key = next((k for k in keys if missing in k.split(".")), missing)
     hint = f' Did you mean "{m.group(1)}"?' if (m := re.search(r'mean "(\w+)"', message)) else ""
-    sys.exit(f"Unknown config key {key!r}: the config has no field {missing!r}.{hint} "
-             "`--config.KEY=VALUE` can only override keys that the config file defines.")
+    sys.exit(
+      f"Unknown config key {key!r}: the config has no field {missing!r}.{hint} "
+      "`--config.KEY=VALUE` can only override keys that the config file defines."
+    )
   except flags.Error as e:
     sys.exit(f"Flags parsing error: {e}")
 

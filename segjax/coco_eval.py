@@ -34,6 +34,7 @@ AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def _resize_bilinear(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """(N, h, w) float -> (N, H, W) with half-pixel centres (tf.image.resize / cv2 INTER_LINEAR)."""
+
   def weights(n_in, n_out):
     src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
     lo = np.floor(src).astype(np.int64)
@@ -83,8 +84,9 @@ def boxes_to_original(boxes, factors: np.ndarray, original: tuple[int, int] | No
   return xyxy
 
 
-def mask_to_original(mask, image_size, original: tuple[int, int],
-                     threshold: float = 0.5) -> np.ndarray:
+def mask_to_original(
+  mask, image_size, original: tuple[int, int], threshold: float = 0.5
+) -> np.ndarray:
   """One (Hp, Wp) mask (probabilities or binary) pasted in the padded input -> (oh, ow) bool
   in the original image: cropped to the content `image_size` (h, w), resized bilinearly as
   probabilities, then thresholded."""
@@ -140,7 +142,8 @@ def detections_to_coco_json(
   for b in np.flatnonzero(np.asarray(example_mask, bool)):
     size = None if image_size is None else np.asarray(image_size)[b]
     factors, original = original_frame(
-      scale[b], size, None if original_size is None else np.asarray(original_size)[b])
+      scale[b], size, None if original_size is None else np.asarray(original_size)[b]
+    )
     keep = np.flatnonzero(valid[b])
     if not len(keep):
       continue
@@ -155,7 +158,8 @@ def detections_to_coco_json(
       }
       if masks is not None:  # One at a time: 100 float masks of 800 x 1333 take 430 MB.
         result["segmentation"] = encode_mask(
-          mask_to_original(masks[b, i], size, original, mask_threshold))
+          mask_to_original(masks[b, i], size, original, mask_threshold)
+        )
       results.append(result)
   return results
 
@@ -166,15 +170,22 @@ def _rasterizable(gt: COCO) -> COCO:
   segjax's COCO source ignores such parts when training (as detectron2 does); here an
   annotation left with none keeps an empty mask, so it still counts as a missed object.
   """
+
   def ok(p):
     return isinstance(p, list) and len(p) % 2 == 0 and len(p) >= 6
 
-  broken = [a for a in gt.dataset["annotations"]
-            if isinstance(a["segmentation"], list) and not all(ok(p) for p in a["segmentation"])]
+  broken = [
+    a
+    for a in gt.dataset["annotations"]
+    if isinstance(a["segmentation"], list) and not all(ok(p) for p in a["segmentation"])
+  ]
   if not broken:
     return gt
-  logging.warning("Ground truth: %d annotations have polygons of fewer than 3 points; "
-                  "scoring masks without those parts.", len(broken))
+  logging.warning(
+    "Ground truth: %d annotations have polygons of fewer than 3 points; "
+    "scoring masks without those parts.",
+    len(broken),
+  )
   dataset = copy.deepcopy(gt.dataset)
   for ann in dataset["annotations"]:
     if isinstance(ann["segmentation"], list):
@@ -193,8 +204,9 @@ def _nan_metrics(prefix: str) -> dict:
   return {f"{prefix}_{name}": float("nan") for name in AP_NAMES}
 
 
-def evaluate_coco(gt: COCO | str, results: list[dict] | str, *, image_ids=None,
-                  verbose: bool = False) -> dict[str, float]:
+def evaluate_coco(
+  gt: COCO | str, results: list[dict] | str, *, image_ids=None, verbose: bool = False
+) -> dict[str, float]:
   """Box and (when results carry `segmentation`) mask AP with pycocotools' COCOeval.
 
   Args:
@@ -243,15 +255,25 @@ def evaluate_coco(gt: COCO | str, results: list[dict] | str, *, image_ids=None,
       print(stdout.getvalue())
     else:
       logging.info("COCOeval %s:\n%s", iou_type, stdout.getvalue())
-    metrics.update({
-      f"{prefix}_{name}": float(v) if v >= 0 else float("nan")
-      for name, v in zip(AP_NAMES, coco_eval.stats[:len(AP_NAMES)])})
+    metrics.update(
+      {
+        f"{prefix}_{name}": float(v) if v >= 0 else float("nan")
+        for name, v in zip(AP_NAMES, coco_eval.stats[: len(AP_NAMES)])
+      }
+    )
   return metrics
 
 
-def shapes_to_coco(split: str = "validation", *, num_examples: int = 2000,
-                   image_size: tuple[int, int] = (64, 64), seed: int = 0, max_shapes: int = 4,
-                   max_instances: int = 8, process_count: int = 1) -> COCO:
+def shapes_to_coco(
+  split: str = "validation",
+  *,
+  num_examples: int = 2000,
+  image_size: tuple[int, int] = (64, 64),
+  seed: int = 0,
+  max_shapes: int = 4,
+  max_instances: int = 8,
+  process_count: int = 1,
+) -> COCO:
   """The shapes split (`segjax.data.shapes`) as a COCO ground truth.
 
   Takes the shapes source's arguments, so `shapes_to_coco(split, **config.dataset.eval_kwargs)`
@@ -266,19 +288,28 @@ def shapes_to_coco(split: str = "validation", *, num_examples: int = 2000,
   images, annotations = [], []
   for index in range(num_examples):
     example = generate_example(seed, split, index, tuple(image_size), max_shapes, max_instances)
-    images.append({"id": index, "file_name": f"{split}_{index:06d}.png", "height": height,
-                   "width": width})
+    images.append(
+      {"id": index, "file_name": f"{split}_{index:06d}.png", "height": height, "width": width}
+    )
     for k in np.flatnonzero(example["valid"]):
       rle = encode_mask(example["instance_masks"][k])
-      annotations.append({
-        "id": len(annotations) + 1, "image_id": index,
-        "category_id": int(example["classes"][k]), "segmentation": rle,
-        "area": float(mask_util.area(rle)),
-        "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": 0})
+      annotations.append(
+        {
+          "id": len(annotations) + 1,
+          "image_id": index,
+          "category_id": int(example["classes"][k]),
+          "segmentation": rle,
+          "area": float(mask_util.area(rle)),
+          "bbox": [float(v) for v in mask_util.toBbox(rle)],
+          "iscrowd": 0,
+        }
+      )
   coco = COCO()
   coco.dataset = {
-    "images": images, "annotations": annotations,
-    "categories": [{"id": i, "name": n} for i, n in enumerate(CLASS_NAMES) if i > 0]}
+    "images": images,
+    "annotations": annotations,
+    "categories": [{"id": i, "name": n} for i, n in enumerate(CLASS_NAMES) if i > 0],
+  }
   with contextlib.redirect_stdout(io.StringIO()):
     coco.createIndex()
   return coco

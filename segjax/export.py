@@ -35,8 +35,13 @@ from ml_collections import config_flags
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def export_predictor(predictor, *, image_size: Sequence[int] | None = None,
-                     batch_size: int | None = None, platforms: Sequence[str] = PLATFORMS):
+def export_predictor(
+  predictor,
+  *,
+  image_size: Sequence[int] | None = None,
+  batch_size: int | None = None,
+  platforms: Sequence[str] = PLATFORMS,
+):
   """The `jax.export.Exported` of `predictor`'s inference on uint8 (B, H, W, 3) images
   (module docstring); `image_size` (H, W) defaults to the config's, `batch_size` None is a
   symbolic batch."""
@@ -65,14 +70,19 @@ def export_predictor(predictor, *, image_size: Sequence[int] | None = None,
 def define_flags() -> None:
   """The command line's flags: defined only when run as a program, so that importing this
   module (for `export_predictor`) leaves absl's global flags alone."""
-  config_flags.DEFINE_config_file("config", None, "Config the model was trained with "
-                                  "(default: WORKDIR/config.json).", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config the model was trained with (default: WORKDIR/config.json).",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
   flags.DEFINE_string("output", None, "File to write the serialized function to.")
   flags.DEFINE_integer("batch_size", None, "Fixed batch size; default a symbolic batch.")
   flags.DEFINE_list("image_size", None, "H,W of the input images; default the config's.")
   flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to serialize for.")
   flags.mark_flags_as_required(["workdir", "output"])
+
 
 def main(argv):
   del argv
@@ -83,13 +93,17 @@ def main(argv):
   f = flags.FLAGS
   predictor = Predictor.from_workdir(f.workdir, f.config)
   size = tuple(int(s) for s in f.image_size) if f.image_size else None
-  exported = export_predictor(predictor, image_size=size, batch_size=f.batch_size,
-                              platforms=f.platforms)
+  exported = export_predictor(
+    predictor, image_size=size, batch_size=f.batch_size, platforms=f.platforms
+  )
   data = exported.serialize()
   with open(f.output, "wb") as out:
     out.write(data)
-  print(f"Wrote {f.output} ({len(data) / 2**20:.1f} MiB): inputs {exported.in_avals}, "
-        f"platforms {exported.platforms}, checkpoint step {predictor.step}.", flush=True)
+  print(
+    f"Wrote {f.output} ({len(data) / 2**20:.1f} MiB): inputs {exported.in_avals}, "
+    f"platforms {exported.platforms}, checkpoint step {predictor.step}.",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

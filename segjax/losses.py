@@ -7,8 +7,12 @@ import jax
 import jax.numpy as jnp
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255,
-                        class_weights: jax.Array | None = None) -> jax.Array:
+def pixel_cross_entropy(
+  logits: jax.Array,
+  labels: jax.Array,
+  ignore_label: int = 255,
+  class_weights: jax.Array | None = None,
+) -> jax.Array:
   """Softmax cross-entropy averaged over the pixels whose label is not `ignore_label`.
 
   Without `class_weights` this is `mean(ce)` over valid pixels; with them it is the weighted
@@ -28,8 +32,8 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int 
   """
   if logits.shape[:-1] != labels.shape:
     raise ValueError(
-        f"logits (..., H, W, K) and labels (..., H, W) disagree: {logits.shape} vs "
-        f"{labels.shape}.")
+      f"logits (..., H, W, K) and labels (..., H, W) disagree: {logits.shape} vs {labels.shape}."
+    )
   num_classes = logits.shape[-1]
   valid = labels != ignore_label
   safe_labels = jnp.where(valid, labels, 0)  # ignored pixels index a real class, then weigh 0
@@ -42,7 +46,8 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int 
     class_weights = jnp.asarray(class_weights, jnp.float32)
     if class_weights.shape != (num_classes,):
       raise ValueError(
-          f"class_weights must have shape ({num_classes},), got {class_weights.shape}.")
+        f"class_weights must have shape ({num_classes},), got {class_weights.shape}."
+      )
     weights = weights * class_weights[safe_labels]
   total = jnp.sum(weights)
   # Double `where` so that an empty batch gives 0 and a finite (zero) gradient, not 0/0.

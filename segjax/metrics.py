@@ -28,9 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int,
-                     ignore_label: int | None = 255,
-                     weights: jax.Array | None = None) -> jax.Array:
+def confusion_matrix(
+  labels: jax.Array,
+  preds: jax.Array,
+  num_classes: int,
+  ignore_label: int | None = 255,
+  weights: jax.Array | None = None,
+) -> jax.Array:
   """Counts (true class, predicted class) pairs over valid pixels; jittable.
 
   Args:
@@ -49,16 +53,18 @@ def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int,
   labels = jnp.asarray(labels)
   preds = jnp.asarray(preds)
   if labels.shape != preds.shape:
-    raise ValueError(f"labels and preds must have the same shape; got {labels.shape} and "
-                     f"{preds.shape}.")
+    raise ValueError(
+      f"labels and preds must have the same shape; got {labels.shape} and {preds.shape}."
+    )
   valid = (labels >= 0) & (labels < num_classes) & (preds >= 0) & (preds < num_classes)
   if ignore_label is not None:
     valid &= labels != ignore_label
   if weights is not None:
     valid &= jnp.broadcast_to(jnp.asarray(weights) != 0, labels.shape)
   index = jnp.where(valid, labels * num_classes + preds, 0).astype(jnp.int32)
-  counts = jnp.bincount(index.ravel(), weights=valid.ravel().astype(jnp.int32),
-                        length=num_classes * num_classes)
+  counts = jnp.bincount(
+    index.ravel(), weights=valid.ravel().astype(jnp.int32), length=num_classes * num_classes
+  )
   return counts.reshape(num_classes, num_classes).astype(jnp.int32)
 
 
@@ -140,23 +146,25 @@ def segmentation_metrics(cm: Any, class_names: Sequence[str] | None = None) -> d
   cm = np.asarray(jax.device_get(cm), dtype=np.int64)
   iou = per_class_iou(cm)
   out = {
-      "pixel_accuracy": pixel_accuracy(cm),
-      "mean_class_accuracy": mean_class_accuracy(cm),
-      "mean_iou": mean_iou(cm),
-      "frequency_weighted_iou": frequency_weighted_iou(cm),
-      "per_class_iou": [float(v) for v in iou],
+    "pixel_accuracy": pixel_accuracy(cm),
+    "mean_class_accuracy": mean_class_accuracy(cm),
+    "mean_iou": mean_iou(cm),
+    "frequency_weighted_iou": frequency_weighted_iou(cm),
+    "per_class_iou": [float(v) for v in iou],
   }
   if class_names is not None:
     if len(class_names) != cm.shape[0]:
       raise ValueError(
-          f"Got {len(class_names)} class names for a {cm.shape[0]}-class confusion matrix.")
+        f"Got {len(class_names)} class names for a {cm.shape[0]}-class confusion matrix."
+      )
     for name, value in zip(class_names, iou):
       out[f"per_class_iou/{name}"] = float(value)
   return out
 
 
-def topk_accuracy(logits: jax.Array, labels: jax.Array, k: int,
-                  ignore_label: int | None = None) -> jax.Array:
+def topk_accuracy(
+  logits: jax.Array, labels: jax.Array, k: int, ignore_label: int | None = None
+) -> jax.Array:
   """Fraction of labels whose logit is among the k largest; jittable.
 
   A label counts as correct when fewer than k logits are strictly greater than its own, so
@@ -174,8 +182,9 @@ def topk_accuracy(logits: jax.Array, labels: jax.Array, k: int,
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
   if logits.shape[:-1] != labels.shape:
-    raise ValueError(f"logits (..., K) and labels (...) disagree: {logits.shape} vs "
-                     f"{labels.shape}.")
+    raise ValueError(
+      f"logits (..., K) and labels (...) disagree: {logits.shape} vs {labels.shape}."
+    )
   valid = jnp.ones(labels.shape, bool) if ignore_label is None else labels != ignore_label
   safe_labels = jnp.where(valid, labels, 0)
   label_logit = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)

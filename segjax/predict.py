@@ -71,6 +71,7 @@ def inference_fn(predict: Callable) -> Callable:
   float 0..255), padded bottom and right, of content sizes `image_size` (B, 2) int32,
   normalized, padding zeroed, then `predict(variables, batch)` (a task's `bind_predict`; the
   outputs are in the padded input's pixels)."""
+
   def infer(variables, images, image_size):
     image_size = jnp.asarray(image_size, jnp.int32)
     batch = {"image": normalize_padded(images, image_size), "image_size": image_size}
@@ -87,8 +88,9 @@ def padded_size(size: Sequence[int], multiple: int) -> tuple[int, int]:
 def _check_image(image, index: int) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-    raise ValueError(f"Image {index} must be a uint8 (H, W, 3) array; got {image.dtype} "
-                     f"{image.shape}.")
+    raise ValueError(
+      f"Image {index} must be a uint8 (H, W, 3) array; got {image.dtype} {image.shape}."
+    )
   return image
 
 
@@ -103,8 +105,16 @@ class Predictor:
     step: the restored checkpoint's step (None unless `from_workdir`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, model=None,
-               batch_size: int = 1, bucket: int | None = None, score_threshold: float = 0.5):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    *,
+    model=None,
+    batch_size: int = 1,
+    bucket: int | None = None,
+    score_threshold: float = 0.5,
+  ):
     if batch_size < 1 or (bucket is not None and bucket < 1):
       raise ValueError(f"batch_size={batch_size} and bucket={bucket} must be positive.")
     self.config = for_inference(config)
@@ -119,8 +129,9 @@ class Predictor:
     self.step = None
 
   @classmethod
-  def from_workdir(cls, workdir: str, config: ml_collections.ConfigDict | None = None,
-                   **kwargs) -> Predictor:
+  def from_workdir(
+    cls, workdir: str, config: ml_collections.ConfigDict | None = None, **kwargs
+  ) -> Predictor:
     """The latest checkpoint of `workdir` (model variables only), with `config` or else
     `workdir/config.json`; `kwargs` as the constructor's."""
     config = for_inference(run_config.load(workdir) if config is None else config)
@@ -139,26 +150,30 @@ class Predictor:
 
   def predict_batch(self, images: Sequence[np.ndarray]) -> list[dict]:
     """One prediction per image, in order: images grouped by bucket, `batch_size` a call."""
-    prepared = [self.task.preprocess(self.config, _check_image(image, i))
-                for i, image in enumerate(images)]
+    prepared = [
+      self.task.preprocess(self.config, _check_image(image, i)) for i, image in enumerate(images)
+    ]
     buckets: dict[tuple[int, int], list[int]] = {}
     for i, (image, _) in enumerate(prepared):
       buckets.setdefault(self.padded_size(image.shape), []).append(i)
     outputs: list[dict | None] = [None] * len(prepared)
     for size, indices in buckets.items():
       for start in range(0, len(indices), self.batch_size):
-        rows = indices[start:start + self.batch_size]
+        rows = indices[start : start + self.batch_size]
         dtype = np.result_type(*(prepared[i][0].dtype for i in rows))
         batch = np.zeros((self.batch_size, *size, 3), dtype)
         sizes = np.zeros((self.batch_size, 2), np.int32)
         for row, i in enumerate(rows):
           image = prepared[i][0]
-          batch[row, :image.shape[0], :image.shape[1]] = image
+          batch[row, : image.shape[0], : image.shape[1]] = image
           sizes[row] = image.shape[:2]
         out = jax.device_get(self.infer(self.variables, batch, sizes))
         for row, i in enumerate(rows):
-          outputs[i] = self.postprocess(jax.tree.map(lambda a, r=row: a[r], out),
-                                        prepared[i][1], score_threshold=self.score_threshold)
+          outputs[i] = self.postprocess(
+            jax.tree.map(lambda a, r=row: a[r], out),
+            prepared[i][1],
+            score_threshold=self.score_threshold,
+          )
     return outputs
 
 
@@ -169,8 +184,9 @@ def list_images(inputs: Sequence[str]) -> list[str]:
   paths = []
   for spec in inputs:
     if os.path.isdir(spec):
-      found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
+      found = sorted(
+        os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS)
+      )
     elif os.path.exists(spec):
       found = [spec]
     else:
@@ -192,9 +208,15 @@ def output_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def predict_to_directory(predictor: Predictor, paths: Sequence[str], output: str, *,
-                         overlay: bool = False, chunk: int | None = None,
-                         log: Callable[[str], object] = print) -> list[str]:
+def predict_to_directory(
+  predictor: Predictor,
+  paths: Sequence[str],
+  output: str,
+  *,
+  overlay: bool = False,
+  chunk: int | None = None,
+  log: Callable[[str], object] = print,
+) -> list[str]:
   """Predicts on the image files `paths` and writes the task's outputs to `output`
   (`Task.write_predictions`), reading `chunk` images at a time (default 4 batches) and
   logging progress in images/s. Returns the paths written."""
@@ -205,10 +227,9 @@ def predict_to_directory(predictor: Predictor, paths: Sequence[str], output: str
   def predictions():
     start = time.perf_counter()
     for first in range(0, len(paths), chunk):
-      images = [read_image(p) for p in paths[first:first + chunk]]
-      yield from zip(names[first:first + chunk], images, predictor.predict_batch(images))
+      images = [read_image(p) for p in paths[first : first + chunk]]
+      yield from zip(names[first : first + chunk], images, predictor.predict_batch(images))
       done = min(first + chunk, len(paths))
       log(f"{done}/{len(paths)} images, {done / (time.perf_counter() - start):.1f} images/s")
 
-  return predictor.task.write_predictions(predictor.config, output, predictions(),
-                                          overlay=overlay)
+  return predictor.task.write_predictions(predictor.config, output, predictions(), overlay=overlay)

@@ -15,9 +15,18 @@ from PIL import Image, ImageDraw, ImageFont
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
 
 # Matplotlib's "tab10" colours, for the first ten classes.
-DISTINCT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-                    (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34),
-                    (23, 190, 207), (255, 187, 120))
+DISTINCT_COLOURS = (
+  (31, 119, 180),
+  (255, 127, 14),
+  (44, 160, 44),
+  (214, 39, 40),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (188, 189, 34),
+  (23, 190, 207),
+  (255, 187, 120),
+)
 
 
 BACKGROUND_NAMES = ("background", "_background_", "bg", "backgroud")
@@ -36,7 +45,7 @@ def palette(num_classes: int, seed: int = 0, *, background: bool = True) -> np.n
   colours = rng.integers(64, 256, size=(num_classes + 1, 3)).astype(np.uint8)
   first = 1 if background else 0
   distinct = max(min(len(DISTINCT_COLOURS), num_classes - first), 0)
-  colours[first:first + distinct] = DISTINCT_COLOURS[:distinct]
+  colours[first : first + distinct] = DISTINCT_COLOURS[:distinct]
   if background:
     colours[0] = 0
   colours[-1] = 128
@@ -73,21 +82,26 @@ def titled(panels: Sequence[np.ndarray], titles: Sequence[str]) -> np.ndarray:
   return np.concatenate(columns[:-1], axis=1)
 
 
-def legend(classes: Sequence[int], colours: np.ndarray, class_names: Sequence[str] | None,
-           width: int) -> np.ndarray:
+def legend(
+  classes: Sequence[int], colours: np.ndarray, class_names: Sequence[str] | None, width: int
+) -> np.ndarray:
   """(h, >= width, 3) uint8: one line per class, a colour swatch and the class's name."""
   font = ImageFont.load_default()
   texts = [class_name(class_names, c) for c in classes]
   line = 14
-  widths = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), t, font=font)[2]
-            for t in texts]
+  widths = [
+    ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), t, font=font)[2] for t in texts
+  ]
   width = max([width] + [w + line + 6 for w in widths])
   image = Image.new("RGB", (width, line * len(classes) + 4))
   draw = ImageDraw.Draw(image)
   for i, (c, text) in enumerate(zip(classes, texts)):
     y = 2 + i * line
-    draw.rectangle((2, y, line - 1, y + line - 3), fill=tuple(int(v) for v in colours[c]),
-                   outline=(255, 255, 255))
+    draw.rectangle(
+      (2, y, line - 1, y + line - 3),
+      fill=tuple(int(v) for v in colours[c]),
+      outline=(255, 255, 255),
+    )
     draw.text((line + 3, y), text, fill=(255, 255, 255), font=font)
   return np.asarray(image)
 
@@ -101,24 +115,34 @@ def stack(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
 
 def denormalize(image: np.ndarray) -> np.ndarray:
   return np.clip(np.round(image * np.asarray(IMAGENET_STD) + IMAGENET_MEAN), 0, 255).astype(
-    np.uint8)
+    np.uint8
+  )
 
 
-def side_by_side(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
-                 num_classes: int, *, class_names: Sequence[str] | None = None,
-                 min_side: int = 256) -> np.ndarray:
+def side_by_side(
+  image: np.ndarray,
+  label: np.ndarray,
+  prediction: np.ndarray,
+  num_classes: int,
+  *,
+  class_names: Sequence[str] | None = None,
+  min_side: int = 256,
+) -> np.ndarray:
   """A uint8 panel from a normalized image (H, W, 3) and two (H, W) class maps: image |
   ground truth | prediction, upscaled (`scale_for`), titled, above a legend of the classes in
   either map (ignored pixels grey)."""
   background = has_background(class_names)
   scale = scale_for(image.shape, min_side)
   maps = [colorize(m, num_classes, background=background) for m in (label, prediction)]
-  top = titled([upscale(p, scale) for p in (denormalize(image), *maps)],
-               ("image", "ground truth", "prediction"))
+  top = titled(
+    [upscale(p, scale) for p in (denormalize(image), *maps)],
+    ("image", "ground truth", "prediction"),
+  )
   shown = np.union1d(np.unique(label), np.unique(prediction))
   classes = [int(c) for c in shown if 0 <= c < num_classes]
-  return stack(top, legend(classes, palette(num_classes, background=background), class_names,
-                           top.shape[1]))
+  return stack(
+    top, legend(classes, palette(num_classes, background=background), class_names, top.shape[1])
+  )
 
 
 def save_png(panel: np.ndarray, path: str) -> None:
@@ -131,10 +155,18 @@ def class_name(class_names: Sequence[str] | None, label: int) -> str:
   return f"class {label}"
 
 
-def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, masks: np.ndarray,
-                   *, num_classes: int, class_names: Sequence[str] | None = None,
-                   scores: np.ndarray | None = None, alpha: float = 0.5,
-                   scale: int = 1) -> np.ndarray:
+def draw_instances(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  classes: np.ndarray,
+  masks: np.ndarray,
+  *,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  scores: np.ndarray | None = None,
+  alpha: float = 0.5,
+  scale: int = 1,
+) -> np.ndarray:
   """Instances drawn on `image` (H, W, 3) uint8, returned as (scale H, scale W, 3) uint8.
 
   Args:
@@ -170,9 +202,16 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, ma
   return np.asarray(panel)
 
 
-def instance_panel(image: np.ndarray, truth: dict, detections: dict, *, num_classes: int,
-                   class_names: Sequence[str] | None = None, score_threshold: float = 0.5,
-                   min_side: int = 256) -> np.ndarray:
+def instance_panel(
+  image: np.ndarray,
+  truth: dict,
+  detections: dict,
+  *,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  score_threshold: float = 0.5,
+  min_side: int = 256,
+) -> np.ndarray:
   """image | ground truth | detections above `score_threshold`, as one uint8 panel.
 
   `image` is normalized (H, W, 3); `truth` holds `boxes`, `classes`, `instance_masks` and
@@ -185,19 +224,35 @@ def instance_panel(image: np.ndarray, truth: dict, detections: dict, *, num_clas
   def draw(instances, keep, scores=None):
     keep = np.asarray(keep, bool)
     return draw_instances(
-      image, np.asarray(instances["boxes"])[keep], np.asarray(instances["classes"])[keep],
-      np.asarray(instances["instance_masks"])[keep], num_classes=num_classes,
-      class_names=class_names, scores=None if scores is None else np.asarray(scores)[keep],
-      scale=scale)
+      image,
+      np.asarray(instances["boxes"])[keep],
+      np.asarray(instances["classes"])[keep],
+      np.asarray(instances["instance_masks"])[keep],
+      num_classes=num_classes,
+      class_names=class_names,
+      scores=None if scores is None else np.asarray(scores)[keep],
+      scale=scale,
+    )
 
   keep = np.asarray(detections["valid"]) & (np.asarray(detections["scores"]) >= score_threshold)
-  return titled([upscale(image, scale), draw(truth, truth["valid"]),
-                 draw(detections, keep, detections["scores"])],
-                ("image", "ground truth", f"detections (score >= {score_threshold:g})"))
+  return titled(
+    [
+      upscale(image, scale),
+      draw(truth, truth["valid"]),
+      draw(detections, keep, detections["scores"]),
+    ],
+    ("image", "ground truth", f"detections (score >= {score_threshold:g})"),
+  )
 
 
-def semantic_overlay(image: np.ndarray, labels: np.ndarray, *, num_classes: int,
-                     class_names: Sequence[str] | None = None, alpha: float = 0.5) -> np.ndarray:
+def semantic_overlay(
+  image: np.ndarray,
+  labels: np.ndarray,
+  *,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  alpha: float = 0.5,
+) -> np.ndarray:
   """`image` (H, W, 3) uint8 with the class map `labels` (H, W) blended in its `palette`
   colours (background, class 0, left unblended), above a legend of the classes present:
   a colour swatch and the class name per line. The panel is widened if a name needs it."""
@@ -206,7 +261,8 @@ def semantic_overlay(image: np.ndarray, labels: np.ndarray, *, num_classes: int,
   blended = image.astype(np.float32)
   painted = labels > 0 if background else np.ones(labels.shape, bool)
   blended[painted] = (1 - alpha) * blended[painted] + alpha * colours[
-    np.where((labels >= 0) & (labels < num_classes), labels, num_classes)][painted]
+    np.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+  ][painted]
   top = np.clip(np.round(blended), 0, 255).astype(np.uint8)
   present = [int(c) for c in np.unique(labels) if 0 <= c < num_classes]
   return stack(top, legend(present, colours, class_names, top.shape[1]))

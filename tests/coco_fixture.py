@@ -32,11 +32,11 @@ DROPPED_ANNOTATION = 72
 @dataclasses.dataclass(frozen=True)
 class CocoFixture:
   """Attributes:
-    data_dir: root holding annotations/ and val/.
-    annotation_file: the JSON path.
-    data: the JSON content.
-    masks: annotation id -> (H, W) uint8 mask the annotation encodes, decoded independently.
-    sizes: image id -> (height, width).
+  data_dir: root holding annotations/ and val/.
+  annotation_file: the JSON path.
+  data: the JSON content.
+  masks: annotation id -> (H, W) uint8 mask the annotation encodes, decoded independently.
+  sizes: image id -> (height, width).
   """
 
   data_dir: str
@@ -47,9 +47,14 @@ class CocoFixture:
 
   def annotations(self, image_id):
     """The kept annotations of an image, sorted by id."""
-    return sorted((a for a in self.data["annotations"]
-                   if a["image_id"] == image_id and a["id"] != DROPPED_ANNOTATION),
-                  key=lambda a: a["id"])
+    return sorted(
+      (
+        a
+        for a in self.data["annotations"]
+        if a["image_id"] == image_id and a["id"] != DROPPED_ANNOTATION
+      ),
+      key=lambda a: a["id"],
+    )
 
 
 def uncompressed_rle(mask):
@@ -95,10 +100,17 @@ def write_coco(root, *, with_dropped=True):
   def add(ann_id, image_id, category_id, segmentation, mask, iscrowd=0):
     rle = mask_util.encode(np.asfortranarray(mask))
     masks[ann_id] = mask
-    annotations.append({
-      "id": ann_id, "image_id": image_id, "category_id": category_id,
-      "segmentation": segmentation, "iscrowd": iscrowd,
-      "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)]})
+    annotations.append(
+      {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "iscrowd": iscrowd,
+        "area": float(mask_util.area(rle)),
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+      }
+    )
 
   # Image 5: squares of sides 2..6, ids in an order unrelated to size.
   for ann_id, side in zip((51, 52, 53, 54, 55), (4, 2, 6, 3, 5)):
@@ -111,9 +123,17 @@ def write_coco(root, *, with_dropped=True):
   rect = rectangle(24, 16, 15, 3, 22, 12)
   add(73, 7, 3, uncompressed_rle(rect), rect)
   if with_dropped:
-    annotations.append({"id": DROPPED_ANNOTATION, "image_id": 7, "category_id": 1,
-                        "segmentation": [[1.0, 1.0, 3.0, 3.0]], "iscrowd": 0, "area": 4.0,
-                        "bbox": [1.0, 1.0, 2.0, 2.0]})
+    annotations.append(
+      {
+        "id": DROPPED_ANNOTATION,
+        "image_id": 7,
+        "category_id": 1,
+        "segmentation": [[1.0, 1.0, 3.0, 3.0]],
+        "iscrowd": 0,
+        "area": 4.0,
+        "bbox": [1.0, 1.0, 2.0, 2.0],
+      }
+    )
   # Image 42: two-part polygon, compressed RLE, crowd region.
   parts = [[1, 1, 8, 1, 8, 6, 1, 6], [10, 2, 14, 2, 14, 9, 10, 9]]
   add(421, 42, 3, parts, polygon_mask(parts, 20, 30))
@@ -123,8 +143,7 @@ def write_coco(root, *, with_dropped=True):
   crowd = rectangle(20, 30, 0, 20, 8, 30)
   add(423, 42, 1, uncompressed_rle(crowd), crowd, iscrowd=1)
 
-  categories = [{"id": 90, "name": "ninety"}, {"id": 1, "name": "one"},
-                {"id": 3, "name": "three"}]
+  categories = [{"id": 90, "name": "ninety"}, {"id": 1, "name": "one"}, {"id": 3, "name": "three"}]
   data = {"images": images, "annotations": annotations[::-1], "categories": categories}
   ann_dir = os.path.join(root, "annotations")
   image_dir = os.path.join(root, SPLIT)
@@ -142,4 +161,3 @@ def write_coco(root, *, with_dropped=True):
       Image.fromarray(np.full((h, w, 3), COLOURS[image["id"]], np.uint8)).save(path)
   sizes = {image["id"]: (image["height"], image["width"]) for image in images}
   return CocoFixture(str(root), annotation_file, data, masks, sizes)
-

@@ -24,9 +24,11 @@ H, W, C, K = 8, 6, 3, 4
 
 def _global_linear(weights):
   """Every pixel's logits are one linear function of the whole image: (H, W, C, K) weights."""
+
   def apply_fn(images):
     logits = jnp.einsum("bhwc,hwck->bk", images, weights)
     return jnp.broadcast_to(logits[:, None, None], (*images.shape[:3], weights.shape[-1]))
+
   return apply_fn
 
 
@@ -35,11 +37,16 @@ def _smooth_conv_net(seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
   w1 = jax.random.normal(k1, (3, 3, C, 5)) * 0.5
   w2 = jax.random.normal(k2, (3, 3, 5, K)) * 0.5
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = functools.partial(
+    jax.lax.conv_general_dilated,
+    window_strides=(1, 1),
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
   def apply_fn(images):
     return jax.nn.softplus(conv(jnp.tanh(conv(images, w1)), w2))
+
   return apply_fn
 
 
@@ -67,8 +74,9 @@ def test_integrated_gradients_of_a_linear_model_are_saliency_times_input():
   weights = jax.random.normal(jax.random.key(0), (H, W, C, K))
   apply_fn, image = _global_linear(weights), _image()
   got = analysis.integrated_gradients(apply_fn, image, 3, steps=4)
-  np.testing.assert_allclose(got, analysis.saliency(apply_fn, image, 3) * image, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    got, analysis.saliency(apply_fn, image, 3) * image, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_integrated_gradients_are_complete_for_a_nonlinear_model():
@@ -76,10 +84,12 @@ def test_integrated_gradients_are_complete_for_a_nonlinear_model():
   baseline = 0.3 * _image(seed=2)
   region = jnp.zeros((H, W), bool).at[1:5, 3:6].set(True)
   for class_index in (0, 3):
-    attributions = analysis.integrated_gradients(apply_fn, image, class_index, region=region,
-                                                 baseline=baseline, steps=64, batch_size=16)
-    difference = (analysis.class_score(apply_fn, image, class_index, region)
-                  - analysis.class_score(apply_fn, baseline, class_index, region))
+    attributions = analysis.integrated_gradients(
+      apply_fn, image, class_index, region=region, baseline=baseline, steps=64, batch_size=16
+    )
+    difference = analysis.class_score(apply_fn, image, class_index, region) - analysis.class_score(
+      apply_fn, baseline, class_index, region
+    )
     assert float(attributions.sum()) == pytest.approx(float(difference), rel=2e-3, abs=1e-4)
     # Pixels outside the region's receptive field (3x3, twice) get nothing.
     np.testing.assert_array_equal(attributions[:, 0], 0.0)
@@ -103,13 +113,18 @@ def test_per_example_gradients_equal_a_loop_of_grad(rbg_keys):
   batch_stats = jax.tree.map(lambda x: x + 0.1, variables["batch_stats"])  # Not the init's.
   loss_of_example = functools.partial(analysis.semantic_example_loss, model=model)
   losses, norms, aux = analysis.per_example_losses_and_grad_norms(
-    loss_of_example, variables["params"], {"image": images, "mask": masks}, batch_stats,
-    has_aux=True)
+    loss_of_example,
+    variables["params"],
+    {"image": images, "mask": masks},
+    batch_stats,
+    has_aux=True,
+  )
   assert losses.shape == norms.shape == (3,) and aux["prediction"].shape == (3, 16, 16)
   grad = jax.jit(jax.value_and_grad(loss_of_example, has_aux=True))
   for i in range(3):
-    (loss, extra), grads = grad(variables["params"], {"image": images[i], "mask": masks[i]},
-                                batch_stats)
+    (loss, extra), grads = grad(
+      variables["params"], {"image": images[i], "mask": masks[i]}, batch_stats
+    )
     norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
     np.testing.assert_allclose(norms[i], norm, rtol=1e-5)
@@ -135,11 +150,11 @@ def test_per_example_gradients_of_least_squares():
 
 
 def test_rank_examples_orders_by_the_signal_then_index():
-  ranked = analysis.rank_examples([4, 7, 9], [0.5, 2.0, 0.5], [3.0, 1.0, 2.0], [1, 0, 1],
-                                  by="loss")
+  ranked = analysis.rank_examples([4, 7, 9], [0.5, 2.0, 0.5], [3.0, 1.0, 2.0], [1, 0, 1], by="loss")
   assert [r["index"] for r in ranked] == [7, 4, 9] and [r["rank"] for r in ranked] == [0, 1, 2]
-  by_norm = analysis.rank_examples([4, 7, 9], [0.5, 2.0, 0.5], [3.0, 1.0, 2.0], [1, 0, 1],
-                                   by="grad_norm")
+  by_norm = analysis.rank_examples(
+    [4, 7, 9], [0.5, 2.0, 0.5], [3.0, 1.0, 2.0], [1, 0, 1], by="grad_norm"
+  )
   assert [r["index"] for r in by_norm] == [4, 9, 7]
   with pytest.raises(ValueError, match="by="):
     analysis.rank_examples([], [], [], [], by="accuracy")
@@ -160,7 +175,7 @@ def write_shapes_folder(data_dir) -> None:
     for class_id in rng.permutation(list(COLOURS))[:2]:
       h, w = rng.integers(10, 18, 2)
       y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
-      mask[y:y + h, x:x + w] = class_id
+      mask[y : y + h, x : x + w] = class_id
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     for class_id, colour in COLOURS.items():
       image[mask == class_id] = colour
@@ -205,8 +220,9 @@ def corrupted_workdir(tmp_path_factory):
 @pytest.mark.xdist_group("analysis_corrupted")
 def test_hardest_ranks_corrupted_masks_first(corrupted_workdir):
   top_k = 5
-  result = analysis.hardest(corrupted_workdir, split="train", top_k=top_k, batch_size=8,
-                            log=lambda _: None)
+  result = analysis.hardest(
+    corrupted_workdir, split="train", top_k=top_k, batch_size=8, log=lambda _: None
+  )
   ranked = result["examples"]
   assert sorted(r["index"] for r in ranked) == list(range(NUM_EXAMPLES))  # Padding dropped.
   assert set(CORRUPTED) <= {r["index"] for r in ranked[:top_k]}, ranked[:top_k]
@@ -220,9 +236,26 @@ def test_hardest_ranks_corrupted_masks_first(corrupted_workdir):
 @pytest.mark.xdist_group("analysis_corrupted")
 def test_hardest_command_ranks_by_grad_norm(corrupted_workdir):
   out = subprocess.run(
-    [sys.executable, "-m", "segjax.analysis", "hardest", "--workdir", corrupted_workdir,
-     "--split", "train", "--top_k", "3", "--by", "grad_norm"],
-    cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      "-m",
+      "segjax.analysis",
+      "hardest",
+      "--workdir",
+      corrupted_workdir,
+      "--split",
+      "train",
+      "--top_k",
+      "3",
+      "--by",
+      "grad_norm",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr
   with open(os.path.join(corrupted_workdir, "analysis", "hardest_train.json")) as f:
     result = json.load(f)
@@ -231,6 +264,7 @@ def test_hardest_command_ranks_by_grad_norm(corrupted_workdir):
   printed = out.stdout.splitlines()
   assert "The 3 hardest of 64 examples of split 'train' by grad_norm" in printed[0]
   assert [int(line.split()[1]) for line in printed[2:5]] == [
-    r["index"] for r in result["examples"][:3]]
+    r["index"] for r in result["examples"][:3]
+  ]
   panels = sorted(os.listdir(os.path.join(corrupted_workdir, "analysis", "hardest_train")))
   assert panels == [f"{r['rank']:03d}_{r['index']}.png" for r in result["examples"][:3]]

@@ -25,11 +25,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_SECONDS = 60
 START_SECONDS = 240  # Imports and compiles, on a loaded 2-core machine.
 TINY_FOLDER = [
-  "--config", "configs/unet_folder.py:2", "--config.image_size=(32,32)",
-  "--config.model.depth=2", "--config.model.base_width=8", "--config.batch_size=2",
-  "--config.eval_batch_size=2", "--config.num_train_steps=30", "--config.warmup_steps=1",
-  "--config.log_every_steps=2", "--config.eval_every_steps=1000",
-  "--config.checkpoint_every_steps=1000"]
+  "--config",
+  "configs/unet_folder.py:2",
+  "--config.image_size=(32,32)",
+  "--config.model.depth=2",
+  "--config.model.base_width=8",
+  "--config.batch_size=2",
+  "--config.eval_batch_size=2",
+  "--config.num_train_steps=30",
+  "--config.warmup_steps=1",
+  "--config.log_every_steps=2",
+  "--config.eval_every_steps=1000",
+  "--config.checkpoint_every_steps=1000",
+]
 TINY_SHAPES = ["--config", "configs/unet_shapes.py:tiny"]
 
 
@@ -39,8 +47,7 @@ class Exited:
     self.after_error = after_error  # Seconds from the first error output to the exit.
 
   def cause(self, program="train.py") -> str:
-    lines = [line for line in self.stderr.splitlines()
-             if line.startswith(f"{program}: error: ")]
+    lines = [line for line in self.stderr.splitlines() if line.startswith(f"{program}: error: ")]
     assert len(lines) == 1, self.stderr[-3000:]
     return lines[0]
 
@@ -61,12 +68,20 @@ def run(args, *, slow_reads=False, patch="", on_line=None, env=None) -> Exited:
     """)
   if patch:
     script, rest = args[0], args[1:]
-    code = (f"import runpy, sys\nsys.argv = [{script!r}] + sys.argv[1:]\n{patch}\n"
-            f"runpy.run_path({script!r}, run_name='__main__')")
+    code = (
+      f"import runpy, sys\nsys.argv = [{script!r}] + sys.argv[1:]\n{patch}\n"
+      f"runpy.run_path({script!r}, run_name='__main__')"
+    )
     args = ["-c", code, *rest]
-  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    start_new_session=True,
+  )
   stderr_lines, error_time = [], []
 
   def read_stderr():  # In a thread: stdout is read meanwhile.
@@ -87,8 +102,10 @@ def run(args, *, slow_reads=False, patch="", on_line=None, env=None) -> Exited:
     while proc.poll() is None:
       limit = error_time[0] + EXIT_SECONDS if error_time else deadline
       if time.monotonic() > limit:
-        pytest.fail(f"still running {EXIT_SECONDS} s after the error (or "
-                    f"{START_SECONDS} s after the start):\n{''.join(stderr_lines)[-3000:]}")
+        pytest.fail(
+          f"still running {EXIT_SECONDS} s after the error (or "
+          f"{START_SECONDS} s after the start):\n{''.join(stderr_lines)[-3000:]}"
+        )
       time.sleep(0.2)
     reader.join(EXIT_SECONDS)
     exited = time.monotonic()
@@ -116,16 +133,18 @@ def write_folder(data_dir, *, train=24, validation=4, size=(40, 48)):
       os.makedirs(os.path.join(data_dir, split, sub), exist_ok=True)
     for i in range(count):
       Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8)).save(
-        os.path.join(data_dir, split, "images", f"im{i:03d}.png"))
+        os.path.join(data_dir, split, "images", f"im{i:03d}.png")
+      )
       Image.fromarray(rng.integers(0, 2, size, np.uint8)).save(
-        os.path.join(data_dir, split, "masks", f"im{i:03d}.png"))
+        os.path.join(data_dir, split, "masks", f"im{i:03d}.png")
+      )
   return str(data_dir)
 
 
 def truncate(path):
   data = open(path, "rb").read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   return str(path)
 
 
@@ -133,7 +152,7 @@ def corrupt(path):
   """Zeroes the middle of a PNG: its header and end look fine, decoding fails."""
   data = bytearray(open(path, "rb").read())
   middle = len(data) // 2
-  data[middle - 64:middle + 64] = bytes(128)
+  data[middle - 64 : middle + 64] = bytes(128)
   with open(path, "wb") as f:
     f.write(bytes(data))
   return str(path)
@@ -145,10 +164,13 @@ def assert_failed(exited, cause_pattern, program="train.py", code=1):
   assert exited.after_error < EXIT_SECONDS
 
 
-@pytest.mark.parametrize("override, cause", [
-  ("--config.warmup_steps=1000", r"config.warmup_steps=1000 must be in"),
-  ("--config.image_size=30", r"image_size=\(30, 30\) must be divisible"),
-])
+@pytest.mark.parametrize(
+  "override, cause",
+  [
+    ("--config.warmup_steps=1000", r"config.warmup_steps=1000 must be in"),
+    ("--config.image_size=30", r"image_size=\(30, 30\) must be divisible"),
+  ],
+)
 def test_config_error_is_one_line_without_traceback(tmp_path, override, cause):
   exited = run(["train.py", *TINY_SHAPES, "--workdir", str(tmp_path / "w"), override])
   assert_failed(exited, rf"train.py: error: config: {cause}")
@@ -157,16 +179,30 @@ def test_config_error_is_one_line_without_traceback(tmp_path, override, cause):
 
 
 def test_missing_data_dir_exits(tmp_path):
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
-                f"--config.dataset.data_dir={tmp_path / 'nowhere'}"])
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.dataset.data_dir={tmp_path / 'nowhere'}",
+    ]
+  )
   assert_failed(exited, r"FileNotFoundError: .*nowhere")
 
 
 def test_truncated_image_is_named_before_compiling(tmp_path):
   data_dir = write_folder(tmp_path / "data")
   bad = truncate(os.path.join(data_dir, "train", "images", "im005.png"))
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
-                f"--config.dataset.data_dir={data_dir}"])
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.dataset.data_dir={data_dir}",
+    ]
+  )
   assert_failed(exited, rf"1 of 24 image/mask pairs are unusable: {re.escape(bad)}: truncated")
   assert "compiles" not in exited.stdout
   assert not os.path.exists(tmp_path / "w")
@@ -175,8 +211,16 @@ def test_truncated_image_is_named_before_compiling(tmp_path):
 def test_bad_image_in_first_batch_exits_naming_the_file(tmp_path):
   data_dir = write_folder(tmp_path / "data")
   bad = corrupt(os.path.join(data_dir, "train", "images", "im005.png"))
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
-                f"--config.dataset.data_dir={data_dir}"], slow_reads=True)
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.dataset.data_dir={data_dir}",
+    ],
+    slow_reads=True,
+  )
   assert_failed(exited, rf"training data: Cannot read image {re.escape(bad)}")
 
 
@@ -185,24 +229,40 @@ def test_bad_image_mid_run_exits_keeping_checkpoints(tmp_path):
   bad = corrupt(os.path.join(data_dir, "train", "images", "im020.png"))
   workdir = tmp_path / "w"
   # Sorted order, no shuffling: image 20 is read at step 11, after the checkpoint at step 4.
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(workdir),
-                f"--config.dataset.data_dir={data_dir}", "--config.dataset.shuffle_buffer=1",
-                "--config.checkpoint_every_steps=4"],
-               slow_reads=True)
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(workdir),
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.dataset.shuffle_buffer=1",
+      "--config.checkpoint_every_steps=4",
+    ],
+    slow_reads=True,
+  )
   assert_failed(exited, rf"Cannot read image {re.escape(bad)}")
   assert "step 8/30" in exited.stdout
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved and saved[-1] == 8
-  assert all(os.path.exists(workdir / "checkpoints" / str(s) / "commit_success.txt")
-             for s in saved)
+  assert all(os.path.exists(workdir / "checkpoints" / str(s) / "commit_success.txt") for s in saved)
 
 
 def test_bad_image_in_evaluation_exits(tmp_path):
   data_dir = write_folder(tmp_path / "data")
   bad = corrupt(os.path.join(data_dir, "validation", "images", "im002.png"))
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(tmp_path / "w"),
-                f"--config.dataset.data_dir={data_dir}", "--config.num_train_steps=2",
-                "--config.eval_every_steps=2"], slow_reads=True)
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.num_train_steps=2",
+      "--config.eval_every_steps=2",
+    ],
+    slow_reads=True,
+  )
   assert_failed(exited, rf"evaluation data: Cannot read image {re.escape(bad)}")
 
 
@@ -212,8 +272,16 @@ def trained_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp("trained")
   data_dir = write_folder(root / "data")
   workdir = root / "w"
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(workdir),
-                f"--config.dataset.data_dir={data_dir}", "--config.num_train_steps=2"])
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(workdir),
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.num_train_steps=2",
+    ]
+  )
   assert exited.returncode == 0, exited.stderr[-3000:]
   return data_dir, workdir
 
@@ -224,8 +292,16 @@ def test_corrupt_checkpoint_exits(trained_folder, tmp_path):
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
   os.remove(workdir / "checkpoints" / "2" / "state" / "manifest.ocdbt")
-  exited = run(["train.py", *TINY_FOLDER, "--workdir", str(workdir),
-                f"--config.dataset.data_dir={data_dir}", "--config.num_train_steps=4"])
+  exited = run(
+    [
+      "train.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(workdir),
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.num_train_steps=4",
+    ]
+  )
   assert_failed(exited, r"error: \w+")
 
 
@@ -234,10 +310,19 @@ def test_evaluate_bad_image_exits(trained_folder, tmp_path):
   data_dir, workdir = trained_folder
   data_dir = shutil.copytree(data_dir, tmp_path / "data")
   bad = corrupt(os.path.join(data_dir, "validation", "images", "im001.png"))
-  exited = run(["evaluate.py", *TINY_FOLDER, "--workdir", str(workdir),
-                f"--config.dataset.data_dir={data_dir}"], slow_reads=True)
-  assert_failed(exited, rf"evaluation data: Cannot read image {re.escape(bad)}",
-                program="evaluate.py")
+  exited = run(
+    [
+      "evaluate.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(workdir),
+      f"--config.dataset.data_dir={data_dir}",
+    ],
+    slow_reads=True,
+  )
+  assert_failed(
+    exited, rf"evaluation data: Cannot read image {re.escape(bad)}", program="evaluate.py"
+  )
 
 
 @pytest.mark.xdist_group("cli_trained_folder")
@@ -246,8 +331,15 @@ def test_evaluate_prints_metrics_it_cannot_write(trained_folder, tmp_path):
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
   os.makedirs(workdir / "eval_metrics.json")  # Not writable as a file.
-  exited = run(["evaluate.py", *TINY_FOLDER, "--workdir", str(workdir),
-                f"--config.dataset.data_dir={data_dir}"])
+  exited = run(
+    [
+      "evaluate.py",
+      *TINY_FOLDER,
+      "--workdir",
+      str(workdir),
+      f"--config.dataset.data_dir={data_dir}",
+    ]
+  )
   assert_failed(exited, r"Cannot write .*eval_metrics.json .*the metrics: \{", "evaluate.py")
   assert "mean_iou:" in exited.stdout
 
@@ -265,8 +357,14 @@ def test_failed_save_exits(tmp_path):
       raise OSError(28, "No space left on device", str(directory))
     checkpoint.TFIteratorHandler.save = _full_disk
   """)
-  args = ["train.py", *TINY_SHAPES, "--workdir", str(tmp_path),
-          "--config.checkpoint_every_steps=5", "--config.eval_every_steps=1000"]
+  args = [
+    "train.py",
+    *TINY_SHAPES,
+    "--workdir",
+    str(tmp_path),
+    "--config.checkpoint_every_steps=5",
+    "--config.eval_every_steps=1000",
+  ]
   exited = run(args, patch=patch)
   assert_failed(exited, r"No space left on device")
   assert "step 10/20" not in exited.stdout  # Stopped at the failing save, not later.
@@ -280,13 +378,21 @@ def test_sigterm_while_compiling_saves_and_exits(tmp_path):
     if "the first step compiles" in line:
       proc.send_signal(signal.SIGTERM)
 
-  exited = run(["train.py", *TINY_SHAPES, "--workdir", str(tmp_path),
-                "--config.num_train_steps=100000", "--config.eval_every_steps=100000",
-                "--config.checkpoint_every_steps=100000"], on_line=terminate_when_compiling,
-               env={"JAX_ENABLE_COMPILATION_CACHE": "false"})  # Really compiling: step 1.
+  exited = run(
+    [
+      "train.py",
+      *TINY_SHAPES,
+      "--workdir",
+      str(tmp_path),
+      "--config.num_train_steps=100000",
+      "--config.eval_every_steps=100000",
+      "--config.checkpoint_every_steps=100000",
+    ],
+    on_line=terminate_when_compiling,
+    env={"JAX_ENABLE_COMPILATION_CACHE": "false"},
+  )  # Really compiling: step 1.
   assert exited.returncode == 143, exited.stderr[-3000:]
-  assert re.search(r"terminated: SIGTERM: stopped at step 1; checkpoint saved",
-                   exited.cause())
+  assert re.search(r"terminated: SIGTERM: stopped at step 1; checkpoint saved", exited.cause())
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 

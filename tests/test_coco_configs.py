@@ -40,7 +40,7 @@ def init_shapes(config):
 
 def count_by_part(paths):
   """{part: count} with part the top-level module, or roi_heads/<head>."""
-  parts = [p.split("/")[:2 if p.startswith("roi_heads/") else 1] for p in paths]
+  parts = [p.split("/")[: 2 if p.startswith("roi_heads/") else 1] for p in paths]
   return collections.Counter("/".join(p) for p in parts)
 
 
@@ -59,7 +59,10 @@ def test_imagenet_recipe_freezes_the_backbone_and_requires_init_from():
   assert config.init_from is None  # A placeholder the command line fills.
   model, variables, called = init_shapes(config)
   assert (model.backbone.depth, model.backbone.norm, model.backbone.freeze_at) == (
-    50, "frozen_bn", 2)
+    50,
+    "frozen_bn",
+    2,
+  )
   stats = traverse_util.flatten_dict(variables["batch_stats"])
   assert {p[0] for p in stats} == {"backbone"} and len(stats) == 4 * R50_NORMS
   assert {type(m).__name__ for m in called.values()} >= {"FrozenBatchNorm"}
@@ -77,18 +80,28 @@ def test_scratch_recipe_has_group_norm_everywhere_and_nothing_frozen():
   assert "batch_stats" not in variables  # No batch norm of any kind.
   norms = {path: m for path, m in called.items() if isinstance(m, nn.GroupNorm)}
   assert {m.num_groups for m in norms.values()} == {32}
-  assert not [p for p, m in called.items()
-              if type(m).__name__ in ("BatchNorm", "FrozenBatchNorm", "LayerNorm")]
+  assert not [
+    p
+    for p, m in called.items()
+    if type(m).__name__ in ("BatchNorm", "FrozenBatchNorm", "LayerNorm")
+  ]
   # GroupNorm after every conv of the backbone, the FPN and the box and mask heads; the RPN
   # head has none (detectron2's StandardRPNHead).
-  assert count_by_part(norms) == {"backbone": R50_NORMS, "fpn": 8, "roi_heads/box_head": 4,
-                                  "roi_heads/mask_head": 4}
+  assert count_by_part(norms) == {
+    "backbone": R50_NORMS,
+    "fpn": 8,
+    "roi_heads/box_head": 4,
+    "roi_heads/mask_head": 4,
+  }
   # Every scale/bias pair of the parameters belongs to one of those GroupNorms.
   params = traverse_util.flatten_dict(variables["params"])
   assert {"/".join(p[:-1]) for p in params if p[-1] == "scale"} == set(norms)
   # 4conv1fc box head: four 3x3 convs of 256, one fc of 1024.
-  box = {"/".join(p[2:]): v.shape for p, v in params.items() if p[:2] == ("roi_heads", "box_head")
-         and p[-1] == "kernel"}
+  box = {
+    "/".join(p[2:]): v.shape
+    for p, v in params.items()
+    if p[:2] == ("roi_heads", "box_head") and p[-1] == "kernel"
+  }
   assert [box[f"conv{i}/kernel"] for i in range(1, 5)] == [(3, 3, 256, 256)] * 4
   assert box["fc1/kernel"] == (7 * 7 * 256, 1024) and "fc2/kernel" not in box
   # Nothing frozen: every parameter trains and gets weight decay; no init_from needed.

@@ -24,6 +24,7 @@ def coco_data(tmp_path_factory):
 def clean_coco_data(tmp_path_factory):
   return write_coco(tmp_path_factory.mktemp("clean_coco_data"), with_dropped=False)
 
+
 KEYS = {f"{kind}_{name}" for kind in ("box", "mask") for name in coco_eval.AP_NAMES}
 
 
@@ -32,10 +33,20 @@ def make_config(name, image_size, *, min_size=None, max_size=None, **dataset):
   config.seed = 0
   config.image_size = image_size
   config.augment = ml_collections.ConfigDict({"flip": False})
-  config.dataset = ml_collections.ConfigDict({
-    "name": name, "data_dir": None, "train_split": SPLIT, "eval_split": SPLIT,
-    "max_instances": 8, "overflow": "truncate", "min_size": min_size, "max_size": max_size,
-    "shuffle_buffer": 10, "eval_kwargs": {}})
+  config.dataset = ml_collections.ConfigDict(
+    {
+      "name": name,
+      "data_dir": None,
+      "train_split": SPLIT,
+      "eval_split": SPLIT,
+      "max_instances": 8,
+      "overflow": "truncate",
+      "min_size": min_size,
+      "max_size": max_size,
+      "shuffle_buffer": 10,
+      "eval_kwargs": {},
+    }
+  )
   config.dataset.update(dataset)
   return config
 
@@ -46,10 +57,18 @@ def ground_truth_as_detections(config, category_ids, batch_size=3):
   results = []
   for batch in ds.as_numpy_iterator():
     results += coco_eval.detections_to_coco_json(
-      image_ids=batch["image_id"], boxes=batch["boxes"], scores=np.ones(batch["valid"].shape),
-      classes=batch["classes"], valid=batch["valid"], masks=batch["instance_masks"],
-      category_ids=category_ids, scale=batch["scale"], image_size=batch["image_size"],
-      original_size=batch["original_size"], example_mask=batch["example_mask"])
+      image_ids=batch["image_id"],
+      boxes=batch["boxes"],
+      scores=np.ones(batch["valid"].shape),
+      classes=batch["classes"],
+      valid=batch["valid"],
+      masks=batch["instance_masks"],
+      category_ids=category_ids,
+      scale=batch["scale"],
+      image_size=batch["image_size"],
+      original_size=batch["original_size"],
+      example_mask=batch["example_mask"],
+    )
   return results
 
 
@@ -64,11 +83,18 @@ def test_results_format_maps_back_to_the_original_image(coco_data):
   masks[0, 0, :40, :60] = np.kron(small, np.ones((2, 2))) * 0.9
   masks[0, 0, 50:, :] = 1.0  # In the padding: must be cropped away.
   results = coco_eval.detections_to_coco_json(
-    image_ids=np.array([42, -1]), boxes=boxes, scores=np.array([[0.9, 0.4, 0.1], [1, 1, 1]]),
-    classes=np.array([[1, 3, 2], [1, 1, 1]]), valid=np.array([[True, True, False]] * 2),
-    masks=masks, category_ids=CATEGORY_IDS, scale=np.array([2.0, 1.0]),
-    image_size=np.array([[40, 60], [0, 0]]), original_size=np.array([[20, 30], [0, 0]]),
-    example_mask=np.array([True, False]))
+    image_ids=np.array([42, -1]),
+    boxes=boxes,
+    scores=np.array([[0.9, 0.4, 0.1], [1, 1, 1]]),
+    classes=np.array([[1, 3, 2], [1, 1, 1]]),
+    valid=np.array([[True, True, False]] * 2),
+    masks=masks,
+    category_ids=CATEGORY_IDS,
+    scale=np.array([2.0, 1.0]),
+    image_size=np.array([[40, 60], [0, 0]]),
+    original_size=np.array([[20, 30], [0, 0]]),
+    example_mask=np.array([True, False]),
+  )
   assert len(results) == 2
   first, second = results
   assert first["image_id"] == 42 and first["category_id"] == 1 and first["score"] == 0.9
@@ -84,21 +110,34 @@ def test_results_format_maps_back_to_the_original_image(coco_data):
 
 def test_boxes_divide_by_scale_without_sizes():
   results = coco_eval.detections_to_coco_json(
-    image_ids=[7], boxes=np.array([[[3.0, 6.0, 9.0, 12.0]]]), scores=[[0.5]], classes=[[2]],
-    valid=[[True]], category_ids=CATEGORY_IDS, scale=[3.0])
-  assert results == [{"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 2.0, 2.0],
-                      "score": 0.5}]
+    image_ids=[7],
+    boxes=np.array([[[3.0, 6.0, 9.0, 12.0]]]),
+    scores=[[0.5]],
+    classes=[[2]],
+    valid=[[True]],
+    category_ids=CATEGORY_IDS,
+    scale=[3.0],
+  )
+  assert results == [{"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 2.0, 2.0], "score": 0.5}]
   with pytest.raises(ValueError, match="needs image_size"):
     coco_eval.detections_to_coco_json(
-      image_ids=[7], boxes=np.zeros((1, 1, 4)), scores=[[0.5]], classes=[[2]], valid=[[True]],
-      category_ids=CATEGORY_IDS, scale=[1.0], masks=np.zeros((1, 1, 4, 4)))
+      image_ids=[7],
+      boxes=np.zeros((1, 1, 4)),
+      scores=[[0.5]],
+      classes=[[2]],
+      valid=[[True]],
+      category_ids=CATEGORY_IDS,
+      scale=[1.0],
+      masks=np.zeros((1, 1, 4, 4)),
+    )
 
 
 @pytest.mark.parametrize("min_size, max_size", [(None, None), (32, 64)])
 def test_coco_ground_truth_scores_ap_one(clean_coco_data, tmp_path, min_size, max_size):
   info = coco.load_coco(clean_coco_data.annotation_file)
-  config = make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir, min_size=min_size,
-                       max_size=max_size)
+  config = make_config(
+    "coco", (64, 64), data_dir=clean_coco_data.data_dir, min_size=min_size, max_size=max_size
+  )
   results = ground_truth_as_detections(config, info.category_ids)
   assert len(results) == 9  # Five squares, two on image 7, two non-crowd on image 42.
   path = tmp_path / "detections.json"
@@ -117,8 +156,9 @@ def test_shapes_ground_truth_scores_ap_one():
   gt = coco_eval.shapes_to_coco("validation", **kwargs)
   assert len(gt.getImgIds()) == 8 and sorted(gt.getCatIds()) == [1, 2, 3, 4]
   # Resized by 2 (exact for nearest up, bilinear down) and padded.
-  config = make_config("shapes", (64, 64), min_size=64, max_size=64, eval_split="validation",
-                       eval_kwargs=kwargs)
+  config = make_config(
+    "shapes", (64, 64), min_size=64, max_size=64, eval_split="validation", eval_kwargs=kwargs
+  )
   results = ground_truth_as_detections(config, (1, 2, 3, 4))
   metrics = coco_eval.evaluate_coco(gt, results)
   assert metrics["box_AP"] == 1.0 and metrics["mask_AP"] == 1.0
@@ -136,9 +176,11 @@ def test_empty_and_box_only_results(coco_data):
   assert all(empty[f"box_{n}"] == 0.0 for n in coco_eval.AP_NAMES)
   assert all(math.isnan(empty[f"mask_{n}"]) for n in coco_eval.AP_NAMES)
   ann = gt.loadAnns([421])[0]
-  box_only = coco_eval.evaluate_coco(gt, [{"image_id": 42, "category_id": 3,
-                                           "bbox": ann["bbox"], "score": 1.0}])
+  box_only = coco_eval.evaluate_coco(
+    gt, [{"image_id": 42, "category_id": 3, "bbox": ann["bbox"], "score": 1.0}]
+  )
   assert 0 < box_only["box_AP"] < 1 and math.isnan(box_only["mask_AP"])
-  subset = coco_eval.evaluate_coco(gt, [{"image_id": 42, "category_id": 3,
-                                         "bbox": ann["bbox"], "score": 1.0}], image_ids=[42])
+  subset = coco_eval.evaluate_coco(
+    gt, [{"image_id": 42, "category_id": 3, "bbox": ann["bbox"], "score": 1.0}], image_ids=[42]
+  )
   assert subset["box_AP"] < 1  # Image 42's category 90 instance is still missed.

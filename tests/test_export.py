@@ -34,8 +34,15 @@ assert not loaded, loaded
 
 def _run(args):
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout
   return proc.stdout
 
@@ -48,8 +55,10 @@ def _call_elsewhere(path, batches, tmp_path):
     np.save(names[-1], batch)
   _run(["-c", LOAD_AND_CALL, path, str(tmp_path / "out.npz"), *names])
   out = np.load(tmp_path / "out.npz")
-  return [{k.split("/")[1]: out[k] for k in out.files if k.startswith(f"{i}/")}
-          for i in range(len(batches))]
+  return [
+    {k.split("/")[1]: out[k] for k in out.files if k.startswith(f"{i}/")}
+    for i in range(len(batches))
+  ]
 
 
 def _batches(size, seed=0):
@@ -63,8 +72,9 @@ def _assert_same(got, want):
     value = np.asarray(value)
     assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
     if np.issubdtype(value.dtype, np.floating):  # Relative to the values' scale too (boxes).
-      np.testing.assert_allclose(got[key], value, rtol=1e-5,
-                                 atol=1e-5 * np.abs(value).max(initial=1e-1), err_msg=key)
+      np.testing.assert_allclose(
+        got[key], value, rtol=1e-5, atol=1e-5 * np.abs(value).max(initial=1e-1), err_msg=key
+      )
     else:
       np.testing.assert_array_equal(got[key], value, err_msg=key)
 
@@ -72,8 +82,9 @@ def _assert_same(got, want):
 def test_exported_unet_from_the_command_line_equals_the_predictor(tmp_path_factory, tmp_path):
   config, workdir = trained("unet", tmp_path_factory)
   path = str(tmp_path / "unet.jax")
-  out = _run(["-m", "segjax.export", "--workdir", workdir, "--output", path,
-              "--image_size", "32,48"])
+  out = _run(
+    ["-m", "segjax.export", "--workdir", workdir, "--output", path, "--image_size", "32,48"]
+  )
   assert "platforms ('cpu', 'cuda', 'tpu')" in out
   exported = jax.export.deserialize(open(path, "rb").read())
   assert str(exported.in_avals[0]) == "uint8[b,32,48,3]"
@@ -96,8 +107,9 @@ def test_exported_mask_rcnn_equals_the_predictor(tmp_path_factory, tmp_path):
     f.write(exported.serialize())
   assert str(exported.in_avals[0]) == "uint8[b,64,64,3]"
   # One batch of the Predictor's compiled size; the U-Net test shows B is symbolic.
-  batches = [np.random.default_rng(1).integers(0, 256, (mask_rcnn.batch_size, 64, 64, 3),
-                                               dtype=np.uint8)]
+  batches = [
+    np.random.default_rng(1).integers(0, 256, (mask_rcnn.batch_size, 64, 64, 3), dtype=np.uint8)
+  ]
   for got, images in zip(_call_elsewhere(path, batches, tmp_path), batches):
     sizes = np.full((len(images), 2), (64, 64), np.int32)
     want = jax.device_get(mask_rcnn.infer(mask_rcnn.variables, images, sizes))

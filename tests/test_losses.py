@@ -41,14 +41,16 @@ def test_matches_numpy_with_ignore_label():
 def test_ignored_pixels_do_not_matter():
   logits, labels = random_batch(1)
   changed = np.where((labels == 255)[..., None], 1e3, logits).astype(np.float32)
-  np.testing.assert_allclose(pixel_cross_entropy(logits, labels),
-                             pixel_cross_entropy(changed, labels), rtol=1e-6)
+  np.testing.assert_allclose(
+    pixel_cross_entropy(logits, labels), pixel_cross_entropy(changed, labels), rtol=1e-6
+  )
 
 
 def test_no_ignored_pixels_is_the_plain_mean():
   logits, labels = random_batch(2, ignore_fraction=0.0)
-  np.testing.assert_allclose(pixel_cross_entropy(logits, labels),
-                             np_pixel_ce(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(
+    pixel_cross_entropy(logits, labels), np_pixel_ce(logits, labels), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("ignore_fraction", [0.0, 0.4])
@@ -56,16 +58,18 @@ def test_class_weights_match_numpy_weighted_mean(ignore_fraction):
   logits, labels = random_batch(3, ignore_fraction=ignore_fraction)
   weights = np.array([0.5, 2.0, 1.0, 3.0], np.float32)
   loss = pixel_cross_entropy(logits, labels, class_weights=weights)
-  np.testing.assert_allclose(loss, np_pixel_ce(logits, labels, class_weights=weights),
-                             rtol=1e-5)
+  np.testing.assert_allclose(loss, np_pixel_ce(logits, labels, class_weights=weights), rtol=1e-5)
   # The same as repeating each pixel w times when w are integers.
   int_weights = np.array([1, 2, 1, 3], np.float32)
   valid = labels != 255
   reps = int_weights[np.where(valid, labels, 0)].astype(int) * valid
   rep_logits = np.repeat(logits.reshape(-1, K), reps.ravel(), axis=0)
   rep_labels = np.repeat(labels.ravel(), reps.ravel())
-  np.testing.assert_allclose(pixel_cross_entropy(logits, labels, class_weights=int_weights),
-                             np_pixel_ce(rep_logits, rep_labels), rtol=1e-5)
+  np.testing.assert_allclose(
+    pixel_cross_entropy(logits, labels, class_weights=int_weights),
+    np_pixel_ce(rep_logits, rep_labels),
+    rtol=1e-5,
+  )
 
 
 def test_all_ignored_gives_zero_loss_and_finite_gradient():
@@ -77,7 +81,8 @@ def test_all_ignored_gives_zero_loss_and_finite_gradient():
   # Also when all valid pixels have class weight 0.
   labels[0, 0, 0] = 1
   loss, grad = jax.value_and_grad(pixel_cross_entropy)(
-      jnp.asarray(logits), labels, class_weights=jnp.array([1.0, 0.0, 1.0, 1.0]))
+    jnp.asarray(logits), labels, class_weights=jnp.array([1.0, 0.0, 1.0, 1.0])
+  )
   assert loss == 0.0 and np.all(np.isfinite(grad))
 
 
@@ -99,8 +104,9 @@ def test_large_logits_stay_finite():
 def test_dtypes_shapes_and_jit():
   logits, labels = random_batch(7, shape=(3, 4))  # no batch axis: (H, W, K)
   expected = np_pixel_ce(logits, labels)
-  np.testing.assert_allclose(pixel_cross_entropy(logits, labels.astype(np.uint8)), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    pixel_cross_entropy(logits, labels.astype(np.uint8)), expected, rtol=1e-5
+  )
   loss_bf16 = pixel_cross_entropy(jnp.asarray(logits, jnp.bfloat16), labels)
   assert loss_bf16.dtype == jnp.float32
   np.testing.assert_allclose(loss_bf16, expected, rtol=3e-2)
@@ -108,13 +114,17 @@ def test_dtypes_shapes_and_jit():
   np.testing.assert_allclose(jitted(logits, labels, ignore_label=255), expected, rtol=1e-5)
   # A different ignore value.
   logits, labels = random_batch(8, ignore_label=-1)
-  np.testing.assert_allclose(pixel_cross_entropy(logits, labels, ignore_label=-1),
-                             np_pixel_ce(logits, labels, ignore_label=-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    pixel_cross_entropy(logits, labels, ignore_label=-1),
+    np_pixel_ce(logits, labels, ignore_label=-1),
+    rtol=1e-5,
+  )
 
 
 def test_shape_mismatch_is_an_error():
   with pytest.raises(ValueError, match="disagree"):
     pixel_cross_entropy(jnp.zeros((2, 4, 4, K)), jnp.zeros((2, 4, 5), jnp.int32))
   with pytest.raises(ValueError, match="class_weights"):
-    pixel_cross_entropy(jnp.zeros((2, 4, 4, K)), jnp.zeros((2, 4, 4), jnp.int32),
-                        class_weights=jnp.ones(K + 1))
+    pixel_cross_entropy(
+      jnp.zeros((2, 4, 4, K)), jnp.zeros((2, 4, 4), jnp.int32), class_weights=jnp.ones(K + 1)
+    )

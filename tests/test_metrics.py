@@ -30,7 +30,7 @@ def test_confusion_matrix_matches_numpy_and_accumulates():
   np.testing.assert_array_equal(cm_one, [[0, 0, 0], [1, 0, 2], [0, 0, 0]])
   # Jitted, summed over batches == over everything at once.
   fn = jax.jit(metrics.confusion_matrix, static_argnums=2)
-  total = sum(fn(labels[i:i + 2], preds[i:i + 2], 5) for i in (0, 2))
+  total = sum(fn(labels[i : i + 2], preds[i : i + 2], 5) for i in (0, 2))
   np.testing.assert_array_equal(total, cm)
 
 
@@ -67,11 +67,11 @@ def np_reference(cm):
   present = [i for i in range(len(cm)) if union[i]]
   labelled = [i for i in range(len(cm)) if t[i]]
   return {
-      "pixel_accuracy": tp.sum() / cm.sum(),
-      "mean_class_accuracy": np.mean([tp[i] / t[i] for i in labelled]),
-      "per_class_iou": iou,
-      "mean_iou": np.mean(iou[present]),
-      "frequency_weighted_iou": sum(t[i] / t.sum() * iou[i] for i in labelled),
+    "pixel_accuracy": tp.sum() / cm.sum(),
+    "mean_class_accuracy": np.mean([tp[i] / t[i] for i in labelled]),
+    "per_class_iou": iou,
+    "mean_iou": np.mean(iou[present]),
+    "frequency_weighted_iou": sum(t[i] / t.sum() * iou[i] for i in labelled),
   }
 
 
@@ -98,8 +98,7 @@ def test_metrics_match_numpy_formulas_on_random_matrices(as_jax):
     cm[5, :] = cm[:, 5] = 0  # ... class 5 absent
     ref = np_reference(cm)
     arg = jnp.asarray(cm) if as_jax else cm
-    for name in ("pixel_accuracy", "mean_class_accuracy", "mean_iou",
-                 "frequency_weighted_iou"):
+    for name in ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "frequency_weighted_iou"):
       value = getattr(metrics, name)(arg)
       assert isinstance(value, jax.Array if as_jax else float), name
       np.testing.assert_allclose(value, ref[name], rtol=1e-6, err_msg=name)
@@ -122,8 +121,12 @@ def test_perfect_and_empty_matrices():
   assert metrics.frequency_weighted_iou(perfect) == 1.0
   empty = np.zeros((3, 3), np.int64)
   with np.errstate(all="raise"):  # no division warnings either
-    for fn in (metrics.pixel_accuracy, metrics.mean_class_accuracy, metrics.mean_iou,
-               metrics.frequency_weighted_iou):
+    for fn in (
+      metrics.pixel_accuracy,
+      metrics.mean_class_accuracy,
+      metrics.mean_iou,
+      metrics.frequency_weighted_iou,
+    ):
       assert math.isnan(fn(empty))
   assert np.all(np.isnan(metrics.per_class_iou(jnp.zeros((3, 3), jnp.int32))))
 
@@ -139,8 +142,12 @@ def test_segmentation_metrics_dict():
   assert out["per_class_iou/b"] == pytest.approx(2 / 4)
   assert math.isnan(out["per_class_iou/d"])
   assert set(metrics.segmentation_metrics(CM)) == {
-      "pixel_accuracy", "mean_class_accuracy", "mean_iou", "frequency_weighted_iou",
-      "per_class_iou"}
+    "pixel_accuracy",
+    "mean_class_accuracy",
+    "mean_iou",
+    "frequency_weighted_iou",
+    "per_class_iou",
+  }
   with pytest.raises(ValueError, match="2 class names"):
     metrics.segmentation_metrics(CM, class_names=["a", "b"])
 
@@ -159,7 +166,8 @@ def test_topk_accuracy_matches_argsort(k):
   keep = labels_ign != -1
   expected_ign = np.mean([labels[i] in top[i] for i in np.flatnonzero(keep)])
   value = jax.jit(metrics.topk_accuracy, static_argnums=(2, 3))(
-      logits.reshape(5, 10, 10), labels_ign.reshape(5, 10), k, -1)
+    logits.reshape(5, 10, 10), labels_ign.reshape(5, 10), k, -1
+  )
   np.testing.assert_allclose(value, expected_ign, rtol=1e-6)
 
 

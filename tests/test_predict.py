@@ -52,8 +52,11 @@ def predictor(kind: str, tmp_path_factory) -> Predictor:
   the U-Net in batches of 2, Mask R-CNN in the evaluator's batches keeping every detection."""
   if kind not in _PREDICTORS:
     config, workdir = trained(kind, tmp_path_factory)
-    kwargs = dict(batch_size=2) if kind == "unet" else dict(
-      batch_size=config.eval_batch_size, score_threshold=0.0)  # Compiled as the evaluator's.
+    kwargs = (
+      dict(batch_size=2)
+      if kind == "unet"
+      else dict(batch_size=config.eval_batch_size, score_threshold=0.0)
+    )  # Compiled as the evaluator's.
     _PREDICTORS[kind] = Predictor.from_workdir(workdir, **kwargs)
   return _PREDICTORS[kind]
 
@@ -115,8 +118,9 @@ def test_semantic_labels_equal_the_evaluators_argmax(unet):
   outputs = predictor.predict_batch(list(images))
   labels = np.stack([o["labels"] for o in outputs])
   np.testing.assert_array_equal(labels, logits.argmax(-1))
-  np.testing.assert_allclose(np.stack([o["probs"] for o in outputs]), _softmax(logits),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.stack([o["probs"] for o in outputs]), _softmax(logits), rtol=1e-5, atol=1e-6
+  )
   assert len(np.unique(labels)) > 1  # Trained enough to tell shapes from the background.
 
 
@@ -209,8 +213,15 @@ def test_instance_predictions_equal_the_evaluators_coco_results(mask_rcnn):
 
 def _run(args):
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    timeout=300,
+  )
 
 
 def test_predict_py_writes_palette_pngs_of_the_predictor_labels(unet, tmp_path):
@@ -222,21 +233,44 @@ def test_predict_py_writes_palette_pngs_of_the_predictor_labels(unet, tmp_path):
   Image.fromarray(_random_image(40, 50, seed=2)).save(inputs / "more" / "b.jpg")
   Image.fromarray(_random_image(33, 20, seed=3)).save(inputs / "more" / "c.png")
   out = tmp_path / "out"
-  proc = _run(["predict.py", "--workdir", workdir, "--input", str(inputs / "a.png"),
-               str(inputs / "more" / "*.jpg"), "--input", str(inputs / "more" / "c.png"),
-               "--output", str(out), "--overlay", "--batch_size", "2"])
+  proc = _run(
+    [
+      "predict.py",
+      "--workdir",
+      workdir,
+      "--input",
+      str(inputs / "a.png"),
+      str(inputs / "more" / "*.jpg"),
+      "--input",
+      str(inputs / "more" / "c.png"),
+      "--output",
+      str(out),
+      "--overlay",
+      "--batch_size",
+      "2",
+    ]
+  )
   assert proc.returncode == 0, proc.stdout
   assert "3/3 images" in proc.stdout and "images/s" in proc.stdout
-  assert sorted(os.listdir(out)) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png",
-                                     "c.png", "c_overlay.png"]
-  colours = visualize.palette(config.model.num_classes)[:config.model.num_classes]
-  for name, path in [("a", inputs / "a.png"), ("b", inputs / "more" / "b.jpg"),
-                     ("c", inputs / "more" / "c.png")]:
+  assert sorted(os.listdir(out)) == [
+    "a.png",
+    "a_overlay.png",
+    "b.png",
+    "b_overlay.png",
+    "c.png",
+    "c_overlay.png",
+  ]
+  colours = visualize.palette(config.model.num_classes)[: config.model.num_classes]
+  for name, path in [
+    ("a", inputs / "a.png"),
+    ("b", inputs / "more" / "b.jpg"),
+    ("c", inputs / "more" / "c.png"),
+  ]:
     png = Image.open(out / f"{name}.png")
     assert png.mode == "P"
     labels = predictor(read_image(str(path)))["labels"]
     np.testing.assert_array_equal(np.asarray(png), labels)
-    np.testing.assert_array_equal(np.asarray(png.getpalette()[:colours.size]), colours.ravel())
+    np.testing.assert_array_equal(np.asarray(png.getpalette()[: colours.size]), colours.ravel())
     overlay = np.asarray(Image.open(out / f"{name}_overlay.png"))
     assert overlay.shape[0] > labels.shape[0] and overlay.shape[1] >= labels.shape[1]  # Legend.
 
@@ -244,8 +278,17 @@ def test_predict_py_writes_palette_pngs_of_the_predictor_labels(unet, tmp_path):
 def test_predict_py_fails_naming_an_unreadable_file(unet, tmp_path):
   _, workdir, _ = unet
   (tmp_path / "broken.png").write_text("not an image")
-  proc = _run(["predict.py", "--workdir", workdir, "--input", str(tmp_path / "broken.png"),
-               "--output", str(tmp_path / "out")])
+  proc = _run(
+    [
+      "predict.py",
+      "--workdir",
+      workdir,
+      "--input",
+      str(tmp_path / "broken.png"),
+      "--output",
+      str(tmp_path / "out"),
+    ]
+  )
   assert proc.returncode != 0
   assert f"Cannot read image {tmp_path / 'broken.png'}" in proc.stdout
 
@@ -254,13 +297,15 @@ def test_semantic_overlay_blends_classes_and_adds_a_legend_of_those_present():
   image = _random_image(20, 30)
   labels = np.zeros((20, 30), np.int32)
   labels[5:10, 5:25] = 3
-  panel = visualize.semantic_overlay(image, labels, num_classes=5,
-                                     class_names=("background", "a", "b", "a long class name"))
+  panel = visualize.semantic_overlay(
+    image, labels, num_classes=5, class_names=("background", "a", "b", "a long class name")
+  )
   assert panel.shape[0] == 20 + 2 * 14 + 4 and panel.shape[1] > 30  # Two lines, widened.
   np.testing.assert_array_equal(panel[:20, :30][labels == 0], image[labels == 0])
   colour = visualize.palette(5)[3].astype(np.float32)
-  np.testing.assert_allclose(panel[:20, :30][labels == 3],
-                             np.round(0.5 * image[labels == 3] + 0.5 * colour), atol=1)
+  np.testing.assert_allclose(
+    panel[:20, :30][labels == 3], np.round(0.5 * image[labels == 3] + 0.5 * colour), atol=1
+  )
 
 
 def test_list_images_expands_directories_and_globs(tmp_path):
@@ -268,7 +313,8 @@ def test_list_images_expands_directories_and_globs(tmp_path):
     (tmp_path / name).write_bytes(b"")
   assert list_images([str(tmp_path)]) == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png")]
   assert list_images([str(tmp_path / "*.png"), str(tmp_path / "b.png")]) == [
-    str(tmp_path / "b.png")]
+    str(tmp_path / "b.png")
+  ]
   with pytest.raises(FileNotFoundError, match="nothing"):
     list_images([str(tmp_path / "*.gif")])
 
@@ -279,17 +325,32 @@ def test_predict_py_writes_coco_results_that_pycocotools_loads(mask_rcnn, tmp_pa
   for i, (name, size) in enumerate(sizes.items()):
     Image.fromarray(_random_image(*size, seed=i)).save(tmp_path / f"{name}.png")
   out = tmp_path / "out"
-  proc = _run(["predict.py", "--workdir", workdir, "--input", str(tmp_path / "*.png"),
-               "--output", str(out), "--score_threshold", "0.0", "--overlay",
-               "--batch_size", str(predictor.batch_size)])  # The fixture's compiled shapes.
+  proc = _run(
+    [
+      "predict.py",
+      "--workdir",
+      workdir,
+      "--input",
+      str(tmp_path / "*.png"),
+      "--output",
+      str(out),
+      "--score_threshold",
+      "0.0",
+      "--overlay",
+      "--batch_size",
+      str(predictor.batch_size),
+    ]
+  )  # The fixture's compiled shapes.
   assert proc.returncode == 0, proc.stdout
   assert sorted(os.listdir(out)) == ["predictions.json", "x_overlay.png", "y_overlay.png"]
   with open(out / "predictions.json") as f:
     results = json.load(f)
   gt = COCO()
-  gt.dataset = {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in
-                           enumerate(sizes.values())], "annotations": [],
-                "categories": [{"id": c} for c in range(1, 5)]}
+  gt.dataset = {
+    "images": [{"id": i, "height": h, "width": w} for i, (h, w) in enumerate(sizes.values())],
+    "annotations": [],
+    "categories": [{"id": c} for c in range(1, 5)],
+  }
   gt.createIndex()
   loaded = gt.loadRes(results)
   assert len(loaded.anns) == len(results) > 0

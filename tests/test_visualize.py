@@ -17,8 +17,15 @@ def _square_mask(size, y1, x1, y2, x2):
 def test_mask_is_blended_in_class_colour_and_box_outlined():
   image = np.zeros((32, 32, 3), np.uint8)
   mask = _square_mask(32, 10, 10, 30, 30)
-  out = visualize.draw_instances(image, np.array([[8.0, 8.0, 31.0, 31.0]]), np.array([2]),
-                                 mask[None], num_classes=3, class_names=NAMES, scale=2)
+  out = visualize.draw_instances(
+    image,
+    np.array([[8.0, 8.0, 31.0, 31.0]]),
+    np.array([2]),
+    mask[None],
+    num_classes=3,
+    class_names=NAMES,
+    scale=2,
+  )
   colour = visualize.palette(3)[2].astype(np.float64)
   assert out.shape == (64, 64, 3)
   np.testing.assert_array_equal(out[40, 40], np.round(0.5 * colour))  # Inside the mask.
@@ -33,8 +40,9 @@ def test_best_detection_is_drawn_on_top():
   masks = np.stack([_square_mask(32, 0, 0, 32, 32)] * 2)
   boxes = np.zeros((2, 4), np.float32)  # Labels at the top-left corner, away from (28, 28).
   colours = visualize.palette(3)[[1, 2]].astype(np.float64)
-  out = visualize.draw_instances(image, boxes, np.array([1, 2]), masks, num_classes=3,
-                                 scores=np.array([0.9, 0.3]))
+  out = visualize.draw_instances(
+    image, boxes, np.array([1, 2]), masks, num_classes=3, scores=np.array([0.9, 0.3])
+  )
   lower_first = 0.5 * (0.5 * colours[1]) + 0.5 * colours[0]  # Score 0.3 blended, then 0.9.
   np.testing.assert_array_equal(out[28, 28], np.round(lower_first))
 
@@ -44,11 +52,16 @@ def test_instance_panel_skips_invalid_truth_and_low_scores():
   image = ((np.full((size, size, 3), 100.0) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
   masks = np.stack([_square_mask(size, 2, 2, 6, 6), _square_mask(size, 9, 9, 14, 14)])
   boxes = np.array([[2.0, 2.0, 6.0, 6.0], [9.0, 9.0, 14.0, 14.0]], np.float32)
-  truth = {"boxes": boxes, "classes": np.array([1, 2]), "instance_masks": masks,
-           "valid": np.array([True, False])}
+  truth = {
+    "boxes": boxes,
+    "classes": np.array([1, 2]),
+    "instance_masks": masks,
+    "valid": np.array([True, False]),
+  }
   detections = {**truth, "valid": np.array([True, True]), "scores": np.array([0.9, 0.2])}
-  panel = visualize.instance_panel(image, truth, detections, num_classes=3, class_names=NAMES,
-                                   score_threshold=0.5, min_side=64)
+  panel = visualize.instance_panel(
+    image, truth, detections, num_classes=3, class_names=NAMES, score_threshold=0.5, min_side=64
+  )
   scale, title, gap = 4, visualize.TITLE_HEIGHT, 2
   side = size * scale
   assert panel.shape == (title + side, 3 * side + 2 * gap, 3)
@@ -56,7 +69,7 @@ def test_instance_panel_skips_invalid_truth_and_low_scores():
   plain = np.full((side, side, 3), 100, np.uint8)
   np.testing.assert_array_equal(panel[:, :side], plain)
   for third in (1, 2):  # The second instance is padding in the truth and scores 0.2.
-    drawn = panel[:, third * (side + gap):third * (side + gap) + side]
+    drawn = panel[:, third * (side + gap) : third * (side + gap) + side]
     np.testing.assert_array_equal(drawn[11 * scale, 11 * scale], plain[0, 0])
     assert not np.array_equal(drawn[4 * scale, 4 * scale], plain[0, 0])
 
@@ -70,12 +83,12 @@ def test_semantic_panel_is_upscaled_titled_and_has_a_legend_of_the_classes_shown
   panel = visualize.side_by_side(image, label, prediction, 4, class_names=NAMES + ("cross",))
   scale, title = 6, visualize.TITLE_HEIGHT  # 48 * 6 = 288 >= 256.
   colours = visualize.palette(4)
-  truth = panel[title:title + 32 * scale, 48 * scale + 2:2 * 48 * scale + 2]
+  truth = panel[title : title + 32 * scale, 48 * scale + 2 : 2 * 48 * scale + 2]
   np.testing.assert_array_equal(truth[scale, 0], colours[0])  # Background, black.
   np.testing.assert_array_equal(truth[0, 0], colours[-1])  # Ignore, grey.
   np.testing.assert_array_equal(truth[-1, -1], colours[2])
   assert (panel[:title] != 32).any(-1).any()  # Titles written on the strip.
-  legend = panel[title + 32 * scale:]
+  legend = panel[title + 32 * scale :]
   assert legend.shape[0] == 14 * 3 + 4  # Classes 0, 1 (prediction) and 2 (truth).
   for line, c in enumerate((0, 1, 2)):  # Each line's swatch has the class's colour.
     np.testing.assert_array_equal(legend[2 + 14 * line + 5, 6], colours[c])

@@ -111,8 +111,10 @@ def load_coco(annotation_file: str, category_ids: Sequence[int] | None = None) -
   except json.JSONDecodeError as e:
     raise ValueError(f"{annotation_file} is not valid JSON: {e}") from e
   if not isinstance(data, dict):
-    raise ValueError(f"{annotation_file}: the top level must be an object with 'images', "
-                     "'annotations' and 'categories'.")
+    raise ValueError(
+      f"{annotation_file}: the top level must be an object with 'images', "
+      "'annotations' and 'categories'."
+    )
   for key in ("images", "annotations", "categories"):
     if key not in data:
       raise ValueError(f"{annotation_file}: missing top-level key {key!r}.")
@@ -120,8 +122,12 @@ def load_coco(annotation_file: str, category_ids: Sequence[int] | None = None) -
       raise ValueError(f"{annotation_file}: {key!r} must be a list.")
   _check_entries(annotation_file, "images", data["images"], ("id", "file_name", "height", "width"))
   _check_entries(annotation_file, "categories", data["categories"], ("id",))
-  _check_entries(annotation_file, "annotations", data["annotations"],
-                 ("id", "image_id", "category_id", "bbox", "segmentation"))
+  _check_entries(
+    annotation_file,
+    "annotations",
+    data["annotations"],
+    ("id", "image_id", "category_id", "bbox", "segmentation"),
+  )
   sizes = {image["id"]: [image["height"], image["width"]] for image in data["images"]}
   known = {category["id"] for category in data["categories"]}
   for ann in data["annotations"]:
@@ -133,13 +139,18 @@ def load_coco(annotation_file: str, category_ids: Sequence[int] | None = None) -
     if not (isinstance(ann["bbox"], (list, tuple)) and len(ann["bbox"]) == 4):
       raise ValueError(f"{where}: 'bbox' must be [x, y, width, height], got {ann['bbox']!r}.")
     segm = ann["segmentation"]
-    if not isinstance(segm, list) and not (isinstance(segm, dict) and "counts" in segm
-                                           and "size" in segm):
-      raise ValueError(f"{where}: 'segmentation' must be a list of polygons or an RLE dict "
-                       f"with 'counts' and 'size'.")
+    if not isinstance(segm, list) and not (
+      isinstance(segm, dict) and "counts" in segm and "size" in segm
+    ):
+      raise ValueError(
+        f"{where}: 'segmentation' must be a list of polygons or an RLE dict "
+        f"with 'counts' and 'size'."
+      )
     if isinstance(segm, dict) and list(segm["size"]) != sizes[ann["image_id"]]:
-      raise ValueError(f"{where}: RLE 'size' {segm['size']} differs from its image's "
-                       f"[height, width] {sizes[ann['image_id']]}.")
+      raise ValueError(
+        f"{where}: RLE 'size' {segm['size']} differs from its image's "
+        f"[height, width] {sizes[ann['image_id']]}."
+      )
   coco = COCO()
   coco.dataset = data
   with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress.
@@ -157,23 +168,29 @@ def load_coco(annotation_file: str, category_ids: Sequence[int] | None = None) -
   )
 
 
-def _check_category_ids(path: str, category_ids: Sequence[int], data: dict,
-                        names: dict) -> tuple[int, ...]:
+def _check_category_ids(
+  path: str, category_ids: Sequence[int], data: dict, names: dict
+) -> tuple[int, ...]:
   """`category_ids` as ints, after checking they are distinct and cover every annotation."""
   ids = tuple(int(c) for c in category_ids)
   if not ids or len(set(ids)) != len(ids):
-    raise ConfigError(f"dataset.category_ids={list(ids)} must be distinct category ids, one "
-                      "per label 1..C.")
+    raise ConfigError(
+      f"dataset.category_ids={list(ids)} must be distinct category ids, one per label 1..C."
+    )
   listed = set(ids)
-  unlisted = Counter(a["category_id"] for a in data["annotations"]
-                     if a["category_id"] not in listed)
+  unlisted = Counter(
+    a["category_id"] for a in data["annotations"] if a["category_id"] not in listed
+  )
   if unlisted:
-    found = ", ".join(f"{c} ({names[c]!r}, {n} annotation{'s' * (n != 1)})"
-                      for c, n in sorted(unlisted.items()))
-    raise ConfigError(f"{path} has annotations of categories that dataset.category_ids "
-                      f"(label -> category id) does not list: {found}. Add them to "
-                      "dataset.category_ids (and model.roi_heads.num_classes), or unset it to "
-                      "label the file's categories 1..C.")
+    found = ", ".join(
+      f"{c} ({names[c]!r}, {n} annotation{'s' * (n != 1)})" for c, n in sorted(unlisted.items())
+    )
+    raise ConfigError(
+      f"{path} has annotations of categories that dataset.category_ids "
+      f"(label -> category id) does not list: {found}. Add them to "
+      "dataset.category_ids (and model.roi_heads.num_classes), or unset it to "
+      "label the file's categories 1..C."
+    )
   return ids
 
 
@@ -209,8 +226,9 @@ def _area(ann: dict) -> float:
   return float(ann["area"]) if "area" in ann else float(ann["bbox"][2] * ann["bbox"][3])
 
 
-def select_annotations(info: CocoInfo, *, max_instances: int, overflow: str
-                       ) -> list[tuple[dict, list[dict]]]:
+def select_annotations(
+  info: CocoInfo, *, max_instances: int, overflow: str
+) -> list[tuple[dict, list[dict]]]:
   """[(image, kept annotations sorted by id)] sorted by image id, after the overflow policy."""
   if overflow not in OVERFLOW_POLICIES:
     raise ValueError(f"dataset.overflow={overflow!r}; expected one of {OVERFLOW_POLICIES}.")
@@ -223,15 +241,18 @@ def select_annotations(info: CocoInfo, *, max_instances: int, overflow: str
   for image_id in sorted(coco.imgs):
     image = coco.imgs[image_id]
     anns = sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"])
-    usable = [a for a in anns if _has_mask(a["segmentation"]) and a["bbox"][2] > 0
-              and a["bbox"][3] > 0]
+    usable = [
+      a for a in anns if _has_mask(a["segmentation"]) and a["bbox"][2] > 0 and a["bbox"][3] > 0
+    ]
     dropped += len(anns) - len(usable)
     if len(usable) > max_instances:
       most = max(most, len(usable))
       if overflow == "error":
-        raise ValueError(f"{path}: image id {image_id} ({image['file_name']}) has "
-                         f"{len(usable)} instances, more than max_instances={max_instances} "
-                         "(dataset.overflow='error'; 'truncate' keeps the largest).")
+        raise ValueError(
+          f"{path}: image id {image_id} ({image['file_name']}) has "
+          f"{len(usable)} instances, more than max_instances={max_instances} "
+          "(dataset.overflow='error'; 'truncate' keeps the largest)."
+        )
       if overflow == "skip":
         skipped += 1
         continue
@@ -241,14 +262,26 @@ def select_annotations(info: CocoInfo, *, max_instances: int, overflow: str
       usable = sorted(largest, key=lambda a: a["id"])
     selected.append((image, usable))
   if dropped:
-    logging.warning("%s: dropped %d annotations without a valid polygon or box area.",
-                    path, dropped)
+    logging.warning(
+      "%s: dropped %d annotations without a valid polygon or box area.", path, dropped
+    )
   if truncated:
-    logging.warning("%s: %d images have more than max_instances=%d instances (at most %d); "
-                    "kept the largest of each.", path, truncated, max_instances, most)
+    logging.warning(
+      "%s: %d images have more than max_instances=%d instances (at most %d); "
+      "kept the largest of each.",
+      path,
+      truncated,
+      max_instances,
+      most,
+    )
   if skipped:
-    logging.warning("%s: skipped %d images with more than max_instances=%d instances "
-                    "(at most %d).", path, skipped, max_instances, most)
+    logging.warning(
+      "%s: skipped %d images with more than max_instances=%d instances (at most %d).",
+      path,
+      skipped,
+      max_instances,
+      most,
+    )
   return selected
 
 
@@ -287,20 +320,24 @@ def coco_instances(
   image_dir = image_dir or os.path.join(data_dir, split)
   info = info or load_coco(annotation_file, category_ids)
   if category_ids is not None and tuple(category_ids) != info.category_ids:
-    raise ValueError(f"info.category_ids {info.category_ids} differ from category_ids "
-                     f"{tuple(category_ids)}.")
+    raise ValueError(
+      f"info.category_ids {info.category_ids} differ from category_ids {tuple(category_ids)}."
+    )
   selected = select_annotations(info, max_instances=max_instances, overflow=overflow)
   begin, end = _part_bounds(len(selected), process_index, process_count)
   part = selected[begin:end]
   if not part:
-    raise ValueError(f"{annotation_file}: no images for process {process_index} of "
-                     f"{process_count} ({len(selected)} images in all).")
+    raise ValueError(
+      f"{annotation_file}: no images for process {process_index} of "
+      f"{process_count} ({len(selected)} images in all)."
+    )
   paths = []
   for image, _ in part:
     path = os.path.join(image_dir, image["file_name"])
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"Image file {path} of image id {image['id']} in "
-                              f"{annotation_file} does not exist.")
+      raise FileNotFoundError(
+        f"Image file {path} of image id {image['id']} in {annotation_file} does not exist."
+      )
     paths.append(path)
   label_of = {c: i + 1 for i, c in enumerate(info.category_ids)}
   coco = info.coco
@@ -310,9 +347,11 @@ def coco_instances(
     pixels = read_image(paths[index])
     height, width = int(image["height"]), int(image["width"])
     if pixels.shape[:2] != (height, width):
-      raise ValueError(f"Image {paths[index]} is {pixels.shape[0]}x{pixels.shape[1]} but "
-                       f"{annotation_file} says height={height}, width={width} (image id "
-                       f"{image['id']}).")
+      raise ValueError(
+        f"Image {paths[index]} is {pixels.shape[0]}x{pixels.shape[1]} but "
+        f"{annotation_file} says height={height}, width={width} (image id "
+        f"{image['id']})."
+      )
     n = len(anns)
     masks = np.zeros((n, height, width), np.uint8)
     boxes = np.zeros((n, 4), np.float32)
@@ -330,19 +369,29 @@ def coco_instances(
   def decode(index, image_id):
     # Pillow reads the image (`segjax.data.images`): its errors name the file.
     image, masks, boxes, classes, valid, is_crowd = tf.numpy_function(
-      annotations, [index], [tf.uint8, tf.uint8, tf.float32, tf.int32, tf.bool, tf.bool],
-      stateful=False)
+      annotations,
+      [index],
+      [tf.uint8, tf.uint8, tf.float32, tf.int32, tf.bool, tf.bool],
+      stateful=False,
+    )
     image.set_shape([None, None, 3])
     masks.set_shape([None, None, None])
     boxes.set_shape([None, 4])
     for t in (classes, valid, is_crowd):
       t.set_shape([None])
-    return {"image": image, "boxes": boxes, "classes": classes, "instance_masks": masks,
-            "valid": valid, "is_crowd": is_crowd, "image_id": image_id}
+    return {
+      "image": image,
+      "boxes": boxes,
+      "classes": classes,
+      "instance_masks": masks,
+      "valid": valid,
+      "is_crowd": is_crowd,
+      "image_id": image_id,
+    }
 
-  ds = tf.data.Dataset.from_tensor_slices((
-    tf.range(len(part), dtype=tf.int64),
-    tf.constant([image["id"] for image, _ in part], tf.int64)))
+  ds = tf.data.Dataset.from_tensor_slices(
+    (tf.range(len(part), dtype=tf.int64), tf.constant([image["id"] for image, _ in part], tf.int64))
+  )
   if shuffle_seed is not None:
     ds = ds.shuffle(len(part), seed=shuffle_seed, reshuffle_each_iteration=True)
   return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

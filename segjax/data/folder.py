@@ -49,24 +49,35 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def image_folder(
-    split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1,
-    images_dir: str = "{split}/images", masks_dir: str = "{split}/masks",
-    mask_pattern: str = "{stem}.png", num_classes: int | None = None, ignore_label: int = 255,
-    shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
+  split: str,
+  *,
+  data_dir: str | None,
+  process_index: int = 0,
+  process_count: int = 1,
+  images_dir: str = "{split}/images",
+  masks_dir: str = "{split}/masks",
+  mask_pattern: str = "{stem}.png",
+  num_classes: int | None = None,
+  ignore_label: int = 255,
+  shuffle_seed: int | None = None,
+  shuffle_buffer: int | None = None,
 ) -> tf.data.Dataset:
   """Image/mask pairs of `split` (see the module docstring); `num_classes` None skips the
   mask value check; with `shuffle_seed`, names are shuffled in a buffer of `shuffle_buffer`
   (default: all of them; 1 keeps the sorted order)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-  image_paths, mask_paths = list_pairs(split, data_dir, images_dir=images_dir,
-                                       masks_dir=masks_dir, mask_pattern=mask_pattern)
+  image_paths, mask_paths = list_pairs(
+    split, data_dir, images_dir=images_dir, masks_dir=masks_dir, mask_pattern=mask_pattern
+  )
   begin, end = _part_bounds(len(image_paths), process_index, process_count)
   check_files(image_paths[begin:end], mask_paths[begin:end])
-  ds = tf.data.Dataset.from_tensor_slices((
+  ds = tf.data.Dataset.from_tensor_slices(
+    (
       tf.constant(image_paths[begin:end], tf.string),
       tf.constant(mask_paths[begin:end], tf.string),
-  ))
+    )
+  )
   if shuffle_seed is not None:
     buffer = end - begin if shuffle_buffer is None else min(shuffle_buffer, end - begin)
     ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -74,21 +85,32 @@ def image_folder(
   return ds.map(functools.partial(_decode, read=read), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def list_pairs(split: str, data_dir: str | None, *, images_dir: str = "{split}/images",
-               masks_dir: str = "{split}/masks",
-               mask_pattern: str = "{stem}.png") -> tuple[list[str], list[str]]:
+def list_pairs(
+  split: str,
+  data_dir: str | None,
+  *,
+  images_dir: str = "{split}/images",
+  masks_dir: str = "{split}/masks",
+  mask_pattern: str = "{stem}.png",
+) -> tuple[list[str], list[str]]:
   """Image paths of a split (sorted by stem, sliced) and their mask paths; raises naming what
   is wrong."""
   if data_dir is None:
-    raise ValueError("image_folder needs data_dir: the folder holding the images and masks "
-                     "(dataset.images_dir, dataset.masks_dir).")
+    raise ValueError(
+      "image_folder needs data_dir: the folder holding the images and masks "
+      "(dataset.images_dir, dataset.masks_dir)."
+    )
   if "{stem}" not in mask_pattern:
-    raise ConfigError(f"dataset.mask_pattern={mask_pattern!r} must contain {{stem}}, the "
-                      "image's file name without extension.")
+    raise ConfigError(
+      f"dataset.mask_pattern={mask_pattern!r} must contain {{stem}}, the "
+      "image's file name without extension."
+    )
   selected = parse_split(split)
   if "{split}" not in images_dir and selected.name != "all":
-    raise ConfigError(f"dataset.images_dir={images_dir!r} has no {{split}}: its listing is the "
-                      f"split 'all' (sliced as 'all[:80%]', 'all[80%:]'), not {split!r}.")
+    raise ConfigError(
+      f"dataset.images_dir={images_dir!r} has no {{split}}: its listing is the "
+      f"split 'all' (sliced as 'all[:80%]', 'all[80%:]'), not {split!r}."
+    )
   images_dir = os.path.join(data_dir, images_dir.format(split=selected.name))
   masks_dir = os.path.join(data_dir, masks_dir.format(split=selected.name))
   if not os.path.isdir(images_dir):
@@ -101,8 +123,8 @@ def list_pairs(split: str, data_dir: str | None, *, images_dir: str = "{split}/i
       continue
     if stem in images_by_stem:
       raise ValueError(
-          f"Images {images_by_stem[stem]} and {name} in {images_dir} share the mask "
-          f"{mask_pattern.format(stem=stem)}; keep one."
+        f"Images {images_by_stem[stem]} and {name} in {images_dir} share the mask "
+        f"{mask_pattern.format(stem=stem)}; keep one."
       )
     images_by_stem[stem] = name
   if not images_by_stem:
@@ -111,8 +133,9 @@ def list_pairs(split: str, data_dir: str | None, *, images_dir: str = "{split}/i
   stems = sorted(images_by_stem)
   stems = [stems[i] for i in selected.indices(len(stems))]
   if not stems:
-    raise ValueError(f"Split {split!r} selects none of the {len(images_by_stem)} images in "
-                     f"{images_dir}.")
+    raise ValueError(
+      f"Split {split!r} selects none of the {len(images_by_stem)} images in {images_dir}."
+    )
   image_paths, mask_paths = [], []
   for stem in stems:
     image_path = os.path.join(images_dir, images_by_stem[stem])
@@ -137,8 +160,10 @@ def check_files(image_paths: list[str], mask_paths: list[str]) -> None:
   if problems:  # The first on the first line: the one line entry points print.
     listed = "".join(f"\n  {p}" for p in problems[1:MAX_LISTED])
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    raise DataError(f"{len(problems)} of {len(image_paths)} image/mask pairs are unusable: "
-                    f"{problems[0]}{listed}{more}")
+    raise DataError(
+      f"{len(problems)} of {len(image_paths)} image/mask pairs are unusable: "
+      f"{problems[0]}{listed}{more}"
+    )
 
 
 def _header(path: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
@@ -166,8 +191,10 @@ def _check_pair(image_path: str, mask_path: str) -> str | None:
   if mode not in MASK_MODES:
     return f"{mask_path}: a {mode} image; masks must be single-channel class ids"
   if mask_size != image_size:
-    return (f"{mask_path}: {mask_size[0]}x{mask_size[1]} but image {image_path} is "
-            f"{image_size[0]}x{image_size[1]} (HxW)")
+    return (
+      f"{mask_path}: {mask_size[0]}x{mask_size[1]} but image {image_path} is "
+      f"{image_size[0]}x{image_size[1]} (HxW)"
+    )
   return None
 
 
@@ -181,15 +208,17 @@ def _part_bounds(n: int, index: int, count: int) -> tuple[int, int]:
 def _decode(image_path: tf.Tensor, mask_path: tf.Tensor, *, read) -> dict[str, tf.Tensor]:
   # Pillow for both: TF expands palette PNGs to RGB, losing the class indices, and its decode
   # errors do not name the file.
-  image, mask = tf.numpy_function(read, [image_path, mask_path], [tf.uint8, tf.uint8],
-                                  stateful=False)
+  image, mask = tf.numpy_function(
+    read, [image_path, mask_path], [tf.uint8, tf.uint8], stateful=False
+  )
   image.set_shape([None, None, 3])
   mask.set_shape([None, None])
   return {"image": image, "mask": mask}
 
 
-def _read_pair(image_path: bytes, mask_path: bytes, *, num_classes: int | None = None,
-               ignore_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def _read_pair(
+  image_path: bytes, mask_path: bytes, *, num_classes: int | None = None, ignore_label: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
   image_path, mask_path = image_path.decode(), mask_path.decode()
   image = read_image(image_path)
   try:
@@ -200,13 +229,13 @@ def _read_pair(image_path: bytes, mask_path: bytes, *, num_classes: int | None =
     raise ValueError(f"Cannot read mask {mask_path}: {e}") from None
   if mask.ndim != 2 or mode not in MASK_MODES:
     raise ValueError(
-        f"Mask {mask_path} is a {mode} image; masks must be single-channel class ids "
-        "(8-bit grey or palette PNG)."
+      f"Mask {mask_path} is a {mode} image; masks must be single-channel class ids "
+      "(8-bit grey or palette PNG)."
     )
   if mask.shape != image.shape[:2]:
     raise ValueError(
-        f"Mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-        f"{image.shape[0]}x{image.shape[1]} (HxW)."
+      f"Mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
+      f"{image.shape[0]}x{image.shape[1]} (HxW)."
     )
   if mask.max(initial=0) > 255:
     raise ValueError(f"Mask {mask_path} has class id {mask.max()} > 255.")
@@ -214,6 +243,8 @@ def _read_pair(image_path: bytes, mask_path: bytes, *, num_classes: int | None =
     values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
     bad = values[(values >= num_classes) & (values != ignore_label)]
     if bad.size:
-      raise ValueError(f"Mask {mask_path} has class id {bad[0]} (of {bad.tolist()[:8]}): "
-                       f"not below num_classes={num_classes} nor ignore_label={ignore_label}.")
+      raise ValueError(
+        f"Mask {mask_path} has class id {bad[0]} (of {bad.tolist()[:8]}): "
+        f"not below num_classes={num_classes} nor ignore_label={ignore_label}."
+      )
   return image, mask.astype(np.uint8)

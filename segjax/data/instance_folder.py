@@ -24,13 +24,18 @@ from segjax.data import coco, to_coco
 from segjax.data.folder import list_pairs
 
 LAYOUT_KEYS = ("images_dir", "masks_dir", "mask_pattern")
-DEFAULTS = dict(images_dir="{split}/images", masks_dir="{split}/masks", mask_pattern="{stem}.png",
-                classes_dir=None, classes_file=None, class_names=to_coco.DEFAULT_CLASS_NAMES)
+DEFAULTS = dict(
+  images_dir="{split}/images",
+  masks_dir="{split}/masks",
+  mask_pattern="{stem}.png",
+  classes_dir=None,
+  classes_file=None,
+  class_names=to_coco.DEFAULT_CLASS_NAMES,
+)
 
 
 def cache_dir() -> str:
-  return os.environ.get("SEGJAX_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
-                                                            "segjax_cache")
+  return os.environ.get("SEGJAX_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "segjax_cache")
 
 
 def conversion_kwargs(dataset: ml_collections.ConfigDict) -> dict:
@@ -44,8 +49,9 @@ def annotation_file(data_dir: str, split: str, **kwargs) -> str:
   kwargs["class_names"] = tuple(kwargs["class_names"])
   layout = {k: kwargs[k] for k in LAYOUT_KEYS}
   image_paths, mask_paths = list_pairs(split, data_dir, **layout)
-  key = hashlib.sha256(json.dumps([os.path.abspath(data_dir), split, sorted(kwargs.items())],
-                                  default=str).encode())
+  key = hashlib.sha256(
+    json.dumps([os.path.abspath(data_dir), split, sorted(kwargs.items())], default=str).encode()
+  )
   for path in image_paths + mask_paths + [kwargs.get("classes_file") or ""]:
     if path:
       stat = os.stat(path)
@@ -65,9 +71,11 @@ def instance_folder(split: str, *, data_dir: str | None, **kwargs):
   """`segjax.data.coco.coco_instances` of the split's converted JSON: `kwargs` holds the
   conversion keys (`DEFAULTS`' names) and `coco_instances`' own."""
   if data_dir is None:
-    raise ValueError("instance_folder needs dataset.data_dir: the folder holding the images "
-                     "and masks.")
+    raise ValueError(
+      "instance_folder needs dataset.data_dir: the folder holding the images and masks."
+    )
   conversion = {k: kwargs.pop(k) for k in DEFAULTS if k in kwargs}
   path = annotation_file(data_dir, split, **conversion)
-  return coco.coco_instances(split, data_dir=data_dir, annotation_file=path, image_dir=data_dir,
-                             **kwargs)
+  return coco.coco_instances(
+    split, data_dir=data_dir, annotation_file=path, image_dir=data_dir, **kwargs
+  )

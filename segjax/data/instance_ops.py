@@ -45,8 +45,9 @@ def _check_convention(convention: str) -> None:
     raise ValueError(f"Unknown resize convention {convention!r}; known: {RESIZE_CONVENTIONS}.")
 
 
-def resize_output_size(height, width, shorter: int, longer: int | None,
-                       convention: str = "detectron2"):
+def resize_output_size(
+  height, width, shorter: int, longer: int | None, convention: str = "detectron2"
+):
   """(new_h, new_w, scale) of the shortest-edge rule.
 
   Scales so that the shorter side becomes `shorter`, unless the longer side would then exceed
@@ -92,14 +93,13 @@ def resize_bilinear_torch(image, size):
   hw = tf.shape(x)[:2]
   x0, x1, wx = _torch_linear_weights(hw[1], size[1])
   y0, y1, wy = _torch_linear_weights(hw[0], size[0])
-  cols = (tf.gather(x, x0, axis=1) * (1.0 - wx)[:, None]
-          + tf.gather(x, x1, axis=1) * wx[:, None])
-  return (tf.gather(cols, y0) * (1.0 - wy)[:, None, None]
-          + tf.gather(cols, y1) * wy[:, None, None])
+  cols = tf.gather(x, x0, axis=1) * (1.0 - wx)[:, None] + tf.gather(x, x1, axis=1) * wx[:, None]
+  return tf.gather(cols, y0) * (1.0 - wy)[:, None, None] + tf.gather(cols, y1) * wy[:, None, None]
 
 
-def resize_shorter_longer(features: dict, shorter: int, longer: int | None = None,
-                          convention: str = "detectron2") -> dict:
+def resize_shorter_longer(
+  features: dict, shorter: int, longer: int | None = None, convention: str = "detectron2"
+) -> dict:
   """Resizes image (bilinear), masks (nearest) and boxes by the shortest-edge rule.
 
   Boxes scale by new_w / w and new_h / h, exactly as the pixels move; `scale` records the
@@ -121,8 +121,14 @@ def resize_shorter_longer(features: dict, shorter: int, longer: int | None = Non
   masks = tf.image.resize(features["instance_masks"][..., None], size, method="nearest")[..., 0]
   factors = tf.cast(size, tf.float32) / tf.cast(hw, tf.float32)
   boxes = features["boxes"] * tf.stack([factors[1], factors[0], factors[1], factors[0]])
-  return {**features, "image": image, "instance_masks": masks, "boxes": boxes,
-          "image_size": size, "scale": features["scale"] * scale}
+  return {
+    **features,
+    "image": image,
+    "instance_masks": masks,
+    "boxes": boxes,
+    "image_size": size,
+    "scale": features["scale"] * scale,
+  }
 
 
 def random_flip_left_right(features: dict, seed) -> dict:
@@ -135,11 +141,14 @@ def random_flip_left_right(features: dict, seed) -> dict:
   boxes = features["boxes"]
   present = features["valid"] | features.get("is_crowd", tf.zeros_like(features["valid"]))
   flipped_boxes = tf.where(
-    present[:, None], tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0],
-                                boxes[:, 3]], axis=-1), boxes)
+    present[:, None],
+    tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=-1),
+    boxes,
+  )
   image = tf.cond(flip, lambda: features["image"][:, ::-1], lambda: features["image"])
-  masks = tf.cond(flip, lambda: features["instance_masks"][:, :, ::-1],
-                  lambda: features["instance_masks"])
+  masks = tf.cond(
+    flip, lambda: features["instance_masks"][:, :, ::-1], lambda: features["instance_masks"]
+  )
   boxes = tf.cond(flip, lambda: flipped_boxes, lambda: boxes)
   return {**features, "image": image, "instance_masks": masks, "boxes": boxes}
 
@@ -147,12 +156,17 @@ def random_flip_left_right(features: dict, seed) -> dict:
 def normalize(features: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
   """Float32 image standardized per channel; classes int32, boxes float32."""
   image = (tf.cast(features["image"], tf.float32) - mean) / std
-  return {**features, "image": image, "classes": tf.cast(features["classes"], tf.int32),
-          "boxes": tf.cast(features["boxes"], tf.float32)}
+  return {
+    **features,
+    "image": image,
+    "classes": tf.cast(features["classes"], tf.int32),
+    "boxes": tf.cast(features["boxes"], tf.float32),
+  }
 
 
-def pad_to_multiple(features: dict, size: tuple[int, int] | None = None,
-                    multiple: int = 32) -> dict:
+def pad_to_multiple(
+  features: dict, size: tuple[int, int] | None = None, multiple: int = 32
+) -> dict:
   """Pads image (zeros) and masks (zeros) bottom and right; boxes and `image_size` unchanged.
 
   With `size` (h, w), a multiple of `multiple`, the output has that static shape and an image
@@ -166,12 +180,16 @@ def pad_to_multiple(features: dict, size: tuple[int, int] | None = None,
   else:
     size = tuple(int(s) for s in size)
     if size[0] % multiple or size[1] % multiple:
-      raise ValueError(f"Padded size {size} is not a multiple of {multiple}; the FPN's "
-                       f"strides need it.")
+      raise ValueError(
+        f"Padded size {size} is not a multiple of {multiple}; the FPN's strides need it."
+      )
     target = tf.constant(size)
     check = tf.debugging.assert_less_equal(
-      hw, target, message=f"An image resized to more than the padded size {size} (h, w); "
-      "lower dataset.max_size or raise image_size.")
+      hw,
+      target,
+      message=f"An image resized to more than the padded size {size} (h, w); "
+      "lower dataset.max_size or raise image_size.",
+    )
     with tf.control_dependencies([check]):
       hw = tf.identity(hw)
   pad_h, pad_w = target[0] - hw[0], target[1] - hw[1]
@@ -191,7 +209,8 @@ def pad_instances(features: dict, max_instances: int) -> dict:
   """
   count = tf.shape(features["classes"])[0]
   check = tf.debugging.assert_less_equal(
-    count, max_instances, message=f"More than max_instances={max_instances} instance rows.")
+    count, max_instances, message=f"More than max_instances={max_instances} instance rows."
+  )
   with tf.control_dependencies([check]):
     pad = max_instances - count
   out = dict(features)

@@ -59,10 +59,19 @@ TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd"
 EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
 
 
-def shapes_instances(split: str, *, data_dir: str | None, process_index: int = 0,
-                     process_count: int = 1, max_instances: int = 8, overflow: str = "truncate",
-                     shuffle_seed: int | None = None, shuffle_buffer: int = 1000,
-                     category_ids=None, **kwargs) -> tf.data.Dataset:
+def shapes_instances(
+  split: str,
+  *,
+  data_dir: str | None,
+  process_index: int = 0,
+  process_count: int = 1,
+  max_instances: int = 8,
+  overflow: str = "truncate",
+  shuffle_seed: int | None = None,
+  shuffle_buffer: int = 1000,
+  category_ids=None,
+  **kwargs,
+) -> tf.data.Dataset:
   """The shapes set in the instance source contract of `segjax.data.coco`.
 
   `image_id` is the example index in the split, so `segjax.coco_eval.shapes_to_coco` builds
@@ -71,19 +80,30 @@ def shapes_instances(split: str, *, data_dir: str | None, process_index: int = 0
   """
   del overflow
   if category_ids is not None:
-    raise ConfigError("dataset.category_ids maps labels to the categories of COCO-format data; "
-                      "the shapes set labels its classes 1..C itself: unset it.")
-  ds = shapes(split, data_dir=data_dir, process_index=process_index,
-              process_count=process_count, max_instances=max_instances, with_instances=True,
-              **kwargs)
+    raise ConfigError(
+      "dataset.category_ids maps labels to the categories of COCO-format data; "
+      "the shapes set labels its classes 1..C itself: unset it."
+    )
+  ds = shapes(
+    split,
+    data_dir=data_dir,
+    process_index=process_index,
+    process_count=process_count,
+    max_instances=max_instances,
+    with_instances=True,
+    **kwargs,
+  )
 
   @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
   def to_instances(i, features):
     # shapes gives process p the examples p, p + n, p + 2n, ... (its docstring).
     image_id = tf.cast(process_index + i * process_count, tf.int64)
-    return {**{k: features[k] for k in instance_ops.INSTANCE_KEYS if k in features},
-            "image": features["image"], "is_crowd": tf.zeros_like(features["valid"]),
-            "image_id": image_id}
+    return {
+      **{k: features[k] for k in instance_ops.INSTANCE_KEYS if k in features},
+      "image": features["image"],
+      "is_crowd": tf.zeros_like(features["valid"]),
+      "image_id": image_id,
+    }
 
   ds = ds.enumerate().map(to_instances)
   if shuffle_seed is not None:
@@ -106,23 +126,35 @@ def eval_annotation_file(config: ml_collections.ConfigDict) -> str:
   folder's split converted (`segjax.data.instance_folder.annotation_file`)."""
   dataset = config.dataset
   if dataset.name == "instance_folder":
-    return instance_folder.annotation_file(dataset.data_dir, dataset.eval_split,
-                                           **instance_folder.conversion_kwargs(dataset))
+    return instance_folder.annotation_file(
+      dataset.data_dir, dataset.eval_split, **instance_folder.conversion_kwargs(dataset)
+    )
   if dataset.name == "coco":
     return dict(dataset.get("eval_kwargs", {})).get("annotation_file") or (
-      default_annotation_file(dataset.data_dir, dataset.eval_split))
-  raise ConfigError(f"dataset.name {dataset.name!r} is not COCO-format data; those are "
-                    f"{COCO_FORMAT_SOURCES}.")
+      default_annotation_file(dataset.data_dir, dataset.eval_split)
+    )
+  raise ConfigError(
+    f"dataset.name {dataset.name!r} is not COCO-format data; those are {COCO_FORMAT_SOURCES}."
+  )
 
 
-def make_instance_source(config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                         process_count: int, overflow: str, shuffle_seed: int | None = None,
-                         **kwargs) -> tf.data.Dataset:
+def make_instance_source(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  process_index: int,
+  process_count: int,
+  overflow: str,
+  shuffle_seed: int | None = None,
+  **kwargs,
+) -> tf.data.Dataset:
   """This process's share of `split` from the source named by `config.dataset.name`."""
   dataset = config.dataset
   if dataset.name not in INSTANCE_SOURCES:
-    raise ConfigError(f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
-                      f"known: {sorted(INSTANCE_SOURCES)}.")
+    raise ConfigError(
+      f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
+      f"known: {sorted(INSTANCE_SOURCES)}."
+    )
   if dataset.name == "shapes":  # Only shapes keeps decoded examples in its shuffle buffer.
     kwargs["shuffle_buffer"] = dataset.get("shuffle_buffer", 1000)
   if dataset.get("category_ids") is not None:  # Label -> category id (segjax.data.coco).
@@ -130,9 +162,15 @@ def make_instance_source(config: ml_collections.ConfigDict, split: str, *, proce
   if dataset.name == "instance_folder":  # Its layout and classes (segjax.data.to_coco).
     kwargs.update(instance_folder.conversion_kwargs(dataset))
   return INSTANCE_SOURCES[dataset.name](
-    split, data_dir=dataset.get("data_dir"), process_index=process_index,
-    process_count=process_count, max_instances=dataset.max_instances, overflow=overflow,
-    shuffle_seed=shuffle_seed, **kwargs)
+    split,
+    data_dir=dataset.get("data_dir"),
+    process_index=process_index,
+    process_count=process_count,
+    max_instances=dataset.max_instances,
+    overflow=overflow,
+    shuffle_seed=shuffle_seed,
+    **kwargs,
+  )
 
 
 def _check_sizes(config) -> tuple[tuple[int, int], int | None, int | None]:
@@ -141,8 +179,10 @@ def _check_sizes(config) -> tuple[tuple[int, int], int | None, int | None]:
   if size[0] % 32 or size[1] % 32:
     raise ConfigError(f"config.image_size={size} must be multiples of 32 (the FPN's strides).")
   if max_size is not None and max_size > min(size):
-    raise ConfigError(f"config.dataset.max_size={max_size} exceeds min(config.image_size)="
-                      f"{min(size)}: a resized image could overflow the padded size.")
+    raise ConfigError(
+      f"config.dataset.max_size={max_size} exceeds min(config.image_size)="
+      f"{min(size)}: a resized image could overflow the padded size."
+    )
   return size, min_size, max_size
 
 
@@ -153,7 +193,8 @@ def _prepare(features, flip_seed, *, config, keys):
   features = instance_ops.with_size(features)
   if min_size is not None:
     features = instance_ops.resize_shorter_longer(
-      features, min_size, max_size, config.get("model", {}).get("conventions", "detectron2"))
+      features, min_size, max_size, config.get("model", {}).get("conventions", "detectron2")
+    )
   if flip_seed is not None:
     features = instance_ops.random_flip_left_right(features, flip_seed)
   features = instance_ops.normalize(features)
@@ -163,19 +204,28 @@ def _prepare(features, flip_seed, *, config, keys):
   return {k: features[k] for k in keys}
 
 
-def instance_train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
-                           process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+def instance_train_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> tf.data.Dataset:
   """Infinite augmented batches of `local_batch_size` for this process (contract above).
 
   The flip of the i-th example this process reads is seeded by (config.seed, process_index,
   i): reproducible, and different on every host and epoch.
   """
   _check_sizes(config)
-  ds = make_instance_source(config, config.dataset.train_split, process_index=process_index,
-                            process_count=process_count,
-                            overflow=config.dataset.get("overflow", "truncate"),
-                            shuffle_seed=config.seed + process_index,
-                            **config.dataset.get("train_kwargs", {}))
+  ds = make_instance_source(
+    config,
+    config.dataset.train_split,
+    process_index=process_index,
+    process_count=process_count,
+    overflow=config.dataset.get("overflow", "truncate"),
+    shuffle_seed=config.seed + process_index,
+    **config.dataset.get("train_kwargs", {}),
+  )
   ds = numbered(ds.repeat())
   base_seed = tf.constant([config.seed, process_index], tf.int64)
   flip = config.augment.get("flip", False)
@@ -190,9 +240,14 @@ def instance_train_dataset(config: ml_collections.ConfigDict, *, local_batch_siz
   return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
 
 
-def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
-                          process_index: int = 0, process_count: int = 1,
-                          num_batches: int | None = None) -> tuple[tf.data.Dataset, int]:
+def instance_eval_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_batches: int | None = None,
+) -> tuple[tf.data.Dataset, int]:
   """(dataset, num_batches): this process's share of the eval split, padded to full batches.
 
   Every process must run the same number of batches; pass the largest `num_batches` over
@@ -201,10 +256,14 @@ def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size
   """
   _check_sizes(config)
   overflow = config.dataset.get("overflow", "truncate")
-  ds = make_instance_source(config, config.dataset.eval_split, process_index=process_index,
-                            process_count=process_count,
-                            overflow="truncate" if overflow == "skip" else overflow,
-                            **config.dataset.get("eval_kwargs", {}))
+  ds = make_instance_source(
+    config,
+    config.dataset.eval_split,
+    process_index=process_index,
+    process_count=process_count,
+    overflow="truncate" if overflow == "skip" else overflow,
+    **config.dataset.get("eval_kwargs", {}),
+  )
 
   @tf.autograph.experimental.do_not_convert
   def prepare(features):
@@ -214,5 +273,10 @@ def instance_eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size
   padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}
   padding["image_id"] = tf.constant(-1, tf.int64)
   padding["scale"] = tf.constant(1.0)  # Never divide by zero on padding rows.
-  return padded_batches(ds, padding, local_batch_size=local_batch_size, num_batches=num_batches,
-                        name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}")
+  return padded_batches(
+    ds,
+    padding,
+    local_batch_size=local_batch_size,
+    num_batches=num_batches,
+    name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}",
+  )

@@ -46,8 +46,9 @@ def random_crop(features: dict, seed, size: tuple[int, int], ignore_label: int =
   features = pad_to_size(features, size, ignore_label)
   hw = tf.shape(features["image"])[:2]
   max_offset = hw - tf.constant(size)
-  offset = tf.random.stateless_uniform(
-    [2], seed, 0, tf.int32.max, dtype=tf.int32) % (max_offset + 1)
+  offset = tf.random.stateless_uniform([2], seed, 0, tf.int32.max, dtype=tf.int32) % (
+    max_offset + 1
+  )
   image = tf.slice(features["image"], [offset[0], offset[1], 0], [size[0], size[1], 3])
   mask = tf.slice(features["mask"], offset, size)
   return {**features, "image": image, "mask": mask}

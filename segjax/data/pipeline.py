@@ -49,27 +49,46 @@ def source_accepts(dataset_config: ml_collections.ConfigDict, parameter: str) ->
 
 def _source(dataset_config: ml_collections.ConfigDict) -> Callable[..., tf.data.Dataset]:
   if dataset_config.name not in SOURCES:
-    raise ConfigError(f"Unknown dataset.name {dataset_config.name!r}; "
-                      f"known: {sorted(SOURCES)}.")
+    raise ConfigError(f"Unknown dataset.name {dataset_config.name!r}; known: {sorted(SOURCES)}.")
   return SOURCES[dataset_config.name]
 
 
-def make_source(dataset_config: ml_collections.ConfigDict, split: str, *, process_index: int,
-                process_count: int, num_classes: int | None = None,
-                shuffle_seed: int | None = None, shuffle_buffer: int | None = None,
-                **kwargs) -> tf.data.Dataset:
+def make_source(
+  dataset_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  process_index: int,
+  process_count: int,
+  num_classes: int | None = None,
+  shuffle_seed: int | None = None,
+  shuffle_buffer: int | None = None,
+  **kwargs,
+) -> tf.data.Dataset:
   """This process's share of `split` from the source named by `dataset_config.name`, given
   the `SOURCE_KEYS` of `dataset_config`, `num_classes` (the mask values allowed besides
   `ignore_label`) and `shuffle_seed` when its signature takes them; `kwargs` as they are."""
   source = _source(dataset_config)
   accepted = inspect.signature(source).parameters
-  optional = {k: dataset_config[k] for k in SOURCE_KEYS
-              if k in accepted and dataset_config.get(k) is not None}
-  optional.update({k: v for k, v in dict(num_classes=num_classes, shuffle_seed=shuffle_seed,
-                                         shuffle_buffer=shuffle_buffer).items()
-                   if k in accepted and v is not None})
-  return source(split, data_dir=dataset_config.data_dir, process_index=process_index,
-                process_count=process_count, **optional, **kwargs)
+  optional = {
+    k: dataset_config[k] for k in SOURCE_KEYS if k in accepted and dataset_config.get(k) is not None
+  }
+  optional.update(
+    {
+      k: v
+      for k, v in dict(
+        num_classes=num_classes, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer
+      ).items()
+      if k in accepted and v is not None
+    }
+  )
+  return source(
+    split,
+    data_dir=dataset_config.data_dir,
+    process_index=process_index,
+    process_count=process_count,
+    **optional,
+    **kwargs,
+  )
 
 
 def dataset_options() -> tf.data.Options:
@@ -91,15 +110,21 @@ def _augment(features, seed, *, config):
   aug = config.augment
   if aug.max_scale > aug.min_scale or aug.min_scale != 1.0:
     features = ops.random_scale(features, scale_seed, aug.min_scale, aug.max_scale)
-  features = ops.random_crop(features, crop_seed, tuple(config.image_size),
-                             config.dataset.ignore_label)
+  features = ops.random_crop(
+    features, crop_seed, tuple(config.image_size), config.dataset.ignore_label
+  )
   if aug.flip:
     features = ops.random_flip_left_right(features, flip_seed)
   return ops.normalize(features)
 
 
-def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
-                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+def train_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> tf.data.Dataset:
   """Infinite augmented batches of `local_batch_size` for this process.
 
   The augmentation of the i-th example this process reads is seeded by (config.seed,
@@ -110,11 +135,16 @@ def train_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   """
   seed = config.seed + process_index
   names_shuffled = source_accepts(config.dataset, "shuffle_seed")
-  ds = make_source(config.dataset, config.dataset.train_split, process_index=process_index,
-                   process_count=process_count, num_classes=config.model.get("num_classes"),
-                   shuffle_seed=seed if names_shuffled else None,
-                   shuffle_buffer=config.dataset.get("shuffle_buffer"),
-                   **config.dataset.get("train_kwargs", {}))
+  ds = make_source(
+    config.dataset,
+    config.dataset.train_split,
+    process_index=process_index,
+    process_count=process_count,
+    num_classes=config.model.get("num_classes"),
+    shuffle_seed=seed if names_shuffled else None,
+    shuffle_buffer=config.dataset.get("shuffle_buffer"),
+    **config.dataset.get("train_kwargs", {}),
+  )
   if not names_shuffled:  # A buffer of decoded examples (which iterator checkpoints hold).
     ds = ds.shuffle(config.dataset.shuffle_buffer, seed=seed)
   ds = numbered(ds.repeat())
@@ -149,14 +179,22 @@ def evaluation_settings(config: ml_collections.ConfigDict) -> ml_collections.Con
     flip: whole/slide: also predict the mirrored image and average (TTA).
     scales: whole/slide: image scales predicted and averaged (TTA), (1.0,) = none.
   """
-  defaults = dict(mode="resize", shorter_side=0, max_size=None, crop_size=None, stride=None,
-                  flip=False, scales=(1.0,))
+  defaults = dict(
+    mode="resize",
+    shorter_side=0,
+    max_size=None,
+    crop_size=None,
+    stride=None,
+    flip=False,
+    scales=(1.0,),
+  )
   given = config.get("evaluation") or {}
   given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
   unknown = set(given) - set(defaults)
   if unknown:
-    raise ConfigError(f"Unknown config.evaluation keys {sorted(unknown)}; known: "
-                      f"{sorted(defaults)}.")
+    raise ConfigError(
+      f"Unknown config.evaluation keys {sorted(unknown)}; known: {sorted(defaults)}."
+    )
   settings = ml_collections.ConfigDict({**defaults, **given})
   if settings.mode not in EVALUATION_MODES:
     raise ConfigError(f"evaluation.mode={settings.mode!r}; known: {EVALUATION_MODES}.")
@@ -166,8 +204,11 @@ def evaluation_settings(config: ml_collections.ConfigDict) -> ml_collections.Con
   for key, value in pairs.items():
     if value is None and key == "max_size":
       continue
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-        or not all(isinstance(v, int) and v > 0 for v in value)):
+    if (
+      not isinstance(value, (tuple, list))
+      or len(value) != 2
+      or not all(isinstance(v, int) and v > 0 for v in value)
+    ):
       raise ConfigError(f"evaluation.{key}={value!r} must be (height, width), positive ints.")
   if not settings.scales or not all(s > 0 for s in settings.scales):
     raise ConfigError(f"evaluation.scales={settings.scales!r} must be positive factors.")
@@ -186,8 +227,13 @@ def eval_image_size(hw: tf.Tensor, shorter_side: int | None) -> tf.Tensor:
   return tf.maximum(tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
 
 
-def eval_canvas(config: ml_collections.ConfigDict, *, multiple: int, process_index: int = 0,
-                process_count: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+def eval_canvas(
+  config: ml_collections.ConfigDict,
+  *,
+  multiple: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> tuple[tuple[int, int], tuple[int, int]]:
   """(image canvas, mask canvas), each (H, W): what whole/slide batches pad images (after
   `shorter_side` resizing) and native masks to. The largest mask: `evaluation.max_size`, or
   else measured on this process's share (reading it once); the largest image: that of the
@@ -200,9 +246,14 @@ def eval_canvas(config: ml_collections.ConfigDict, *, multiple: int, process_ind
     masks = tf.constant(tuple(settings.max_size), tf.int32)
     largest = tf.stack([masks, eval_image_size(masks, settings.shorter_side)])
   else:
-    ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
-                     process_count=process_count, num_classes=config.model.get("num_classes"),
-                     **config.dataset.get("eval_kwargs", {}))
+    ds = make_source(
+      config.dataset,
+      config.dataset.eval_split,
+      process_index=process_index,
+      process_count=process_count,
+      num_classes=config.model.get("num_classes"),
+      **config.dataset.get("eval_kwargs", {}),
+    )
 
     @tf.autograph.experimental.do_not_convert
     def sizes(features):
@@ -215,15 +266,21 @@ def eval_canvas(config: ml_collections.ConfigDict, *, multiple: int, process_ind
       largest = np.maximum(largest, batch.max(0))
   (mask_h, mask_w), images = np.asarray(largest).tolist()
   minimum = settings.crop_size if settings.mode == "slide" else (0, 0)
-  image_canvas = tuple(max(-(-int(s) // multiple) * multiple, int(m))
-                       for s, m in zip(images, minimum))
+  image_canvas = tuple(
+    max(-(-int(s) // multiple) * multiple, int(m)) for s, m in zip(images, minimum)
+  )
   return image_canvas, (image_canvas if not settings.shorter_side else (mask_h, mask_w))
 
 
-def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
-                 process_index: int = 0, process_count: int = 1,
-                 num_batches: int | None = None,
-                 canvas: tuple | None = None) -> tuple[tf.data.Dataset, int]:
+def eval_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_batches: int | None = None,
+  canvas: tuple | None = None,
+) -> tuple[tf.data.Dataset, int]:
   """(dataset, num_batches): this process's share of the eval split, padded to full batches.
 
   Every process must run the same number of batches; pass the largest `num_batches` over
@@ -239,9 +296,14 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
   Padding rows have sizes (1, 1).
   """
   settings = evaluation_settings(config)
-  ds = make_source(config.dataset, config.dataset.eval_split, process_index=process_index,
-                   process_count=process_count, num_classes=config.model.get("num_classes"),
-                   **config.dataset.get("eval_kwargs", {}))
+  ds = make_source(
+    config.dataset,
+    config.dataset.eval_split,
+    process_index=process_index,
+    process_count=process_count,
+    num_classes=config.model.get("num_classes"),
+    **config.dataset.get("eval_kwargs", {}),
+  )
   ignore = tf.constant(config.dataset.ignore_label, tf.int32)
   if settings.mode == "resize":
     size = mask_canvas = tuple(config.image_size)
@@ -266,42 +328,72 @@ def eval_dataset(config: ml_collections.ConfigDict, *, local_batch_size: int,
       image = tf.image.resize(image, image_size, method="bilinear")
     features = ops.normalize({"image": image, "mask": features["mask"]})
     fits = tf.reduce_all(image_size <= size) & tf.reduce_all(mask_size <= mask_canvas)
-    with tf.control_dependencies([tf.debugging.Assert(fits, [
-        "An evaluation image is larger than the canvas (evaluation.max_size): image, mask, "
-        "image canvas, mask canvas:", image_size, mask_size, size, mask_canvas])]):
-      image = tf.pad(features["image"], [[0, size[0] - image_size[0]],
-                                         [0, size[1] - image_size[1]], [0, 0]])
-    mask = tf.pad(features["mask"], [[0, mask_canvas[0] - mask_size[0]],
-                                     [0, mask_canvas[1] - mask_size[1]]], constant_values=ignore)
+    with tf.control_dependencies(
+      [
+        tf.debugging.Assert(
+          fits,
+          [
+            "An evaluation image is larger than the canvas (evaluation.max_size): image, mask, "
+            "image canvas, mask canvas:",
+            image_size,
+            mask_size,
+            size,
+            mask_canvas,
+          ],
+        )
+      ]
+    ):
+      image = tf.pad(
+        features["image"], [[0, size[0] - image_size[0]], [0, size[1] - image_size[1]], [0, 0]]
+      )
+    mask = tf.pad(
+      features["mask"],
+      [[0, mask_canvas[0] - mask_size[0]], [0, mask_canvas[1] - mask_size[1]]],
+      constant_values=ignore,
+    )
     image.set_shape(size + (3,))
     mask.set_shape(mask_canvas)
-    return {"image": image, "mask": mask, "image_size": image_size, "mask_size": mask_size,
-            "example_mask": tf.constant(True)}
+    return {
+      "image": image,
+      "mask": mask,
+      "image_size": image_size,
+      "mask_size": mask_size,
+      "example_mask": tf.constant(True),
+    }
 
-  padding.update({
-    "image": tf.zeros(size + (3,), tf.float32),
-    "mask": tf.fill(mask_canvas, ignore),
-    "example_mask": tf.constant(False),
-  })
+  padding.update(
+    {
+      "image": tf.zeros(size + (3,), tf.float32),
+      "mask": tf.fill(mask_canvas, ignore),
+      "example_mask": tf.constant(False),
+    }
+  )
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return padded_batches(ds, padding, local_batch_size=local_batch_size, num_batches=num_batches,
-                        name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}")
+  return padded_batches(
+    ds,
+    padding,
+    local_batch_size=local_batch_size,
+    num_batches=num_batches,
+    name=f"{config.dataset.name!r} split {config.dataset.eval_split!r}",
+  )
 
 
-def padded_batches(ds: tf.data.Dataset, padding: dict, *, local_batch_size: int,
-                   num_batches: int | None, name: str) -> tuple[tf.data.Dataset, int]:
+def padded_batches(
+  ds: tf.data.Dataset, padding: dict, *, local_batch_size: int, num_batches: int | None, name: str
+) -> tuple[tf.data.Dataset, int]:
   """(batches, num_batches): every element of `ds` once, then `padding` rows to fill
   `num_batches` full batches (by default just enough)."""
   num_examples = int(ds.cardinality())
   if num_examples < 0:
-    raise ValueError(f"Source {name} has unknown cardinality; the evaluator needs a known "
-                     "size.")
+    raise ValueError(f"Source {name} has unknown cardinality; the evaluator needs a known size.")
   needed = math.ceil(num_examples / local_batch_size)
   if num_batches is None:
     num_batches = needed
   elif num_batches < needed:
-    raise ValueError(f"num_batches={num_batches} would drop examples: this process's "
-                     f"{num_examples} examples need {needed} batches of {local_batch_size}.")
+    raise ValueError(
+      f"num_batches={num_batches} would drop examples: this process's "
+      f"{num_examples} examples need {needed} batches of {local_batch_size}."
+    )
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.take(num_batches * local_batch_size).batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options()), num_batches

@@ -30,15 +30,24 @@ def coco_instance_counts(annotation_file: str) -> np.ndarray:
   return np.array([len(anns) for _, anns in selected], np.int64)
 
 
-def shapes_instance_counts(split: str = "train", *, num_examples: int = 2000,
-                           image_size: tuple[int, int] = (64, 64), seed: int = 0,
-                           max_shapes: int = 4) -> np.ndarray:
+def shapes_instance_counts(
+  split: str = "train",
+  *,
+  num_examples: int = 2000,
+  image_size: tuple[int, int] = (64, 64),
+  seed: int = 0,
+  max_shapes: int = 4,
+) -> np.ndarray:
   """(num_examples,) shapes per image of the shapes split."""
   from segjax.data.shapes import generate_example  # Lazy: imports TensorFlow.
 
-  return np.array([
-    generate_example(seed, split, i, tuple(image_size), max_shapes, max_shapes)["valid"].sum()
-    for i in range(num_examples)], np.int64)
+  return np.array(
+    [
+      generate_example(seed, split, i, tuple(image_size), max_shapes, max_shapes)["valid"].sum()
+      for i in range(num_examples)
+    ],
+    np.int64,
+  )
 
 
 def summarize(counts) -> dict:
@@ -46,8 +55,7 @@ def summarize(counts) -> dict:
   counts = np.asarray(counts)
   if counts.size == 0:
     raise ValueError("No images to scan.")
-  summary = {"images": int(counts.size), "max": int(counts.max()),
-             "mean": float(counts.mean())}
+  summary = {"images": int(counts.size), "max": int(counts.max()), "mean": float(counts.mean())}
   for p in PERCENTILES:
     summary[f"p{p:g}"] = float(np.percentile(counts, p))
   # A multiple of 8 keeps shapes friendly to accelerators; 99.9 % untruncated is plenty.
@@ -58,11 +66,15 @@ def summarize(counts) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"images: {summary['images']}", f"instances per image: mean {summary['mean']:.2f}, "
-           f"max {summary['max']}"]
+  lines = [
+    f"images: {summary['images']}",
+    f"instances per image: mean {summary['mean']:.2f}, max {summary['max']}",
+  ]
   lines += [f"  p{p:g}: {summary[f'p{p:g}']:g}" for p in PERCENTILES]
-  lines.append(f"suggested max_instances: {summary['suggested_max_instances']} "
-               f"(truncates {summary['truncated_at_suggested']} images)")
+  lines.append(
+    f"suggested max_instances: {summary['suggested_max_instances']} "
+    f"(truncates {summary['truncated_at_suggested']} images)"
+  )
   return "\n".join(lines)
 
 
@@ -72,8 +84,9 @@ def main(argv):
   if (f.annotation_file is None) == (not f.shapes):
     raise app.UsageError("Give exactly one of --annotation_file or --shapes.")
   if f.shapes:
-    counts = shapes_instance_counts(f.split, num_examples=f.num_examples, seed=f.seed,
-                                    max_shapes=f.max_shapes)
+    counts = shapes_instance_counts(
+      f.split, num_examples=f.num_examples, seed=f.seed, max_shapes=f.max_shapes
+    )
   else:
     counts = coco_instance_counts(f.annotation_file)
   print(format_summary(summarize(counts)))

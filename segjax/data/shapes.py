@@ -57,8 +57,11 @@ def _shape_mask(class_id, xx, yy, cx, cy, radius, angle):
 def _background(rng, height, width, xx, yy):
   base = rng.uniform(0, 255, size=3)
   gradient = rng.uniform(-60, 60, size=(2, 3))
-  image = base + (xx[..., None] / width - 0.5) * gradient[0] + (yy[..., None] / height - 0.5) * (
-    gradient[1])
+  image = (
+    base
+    + (xx[..., None] / width - 0.5) * gradient[0]
+    + (yy[..., None] / height - 0.5) * (gradient[1])
+  )
   for _ in range(2):  # Sinusoidal texture so that flat colour alone does not mean background.
     freq = rng.uniform(0.05, 0.4, size=2)
     phase = rng.uniform(0, 2 * np.pi)
@@ -98,8 +101,10 @@ def generate_example(
     raise ValueError(f"max_shapes={max_shapes} exceeds max_instances={max_instances}.")
   height, width = image_size
   if min(height, width) < _MIN_SIDE:
-    raise ValueError(f"image_size={tuple(image_size)} is too small for shapes; both sides must "
-                     f"be at least {_MIN_SIDE} pixels.")
+    raise ValueError(
+      f"image_size={tuple(image_size)} is too small for shapes; both sides must "
+      f"be at least {_MIN_SIDE} pixels."
+    )
   rng = np.random.default_rng([seed, SPLITS[split], index])
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
   image = _background(rng, height, width, xx, yy)
@@ -171,13 +176,14 @@ def shapes(
   del data_dir
   indices = range(process_index, num_examples, process_count)
   examples = [
-    generate_example(seed, split, i, tuple(image_size), max_shapes, max_instances)
-    for i in indices
+    generate_example(seed, split, i, tuple(image_size), max_shapes, max_instances) for i in indices
   ]
   keys = ("image", "mask") + (
-    ("instance_masks", "boxes", "classes", "valid") if with_instances else ())
+    ("instance_masks", "boxes", "classes", "valid") if with_instances else ()
+  )
   if not examples:
-    raise ValueError(f"Shapes split {split!r} has no examples for process {process_index} "
-                     f"of {process_count} (num_examples={num_examples}).")
-  return tf.data.Dataset.from_tensor_slices(
-    {k: np.stack([e[k] for e in examples]) for k in keys})
+    raise ValueError(
+      f"Shapes split {split!r} has no examples for process {process_index} "
+      f"of {process_count} (num_examples={num_examples})."
+    )
+  return tf.data.Dataset.from_tensor_slices({k: np.stack([e[k] for e in examples]) for k in keys})

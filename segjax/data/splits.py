@@ -18,6 +18,7 @@ _BOUNDARY = re.compile(r"^-?\d+%?$")
 @dataclasses.dataclass(frozen=True)
 class Split:
   """`name[start:stop]`: each bound None, an int (negative from the end) or "P%"."""
+
   name: str
   start: int | str | None = None
   stop: int | str | None = None
@@ -32,10 +33,14 @@ def parse_split(spec: str) -> Split:
   match = _SPLIT.match(spec.strip())
   bounds = [match.group(k) if match else None for k in ("start", "stop")]
   if not match or any(b and not _BOUNDARY.match(b.strip()) for b in bounds):
-    raise ValueError(f"Split {spec!r} is not NAME or NAME[START:STOP] with START and STOP "
-                     "example counts or percentages, e.g. 'all[:80%]', 'train[100:]'.")
-  start, stop = (None if not b or not b.strip() else
-                 b.strip() if b.strip().endswith("%") else int(b) for b in bounds)
+    raise ValueError(
+      f"Split {spec!r} is not NAME or NAME[START:STOP] with START and STOP "
+      "example counts or percentages, e.g. 'all[:80%]', 'train[100:]'."
+    )
+  start, stop = (
+    None if not b or not b.strip() else b.strip() if b.strip().endswith("%") else int(b)
+    for b in bounds
+  )
   return Split(match.group("name").strip(), start, stop)
 
 

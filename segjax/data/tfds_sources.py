@@ -26,9 +26,25 @@ import tensorflow_datasets as tfds
 OXFORD_IIIT_PET_CLASS_NAMES = ("background", "pet", "border")
 
 CITYSCAPES_CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
+  "road",
+  "sidewalk",
+  "building",
+  "wall",
+  "fence",
+  "pole",
+  "traffic light",
+  "traffic sign",
+  "vegetation",
+  "terrain",
+  "sky",
+  "person",
+  "rider",
+  "car",
+  "truck",
+  "bus",
+  "train",
+  "motorcycle",
+  "bicycle",
 )
 
 IGNORE_LABEL = 255
@@ -42,9 +58,10 @@ _PET_TRIMAP_TO_CLASS[[1, 2, 3]] = [1, 0, 2]
 # (cityscapesscripts/helpers/labels.py). gtFine `*_labelIds.png` hold ids 0-33; 'license
 # plate' has id -1 and never appears in them; every other byte value is ignored too.
 CITYSCAPES_LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_LABEL, np.uint8)
-CITYSCAPES_LABEL_ID_TO_TRAIN_ID[[
-    7,   # road
-    8,   # sidewalk
+CITYSCAPES_LABEL_ID_TO_TRAIN_ID[
+  [
+    7,  # road
+    8,  # sidewalk
     11,  # building
     12,  # wall
     13,  # fence
@@ -62,7 +79,8 @@ CITYSCAPES_LABEL_ID_TO_TRAIN_ID[[
     31,  # train
     32,  # motorcycle
     33,  # bicycle
-]] = np.arange(19)
+  ]
+] = np.arange(19)
 # Ignored (trainId 255): 0 unlabeled, 1 ego vehicle, 2 rectification border, 3 out of roi,
 # 4 static, 5 dynamic, 6 ground, 9 parking, 10 rail track, 14 guard rail, 15 bridge,
 # 16 tunnel, 18 polegroup, 29 caravan, 30 trailer.
@@ -71,7 +89,7 @@ CITYSCAPES_MANUAL_FILES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.
 
 
 def oxford_iiit_pet(
-    split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1
+  split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1
 ) -> tf.data.Dataset:
   """Oxford-IIIT Pet images with trimap classes 0 = background, 1 = pet, 2 = border.
 
@@ -83,17 +101,17 @@ def oxford_iiit_pet(
 
   def to_features(example):
     return {
-        "image": example["image"],
-        "mask": tf.gather(table, tf.cast(example["segmentation_mask"][..., 0], tf.int32)),
+      "image": example["image"],
+      "mask": tf.gather(table, tf.cast(example["segmentation_mask"][..., 0], tf.int32)),
     }
 
   return _read(builder, split, process_index, process_count).map(
-      to_features, num_parallel_calls=tf.data.AUTOTUNE
+    to_features, num_parallel_calls=tf.data.AUTOTUNE
   )
 
 
 def cityscapes(
-    split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1
+  split: str, *, data_dir: str | None, process_index: int = 0, process_count: int = 1
 ) -> tf.data.Dataset:
   """Cityscapes fine annotations, 1024x2048, labelIds mapped to the 19 train classes.
 
@@ -107,22 +125,22 @@ def cityscapes(
     missing = [f for f in CITYSCAPES_MANUAL_FILES if not (manual_dir / f).exists()]
     if missing:
       raise FileNotFoundError(
-          f"cityscapes is not prepared in {builder.data_dir_root} and {', '.join(missing)} "
-          f"is missing from the manual directory {manual_dir}: register at "
-          "https://www.cityscapes-dataset.com/downloads/ and put "
-          f"{' and '.join(CITYSCAPES_MANUAL_FILES)} there."
+        f"cityscapes is not prepared in {builder.data_dir_root} and {', '.join(missing)} "
+        f"is missing from the manual directory {manual_dir}: register at "
+        "https://www.cityscapes-dataset.com/downloads/ and put "
+        f"{' and '.join(CITYSCAPES_MANUAL_FILES)} there."
       )
   _prepare(builder, process_count)
   table = tf.constant(CITYSCAPES_LABEL_ID_TO_TRAIN_ID)
 
   def to_features(example):
     return {
-        "image": example["image_left"],
-        "mask": tf.gather(table, tf.cast(example["segmentation_label"][..., 0], tf.int32)),
+      "image": example["image_left"],
+      "mask": tf.gather(table, tf.cast(example["segmentation_label"][..., 0], tf.int32)),
     }
 
   return _read(builder, split, process_index, process_count).map(
-      to_features, num_parallel_calls=tf.data.AUTOTUNE
+    to_features, num_parallel_calls=tf.data.AUTOTUNE
   )
 
 
@@ -131,15 +149,15 @@ def _prepare(builder: tfds.core.DatasetBuilder, process_count: int) -> None:
     return
   if process_count > 1:
     raise RuntimeError(
-        f"{builder.name} is not prepared in {builder.data_dir_root}; prepare it with a single "
-        "process first (e.g. `tfds build` or one run of this source), since several processes "
-        "would write the same files."
+      f"{builder.name} is not prepared in {builder.data_dir_root}; prepare it with a single "
+      "process first (e.g. `tfds build` or one run of this source), since several processes "
+      "would write the same files."
     )
   builder.download_and_prepare()
 
 
 def _read(
-    builder: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int
+  builder: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int
 ) -> tf.data.Dataset:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 
 def _check_divisible(h: int, w: int, window: int) -> None:
   if h % window or w % window:
-    raise ValueError(
-        f"Spatial size {h}x{w} is not divisible by the pooling window {window}.")
+    raise ValueError(f"Spatial size {h}x{w} is not divisible by the pooling window {window}.")
 
 
 def _to_windows(x: jax.Array, window: int) -> jax.Array:
@@ -83,8 +82,7 @@ def max_pool_with_argmax(x: jax.Array, window: int = 2) -> tuple[jax.Array, jax.
   return pooled, indices
 
 
-def max_unpool(pooled: jax.Array, indices: jax.Array,
-               output_shape: Sequence[int]) -> jax.Array:
+def max_unpool(pooled: jax.Array, indices: jax.Array, output_shape: Sequence[int]) -> jax.Array:
   """Puts each pooled value back at its argmax position; zeros everywhere else.
 
   Args:
@@ -101,13 +99,14 @@ def max_unpool(pooled: jax.Array, indices: jax.Array,
   """
   if pooled.shape != indices.shape:
     raise ValueError(
-        f"pooled and indices must have the same shape; got {pooled.shape} and "
-        f"{indices.shape}.")
+      f"pooled and indices must have the same shape; got {pooled.shape} and {indices.shape}."
+    )
   *_, ho, wo, _ = pooled.shape
   h, w = tuple(output_shape)[-3:-1] if len(output_shape) > 2 else tuple(output_shape)
   if h % ho or w % wo or h // ho != w // wo:
     raise ValueError(
-        f"Output size {h}x{w} is not a square-window upsampling of the pooled size {ho}x{wo}.")
+      f"Output size {h}x{w} is not a square-window upsampling of the pooled size {ho}x{wo}."
+    )
   window = h // ho
   rows, cols = indices // w, indices % w
   local = (rows % window) * window + cols % window  # position inside the window

@@ -36,6 +36,7 @@ class UpConv2x(nn.Module):
     kernel_init, bias_init: as in `nn.ConvTranspose`.
     dtype: computation dtype; parameters are `param_dtype`.
   """
+
   features: int
   use_bias: bool = True
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -45,9 +46,13 @@ class UpConv2x(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param(
+      "kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype
+    )
+    bias = (
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return upconv2x(x, kernel, bias)

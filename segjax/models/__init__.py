@@ -29,11 +29,13 @@ def _build(cls, kwargs: dict, where: str, base: nn.Module | None = None) -> nn.M
   unknown = sorted(set(kwargs) - set(fields))
   if unknown:
     raise ConfigError(
-        f"Model {where} has no attribute(s) {unknown}; accepted keys: {sorted(fields)}.")
+      f"Model {where} has no attribute(s) {unknown}; accepted keys: {sorted(fields)}."
+    )
   for key, value in kwargs.items():
     field = fields[key]
-    default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
-               else field.default)
+    default = (
+      field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    )
     if isinstance(default, nn.Module) and hasattr(value, "items"):
       # A section such as config.model.rpn updates that submodule's defaults.
       kwargs[key] = _build(type(default), dict(value.items()), f"{where}.{key}", default)

@@ -32,9 +32,19 @@ xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 NORMS = ("", "frozen_bn", "bn", "gn")
 
 
-def conv_norm(x: Array, features: int, kernel: int, *, norm: str, train: bool, name: str,
-              kernel_init: Any, dtype: Any, axis_name: str | None = None,
-              mask: Array | None = None) -> Array:
+def conv_norm(
+  x: Array,
+  features: int,
+  kernel: int,
+  *,
+  norm: str,
+  train: bool,
+  name: str,
+  kernel_init: Any,
+  dtype: Any,
+  axis_name: str | None = None,
+  mask: Array | None = None,
+) -> Array:
   """A `kernel` x `kernel` stride-1 'SAME' conv `name`, then, with `norm`, a norm `name_norm`.
 
   norm: "" (none; the conv has a bias), or `segjax.models.resnet.norm_layer`'s "frozen_bn",
@@ -47,8 +57,16 @@ def conv_norm(x: Array, features: int, kernel: int, *, norm: str, train: bool, n
   """
   if norm not in NORMS:
     raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
-  x = nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=not norm,
-              kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+  x = nn.Conv(
+    features,
+    (kernel, kernel),
+    padding="SAME",
+    use_bias=not norm,
+    kernel_init=kernel_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )(x)
   if not norm:
     return x
   layer = norm_layer(norm, train=train, dtype=dtype, name=f"{name}_norm", axis_name=axis_name)
@@ -61,7 +79,7 @@ def conv_norm(x: Array, features: int, kernel: int, *, norm: str, train: bool, n
 def _upsample_to(x: Array, shape: tuple[int, int]) -> Array:
   """Nearest 2x upsampling `(B, h, w, C)`, cropped to `shape` when the finer map is odd."""
   x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  return x[:, :shape[0], :shape[1]]
+  return x[:, : shape[0], : shape[1]]
 
 
 def _level(key: str) -> int:
@@ -78,14 +96,16 @@ class FPN(nn.Module):
     dtype: computation dtype; parameters stay float32.
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   out_channels: int = 256
   norm: str = ""
   dtype: Any = jnp.float32
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, features: Mapping[str, Array], *,
-               train: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
+  def __call__(
+    self, features: Mapping[str, Array], *, train: bool = False
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
     """`{"c2": (B, H/4, W/4, C2), ..., "c5": ...}` to `({"p2": ..., "p6": ...}, aux)`.
 
     Every `p_l` has `out_channels`; `aux` holds the top-down sums before the 3x3 convs
@@ -96,8 +116,16 @@ class FPN(nn.Module):
       raise ValueError(f"FPN needs consecutive levels, got {sorted(features)}")
     by_level = {_level(k): v for k, v in features.items()}
     dense = lambda x, kernel, name: conv_norm(
-        x, self.out_channels, kernel, norm=self.norm, train=train, name=name,
-        kernel_init=xavier_fill, dtype=self.dtype, axis_name=self.axis_name)
+      x,
+      self.out_channels,
+      kernel,
+      norm=self.norm,
+      train=train,
+      name=name,
+      kernel_init=xavier_fill,
+      dtype=self.dtype,
+      axis_name=self.axis_name,
+    )
     outputs, aux = {}, {}
     top_down = None
     for level in reversed(levels):

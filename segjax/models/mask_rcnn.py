@@ -57,9 +57,10 @@ BATCH_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "image_siz
 # `paste_masks_in_image` (`segjax.ops.masks`).
 CONVENTIONS = {
   "detectron2": ({}, {}),
-  "torchvision": (dict(rounded_anchors=True, strides_from_image=True, min_size=1e-3),
-                  dict(aligned=False, sampling_ratio=2, min_box_size=1e-2,
-                       mask_paste="torchvision")),
+  "torchvision": (
+    dict(rounded_anchors=True, strides_from_image=True, min_size=1e-3),
+    dict(aligned=False, sampling_ratio=2, min_box_size=1e-2, mask_paste="torchvision"),
+  ),
 }
 
 
@@ -70,12 +71,19 @@ def check_batch(batch: Mapping[str, Array]) -> None:
     raise ValueError(f"Mask R-CNN batch lacks {missing}; it has {sorted(batch)}.")
   b, h, w, _ = batch["image"].shape
   g = batch["boxes"].shape[1]
-  expected = {"boxes": (b, g, 4), "classes": (b, g), "instance_masks": (b, g, h, w),
-              "valid": (b, g), "image_size": (b, 2)}
+  expected = {
+    "boxes": (b, g, 4),
+    "classes": (b, g),
+    "instance_masks": (b, g, h, w),
+    "valid": (b, g),
+    "image_size": (b, 2),
+  }
   wrong = {k: tuple(batch[k].shape) for k, s in expected.items() if tuple(batch[k].shape) != s}
   if wrong:
-    raise ValueError(f"Mask R-CNN batch shapes {wrong} disagree with image {batch['image'].shape}"
-                     f" and boxes {batch['boxes'].shape}: expected {expected}.")
+    raise ValueError(
+      f"Mask R-CNN batch shapes {wrong} disagree with image {batch['image'].shape}"
+      f" and boxes {batch['boxes'].shape}: expected {expected}."
+    )
 
 
 class MaskRCNN(nn.Module):
@@ -92,6 +100,7 @@ class MaskRCNN(nn.Module):
     conventions: "detectron2" (the submodules as configured) or "torchvision" (overrides the
       RPN and ROI-head fields in `CONVENTIONS`, for torchvision's weights).
   """
+
   task: ClassVar[str] = "instance"
   stride: ClassVar[int] = 32  # Padded sizes multiples of it keep the FPN's levels aligned.
 
@@ -131,8 +140,9 @@ class MaskRCNN(nn.Module):
     self.rpn(features)
     self.roi_heads.init_heads(features["p2"].shape[-1])
 
-  def __call__(self, image: Array, image_size: Array | None = None, *,
-               train: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
+  def __call__(
+    self, image: Array, image_size: Array | None = None, *, train: bool = False
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Detections of images `(B, H, W, 3)` of true sizes `image_size` `(B, 2)` (default H, W).
 
     Returns `(detections, aux)`: detections `{"boxes": (B, D, 4), "scores": (B, D),
@@ -142,8 +152,7 @@ class MaskRCNN(nn.Module):
     BatchNorm (norm="bn", anywhere); proposals always use the test settings.
     """
     if image_size is None:
-      image_size = jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32),
-                                    (image.shape[0], 2))
+      image_size = jnp.broadcast_to(jnp.asarray(image.shape[1:3], jnp.int32), (image.shape[0], 2))
     features, aux = self.features(image, train=train)
     objectness, deltas = self.rpn(features)
     anchors = self.rpn.anchors(features, image.shape[1:3])
@@ -151,8 +160,9 @@ class MaskRCNN(nn.Module):
     detections = self.roi_heads(features, proposals, image_size, image.shape[1:3], train=train)
     return detections, {**aux, **features, "proposals": proposals}
 
-  def losses(self, batch: Mapping[str, Array], rng: Array, *,
-             train: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
+  def losses(
+    self, batch: Mapping[str, Array], rng: Array, *, train: bool = True
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
     """`(losses, metrics)` of a batch (see the module docstring for its keys).
 
     losses: `loss_rpn_cls`, `loss_rpn_loc`, `loss_cls`, `loss_box_reg`, `loss_mask` (their
@@ -163,18 +173,24 @@ class MaskRCNN(nn.Module):
     objectness, deltas = self.rpn(features)
     anchors = self.rpn.anchors(features, batch["image"].shape[1:3])
     rpn_rng, roi_rng = jax.random.split(rng)
-    rpn_losses, rpn_metrics = self.rpn.losses(objectness, deltas, anchors, batch["boxes"],
-                                              batch["valid"], rpn_rng)
+    rpn_losses, rpn_metrics = self.rpn.losses(
+      objectness, deltas, anchors, batch["boxes"], batch["valid"], rpn_rng
+    )
     proposals = self.rpn.proposals(objectness, deltas, anchors, batch["image_size"], train=True)
-    roi_losses, roi_metrics = self.roi_heads.losses(features, proposals, batch, roi_rng,
-                                                    train=train)
-    metrics = {**rpn_metrics, **roi_metrics,
-               "num_proposals": jnp.mean(jnp.sum(proposals["valid"], axis=1))}
+    roi_losses, roi_metrics = self.roi_heads.losses(
+      features, proposals, batch, roi_rng, train=train
+    )
+    metrics = {
+      **rpn_metrics,
+      **roi_metrics,
+      "num_proposals": jnp.mean(jnp.sum(proposals["valid"], axis=1)),
+    }
     return {**rpn_losses, **roi_losses}, metrics
 
 
-def loss_fn(variables: dict, batch: Mapping[str, Array], rng: Array, *, model: MaskRCNN,
-            train: bool = True) -> tuple:
+def loss_fn(
+  variables: dict, batch: Mapping[str, Array], rng: Array, *, model: MaskRCNN, train: bool = True
+) -> tuple:
   """`(loss, (metrics, updates))` for `segjax.train.steps.train_step` (bind `model`).
 
   `loss` is the sum of the five losses; `metrics` holds each loss and the sampling counts;
@@ -183,8 +199,7 @@ def loss_fn(variables: dict, batch: Mapping[str, Array], rng: Array, *, model: M
   """
   has_batch_stats = bool(jax.tree.leaves(variables.get("batch_stats", {})))
   mutable = ["batch_stats"] if train and has_batch_stats else False
-  out = model.apply(variables, batch, rng, train=train, method=MaskRCNN.losses,
-                    mutable=mutable)
+  out = model.apply(variables, batch, rng, train=train, method=MaskRCNN.losses, mutable=mutable)
   (losses, metrics), updates = out if mutable else (out, {})
   total = sum(losses.values())
   return total, ({**losses, **metrics}, updates)

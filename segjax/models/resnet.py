@@ -34,10 +34,10 @@ Array = jax.Array
 
 # depth -> (block kind, blocks per stage res2..res5)
 DEPTHS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
 }
 NORMS = ("frozen_bn", "bn", "gn")
 BOTTLENECK_EXPANSION = 4
@@ -61,6 +61,7 @@ class FrozenBatchNorm(nn.Module):
     epsilon: added to the variance, 1e-5 as in torchvision and detectron2.
     dtype: computation dtype.
   """
+
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
@@ -82,20 +83,40 @@ def norm_layer(kind: str, *, train: bool, dtype: Any, name: str, axis_name: str 
   if kind == "frozen_bn":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if kind == "bn":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, name=name)
+    return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      axis_name=axis_name,
+      name=name,
+    )
   if kind == "gn":
-    return lambda x: nn.GroupNorm(num_groups=_num_groups(x.shape[-1]), epsilon=1e-5,
-                                  dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+    return lambda x: nn.GroupNorm(
+      num_groups=_num_groups(x.shape[-1]),
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+    )(x)
   raise ValueError(f"Unknown norm {kind!r}; expected one of {NORMS}.")
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, name: str) -> nn.Conv:
   """Bias-free conv with torchvision's symmetric padding `kernel // 2`."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
@@ -108,6 +129,7 @@ class BasicBlock(nn.Module):
     dtype: computation dtype.
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   features: int
   stride: int = 1
   norm: str = "frozen_bn"
@@ -116,8 +138,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name,
-                                 axis_name=self.axis_name)
+    nl = lambda name: norm_layer(
+      self.norm, train=train, dtype=self.dtype, name=name, axis_name=self.axis_name
+    )
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut")(x)
@@ -139,6 +162,7 @@ class Bottleneck(nn.Module):
     dtype: computation dtype.
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   width: int
   stride: int = 1
   norm: str = "frozen_bn"
@@ -147,8 +171,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(self.norm, train=train, dtype=self.dtype, name=name,
-                                 axis_name=self.axis_name)
+    nl = lambda name: norm_layer(
+      self.norm, train=train, dtype=self.dtype, name=name, axis_name=self.axis_name
+    )
     out = self.width * BOTTLENECK_EXPANSION
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
@@ -176,6 +201,7 @@ class ResNet(nn.Module):
     axis_name: BatchNorm cross-device axis name (pmap), or None: with norm="bn", batch
       statistics over the devices of that axis.
   """
+
   depth: int = 50
   norm: str = "frozen_bn"
   freeze_at: int = 2
@@ -206,8 +232,13 @@ class ResNet(nn.Module):
     kind, blocks = DEPTHS[self.depth]
     x = x.astype(self.dtype)
     x = conv(self.base_width, 7, 2, dtype=self.dtype, name="stem_conv")(x)
-    x = norm_layer(self.norm, train=train and self.freeze_at < 1, dtype=self.dtype,
-                   name="stem_norm", axis_name=self.axis_name)(x)
+    x = norm_layer(
+      self.norm,
+      train=train and self.freeze_at < 1,
+      dtype=self.dtype,
+      name="stem_norm",
+      axis_name=self.axis_name,
+    )(x)
     x = nn.relu(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
@@ -218,12 +249,13 @@ class ResNet(nn.Module):
     for i, num_blocks in enumerate(blocks):
       stage = i + 2
       frozen = self.freeze_at >= stage
-      width = self.base_width * 2 ** i
+      width = self.base_width * 2**i
       for b in range(num_blocks):
         stride = 2 if b == 0 and stage > 2 else 1
         block_cls = BasicBlock if kind == "basic" else Bottleneck
-        block = block_cls(width, stride, self.norm, self.dtype, self.axis_name,
-                          name=f"res{stage}_{b}")
+        block = block_cls(
+          width, stride, self.norm, self.dtype, self.axis_name, name=f"res{stage}_{b}"
+        )
         x = block(x, train=train and not frozen)
       if frozen:
         x = jax.lax.stop_gradient(x)

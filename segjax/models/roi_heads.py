@@ -52,17 +52,17 @@ msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def label_and_sample_proposals(
-    proposals: Array,
-    proposal_valid: Array,
-    gt_boxes: Array,
-    gt_classes: Array,
-    gt_valid: Array,
-    rng: Array,
-    *,
-    num_samples: int = 512,
-    positive_fraction: float = 0.25,
-    iou_threshold: float = 0.5,
-    add_gt: bool = True,
+  proposals: Array,
+  proposal_valid: Array,
+  gt_boxes: Array,
+  gt_classes: Array,
+  gt_valid: Array,
+  rng: Array,
+  *,
+  num_samples: int = 512,
+  positive_fraction: float = 0.25,
+  iou_threshold: float = 0.5,
+  add_gt: bool = True,
 ) -> dict[str, Array]:
   """Training ROIs of one image with their targets; `jax.vmap` it for a batch.
 
@@ -83,32 +83,39 @@ def label_and_sample_proposals(
   if add_gt:
     proposals = jnp.concatenate([gt_boxes.astype(proposals.dtype), proposals])
     proposal_valid = jnp.concatenate([gt_valid, proposal_valid])
-  matched, labels = ops.match_boxes(gt_boxes, proposals, gt_valid, thresholds=(iou_threshold,),
-                                    labels=(0, 1), allow_low_quality_matches=False)
+  matched, labels = ops.match_boxes(
+    gt_boxes,
+    proposals,
+    gt_valid,
+    thresholds=(iou_threshold,),
+    labels=(0, 1),
+    allow_low_quality_matches=False,
+  )
   classes = jnp.where(labels == 1, gt_classes[matched], 0).astype(jnp.int32)
   # Padded proposals and padded ground truth must never be sampled: label them ignored.
-  idx, valid = ops.sample_balanced(rng, jnp.where(proposal_valid, classes, -1), num_samples,
-                                   positive_fraction, bg_label=0)
+  idx, valid = ops.sample_balanced(
+    rng, jnp.where(proposal_valid, classes, -1), num_samples, positive_fraction, bg_label=0
+  )
   gt_index = jnp.where(valid, matched[idx], 0)
   return {
-      "boxes": jnp.where(valid[:, None], proposals[idx], 0.0),
-      "classes": jnp.where(valid, classes[idx], 0),
-      "gt_index": gt_index,
-      "gt_boxes": jnp.where(valid[:, None], gt_boxes[gt_index], 0.0),
-      "valid": valid,
+    "boxes": jnp.where(valid[:, None], proposals[idx], 0.0),
+    "classes": jnp.where(valid, classes[idx], 0),
+    "gt_index": gt_index,
+    "gt_boxes": jnp.where(valid[:, None], gt_boxes[gt_index], 0.0),
+    "valid": valid,
   }
 
 
 def box_loss(
-    class_logits: Array,
-    box_deltas: Array,
-    proposals: Array,
-    gt_classes: Array,
-    gt_boxes: Array,
-    valid: Array,
-    *,
-    weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
-    smooth_l1_beta: float = 0.0,
+  class_logits: Array,
+  box_deltas: Array,
+  proposals: Array,
+  gt_classes: Array,
+  gt_boxes: Array,
+  valid: Array,
+  *,
+  weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
+  smooth_l1_beta: float = 0.0,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
   """Fast R-CNN losses (detectron2 `FastRCNNOutputLayers.losses`) over all sampled ROIs.
 
@@ -132,32 +139,33 @@ def box_loss(
   fg = valid & (labels > 0)
   count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  deltas = jnp.take_along_axis(
-      box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
+  deltas = jnp.take_along_axis(box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[
+    ..., 0, :
+  ]
   targets = ops.encode_boxes(gt_boxes, proposals, weights)
   loc = smooth_l1_loss(deltas - targets, smooth_l1_beta).sum(-1)
   pred = jnp.argmax(logits, -1)
   correct = pred == labels
   losses = {
-      "loss_cls": jnp.sum(jnp.where(valid, ce, 0.0)) / count,
-      "loss_box_reg": jnp.sum(jnp.where(fg, loc, 0.0)) / count,
+    "loss_cls": jnp.sum(jnp.where(valid, ce, 0.0)) / count,
+    "loss_box_reg": jnp.sum(jnp.where(fg, loc, 0.0)) / count,
   }
   num_fg = jnp.sum(fg)
   num_images = valid.size // valid.shape[-1]
   metrics = {
-      "cls_accuracy": jnp.sum(correct & valid) / count,
-      "fg_cls_accuracy": jnp.sum(correct & fg) / jnp.maximum(num_fg, 1),
-      "num_fg_rois": num_fg / num_images,
-      "num_bg_rois": jnp.sum(valid & ~fg) / num_images,
+    "cls_accuracy": jnp.sum(correct & valid) / count,
+    "fg_cls_accuracy": jnp.sum(correct & fg) / jnp.maximum(num_fg, 1),
+    "num_fg_rois": num_fg / num_images,
+    "num_bg_rois": jnp.sum(valid & ~fg) / num_images,
   }
   return losses, metrics
 
 
 def mask_loss(
-    mask_logits: Array,
-    targets: Array,
-    gt_classes: Array,
-    valid: Array,
+  mask_logits: Array,
+  targets: Array,
+  gt_classes: Array,
+  valid: Array,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
   """Mask R-CNN mask loss (detectron2 `mask_rcnn_loss`): mean per-pixel BCE on foregrounds.
 
@@ -174,28 +182,30 @@ def mask_loss(
   """
   fg = valid & (gt_classes > 0)
   logits = jnp.take_along_axis(
-      mask_logits.astype(jnp.float32),
-      jnp.where(fg, gt_classes, 0)[..., None, None, None], axis=-1)[..., 0]
+    mask_logits.astype(jnp.float32), jnp.where(fg, gt_classes, 0)[..., None, None, None], axis=-1
+  )[..., 0]
   bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
   pixels = jnp.maximum(jnp.sum(fg) * logits.shape[-1] * logits.shape[-2], 1).astype(jnp.float32)
   weight = fg[..., None, None]
   correct = (logits > 0) == (targets > 0.5)
-  return ({"loss_mask": jnp.sum(jnp.where(weight, bce, 0.0)) / pixels},
-          {"mask_accuracy": jnp.sum(correct & weight) / pixels})
+  return (
+    {"loss_mask": jnp.sum(jnp.where(weight, bce, 0.0)) / pixels},
+    {"mask_accuracy": jnp.sum(correct & weight) / pixels},
+  )
 
 
 def postprocess(
-    class_logits: Array,
-    box_deltas: Array,
-    proposals: Array,
-    proposal_valid: Array,
-    image_size: Array,
-    *,
-    weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    max_detections: int = 100,
-    min_size: float = 0.0,
+  class_logits: Array,
+  box_deltas: Array,
+  proposals: Array,
+  proposal_valid: Array,
+  image_size: Array,
+  *,
+  weights: Sequence[float] = ops.BOX_HEAD_WEIGHTS,
+  score_thresh: float = 0.05,
+  nms_thresh: float = 0.5,
+  max_detections: int = 100,
+  min_size: float = 0.0,
 ) -> dict[str, Array]:
   """Detections of one image (detectron2 `fast_rcnn_inference_single_image`); vmap for a batch.
 
@@ -224,24 +234,25 @@ def postprocess(
   boxes = jnp.where(finite[..., None], boxes, 0.0).reshape(p * (k1 - 1), 4)
   scores = jnp.where(finite & proposal_valid[:, None], scores, -jnp.inf).reshape(-1)
   classes = jnp.tile(jnp.arange(1, k1, dtype=jnp.int32), p)
-  idx, valid = ops.batched_nms(boxes, scores, classes, nms_thresh, max_detections,
-                               score_threshold=score_thresh)
+  idx, valid = ops.batched_nms(
+    boxes, scores, classes, nms_thresh, max_detections, score_threshold=score_thresh
+  )
   return {
-      "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
-      "scores": jnp.where(valid, scores[idx], 0.0),
-      "classes": jnp.where(valid, classes[idx], 0),
-      "valid": valid,
+    "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
+    "scores": jnp.where(valid, scores[idx], 0.0),
+    "classes": jnp.where(valid, classes[idx], 0),
+    "valid": valid,
   }
 
 
 def postprocess_masks(
-    mask_logits: Array,
-    classes: Array,
-    boxes: Array,
-    valid: Array,
-    image_shape: tuple[int, int],
-    threshold: float = 0.5,
-    paste: str = "detectron2",
+  mask_logits: Array,
+  classes: Array,
+  boxes: Array,
+  valid: Array,
+  image_shape: tuple[int, int],
+  threshold: float = 0.5,
+  paste: str = "detectron2",
 ) -> tuple[Array, Array]:
   """Masks of detections of one image (detectron2 `mask_rcnn_inference` + `paste_masks`).
 
@@ -256,8 +267,9 @@ def postprocess_masks(
     `mask_probs` `(D, M, M)` float32 sigmoid of the detected class's channel, and
     `masks` `(D, H, W)` bool pasted at the boxes; both zero for invalid rows.
   """
-  logits = jnp.take_along_axis(mask_logits.astype(jnp.float32),
-                               classes[:, None, None, None], axis=-1)[..., 0]
+  logits = jnp.take_along_axis(
+    mask_logits.astype(jnp.float32), classes[:, None, None, None], axis=-1
+  )[..., 0]
   probs = jnp.where(valid[:, None, None], jax.nn.sigmoid(logits), 0.0)
   masks = ops.paste_masks(probs, boxes, image_shape, threshold, paste) & valid[:, None, None]
   return probs, masks
@@ -281,6 +293,7 @@ class BoxHead(nn.Module):
     norm: "", "bn" or "gn" after each conv (`segjax.models.fpn.conv_norm`).
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   num_classes: int
   fc_dims: tuple[int, ...] = (1024, 1024)
   dtype: Any = jnp.float32
@@ -289,8 +302,9 @@ class BoxHead(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False,
-               valid: Array | None = None) -> tuple[Array, Array]:
+  def __call__(
+    self, x: Array, *, train: bool = False, valid: Array | None = None
+  ) -> tuple[Array, Array]:
     """Pooled `(..., h, w, C)` to logits `(..., K + 1)` and deltas `(..., K + 1, 4)`.
 
     `train` switches BatchNorm to batch statistics over the rows `valid` `(...)` marks (all
@@ -301,19 +315,43 @@ class BoxHead(nn.Module):
     if self.conv_dims:
       x = x.reshape((-1,) + x.shape[-3:])
       for i, d in enumerate(self.conv_dims):
-        x = nn.relu(conv_norm(x, d, 3, norm=self.norm, train=train, name=f"conv{i + 1}",
-                              kernel_init=msra_fill, dtype=self.dtype, axis_name=self.axis_name,
-                              mask=_row_mask(valid, lead)))
+        x = nn.relu(
+          conv_norm(
+            x,
+            d,
+            3,
+            norm=self.norm,
+            train=train,
+            name=f"conv{i + 1}",
+            kernel_init=msra_fill,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+            mask=_row_mask(valid, lead),
+          )
+        )
     # Flattened HWC (torchvision flattens CHW: the weight import reorders fc1's rows).
     x = x.reshape(lead + (-1,))
     for i, d in enumerate(self.fc_dims):
-      x = nn.relu(nn.Dense(d, kernel_init=xavier_fill, dtype=self.dtype,
-                           param_dtype=jnp.float32, name=f"fc{i + 1}")(x))
+      x = nn.relu(
+        nn.Dense(
+          d, kernel_init=xavier_fill, dtype=self.dtype, param_dtype=jnp.float32, name=f"fc{i + 1}"
+        )(x)
+      )
     k1 = self.num_classes + 1
-    logits = nn.Dense(k1, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
-                      param_dtype=jnp.float32, name="cls_score")(x)
-    deltas = nn.Dense(4 * k1, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
-                      param_dtype=jnp.float32, name="bbox_pred")(x)
+    logits = nn.Dense(
+      k1,
+      kernel_init=nn.initializers.normal(0.01),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="cls_score",
+    )(x)
+    deltas = nn.Dense(
+      4 * k1,
+      kernel_init=nn.initializers.normal(0.001),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="bbox_pred",
+    )(x)
     return logits.astype(jnp.float32), deltas.reshape(lead + (k1, 4)).astype(jnp.float32)
 
 
@@ -328,6 +366,7 @@ class MaskHead(nn.Module):
       "bn").
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   num_classes: int
   conv_dims: tuple[int, ...] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
@@ -341,13 +380,31 @@ class MaskHead(nn.Module):
     lead, tail = x.shape[:-3], x.shape[-3:]
     x = x.reshape((-1,) + tail).astype(self.dtype)
     for i, d in enumerate(self.conv_dims):
-      x = nn.relu(conv_norm(x, d, 3, norm=self.norm, train=train, name=f"mask_fcn{i + 1}",
-                            kernel_init=msra_fill, dtype=self.dtype, axis_name=self.axis_name,
-                            mask=_row_mask(valid, lead)))
-    x = nn.relu(UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype,
-                         name="deconv")(x))
-    x = nn.Conv(self.num_classes + 1, (1, 1), kernel_init=nn.initializers.normal(0.001),
-                dtype=self.dtype, param_dtype=jnp.float32, name="predictor")(x)
+      x = nn.relu(
+        conv_norm(
+          x,
+          d,
+          3,
+          norm=self.norm,
+          train=train,
+          name=f"mask_fcn{i + 1}",
+          kernel_init=msra_fill,
+          dtype=self.dtype,
+          axis_name=self.axis_name,
+          mask=_row_mask(valid, lead),
+        )
+      )
+    x = nn.relu(
+      UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype, name="deconv")(x)
+    )
+    x = nn.Conv(
+      self.num_classes + 1,
+      (1, 1),
+      kernel_init=nn.initializers.normal(0.001),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="predictor",
+    )(x)
     return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 
@@ -380,6 +437,7 @@ class ROIHeads(nn.Module):
     dtype: computation dtype of the heads; outputs are float32.
     axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
+
   num_classes: int = 80
   batch_size_per_image: int = 512
   positive_fraction: float = 0.25
@@ -404,11 +462,17 @@ class ROIHeads(nn.Module):
   axis_name: str | None = None
 
   def setup(self):
-    self.box_head = BoxHead(self.num_classes, self.fc_dims, self.dtype,
-                            conv_dims=self.box_conv_dims, norm=self.norm,
-                            axis_name=self.axis_name)
-    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype,
-                              norm=self.norm, axis_name=self.axis_name)
+    self.box_head = BoxHead(
+      self.num_classes,
+      self.fc_dims,
+      self.dtype,
+      conv_dims=self.box_conv_dims,
+      norm=self.norm,
+      axis_name=self.axis_name,
+    )
+    self.mask_head = MaskHead(
+      self.num_classes, self.mask_conv_dims, self.dtype, norm=self.norm, axis_name=self.axis_name
+    )
 
   def init_heads(self, channels: int) -> None:
     """Creates the box and mask heads' parameters from zero pooled features of `channels`."""
@@ -419,26 +483,45 @@ class ROIHeads(nn.Module):
   def _pool(self, features: Mapping[str, Array], boxes: Array, resolution: int) -> Array:
     """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
     maps = {k: v for k, v in features.items() if k != "p6"}
-    fn = lambda f, b: ops.multilevel_roi_align(f, b, (resolution, resolution),
-                                               self.sampling_ratio, self.aligned)
+    fn = lambda f, b: ops.multilevel_roi_align(
+      f, b, (resolution, resolution), self.sampling_ratio, self.aligned
+    )
     return jax.vmap(fn)(maps, boxes)
 
-  def _forward_box(self, features: Mapping[str, Array], boxes: Array, *, train: bool = False,
-                   valid: Array | None = None) -> tuple[Array, Array]:
+  def _forward_box(
+    self,
+    features: Mapping[str, Array],
+    boxes: Array,
+    *,
+    train: bool = False,
+    valid: Array | None = None,
+  ) -> tuple[Array, Array]:
     """Logits `(B, R, K + 1)` and deltas `(B, R, K + 1, 4)` of ROIs `(B, R, 4)`; `valid`
     `(B, R)` marks the ROIs BatchNorm's batch statistics (`train`) count."""
-    return self.box_head(self._pool(features, boxes, self.box_resolution), train=train,
-                         valid=valid)
+    return self.box_head(self._pool(features, boxes, self.box_resolution), train=train, valid=valid)
 
-  def _forward_mask(self, features: Mapping[str, Array], boxes: Array, *, train: bool = False,
-                    valid: Array | None = None) -> Array:
+  def _forward_mask(
+    self,
+    features: Mapping[str, Array],
+    boxes: Array,
+    *,
+    train: bool = False,
+    valid: Array | None = None,
+  ) -> Array:
     """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`; `train`, `valid` as above."""
-    return self.mask_head(self._pool(features, boxes, self.mask_resolution), train=train,
-                          valid=valid)
+    return self.mask_head(
+      self._pool(features, boxes, self.mask_resolution), train=train, valid=valid
+    )
 
-  def __call__(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
-               image_size: Array, image_shape: tuple[int, int], *,
-               train: bool = False) -> dict[str, Array]:
+  def __call__(
+    self,
+    features: Mapping[str, Array],
+    proposals: Mapping[str, Array],
+    image_size: Array,
+    image_shape: tuple[int, int],
+    *,
+    train: bool = False,
+  ) -> dict[str, Array]:
     """Inference: detections of a batch.
 
     Args:
@@ -452,25 +535,44 @@ class ROIHeads(nn.Module):
       `{"boxes": (B, D, 4), "scores": (B, D), "classes": (B, D) int32, "mask_probs":
       (B, D, 2m, 2m) float32, "instance_masks": (B, D, H, W) bool, "valid": (B, D) bool}`.
     """
-    class_logits, box_deltas = self._forward_box(features, proposals["boxes"], train=train,
-                                                 valid=proposals["valid"])
+    class_logits, box_deltas = self._forward_box(
+      features, proposals["boxes"], train=train, valid=proposals["valid"]
+    )
     post = lambda c, d, p, v, s: postprocess(
-        c, d, p, v, s, weights=self.box_reg_weights, score_thresh=self.score_thresh,
-        nms_thresh=self.nms_thresh, max_detections=self.detections_per_image,
-        min_size=self.min_box_size)
-    detections = jax.vmap(post)(class_logits, box_deltas, proposals["boxes"],
-                                proposals["valid"], image_size)
-    mask_logits = self._forward_mask(features, detections["boxes"], train=train,
-                                     valid=detections["valid"])
-    paste = lambda m, c, b, v: postprocess_masks(m, c, b, v, image_shape, self.mask_threshold,
-                                                 self.mask_paste)
-    probs, masks = jax.vmap(paste)(mask_logits, detections["classes"], detections["boxes"],
-                                   detections["valid"])
+      c,
+      d,
+      p,
+      v,
+      s,
+      weights=self.box_reg_weights,
+      score_thresh=self.score_thresh,
+      nms_thresh=self.nms_thresh,
+      max_detections=self.detections_per_image,
+      min_size=self.min_box_size,
+    )
+    detections = jax.vmap(post)(
+      class_logits, box_deltas, proposals["boxes"], proposals["valid"], image_size
+    )
+    mask_logits = self._forward_mask(
+      features, detections["boxes"], train=train, valid=detections["valid"]
+    )
+    paste = lambda m, c, b, v: postprocess_masks(
+      m, c, b, v, image_shape, self.mask_threshold, self.mask_paste
+    )
+    probs, masks = jax.vmap(paste)(
+      mask_logits, detections["classes"], detections["boxes"], detections["valid"]
+    )
     return {**detections, "mask_probs": probs, "instance_masks": masks}
 
-  def losses(self, features: Mapping[str, Array], proposals: Mapping[str, Array],
-             targets: Mapping[str, Array], rng: Array, *,
-             train: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
+  def losses(
+    self,
+    features: Mapping[str, Array],
+    proposals: Mapping[str, Array],
+    targets: Mapping[str, Array],
+    rng: Array,
+    *,
+    train: bool = True,
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Training losses of a batch.
 
     Args:
@@ -487,22 +589,46 @@ class ROIHeads(nn.Module):
     """
     b = proposals["boxes"].shape[0]
     sample = lambda p, pv, gb, gc, gv, key: label_and_sample_proposals(
-        p, pv, gb, gc, gv, key, num_samples=self.batch_size_per_image,
-        positive_fraction=self.positive_fraction, iou_threshold=self.iou_threshold)
-    rois = jax.vmap(sample)(proposals["boxes"], proposals["valid"], targets["boxes"],
-                            targets["classes"], targets["valid"], jax.random.split(rng, b))
-    class_logits, box_deltas = self._forward_box(features, rois["boxes"], train=train,
-                                                 valid=rois["valid"])
-    losses, metrics = box_loss(class_logits, box_deltas, rois["boxes"], rois["classes"],
-                               rois["gt_boxes"], rois["valid"], weights=self.box_reg_weights,
-                               smooth_l1_beta=self.smooth_l1_beta)
+      p,
+      pv,
+      gb,
+      gc,
+      gv,
+      key,
+      num_samples=self.batch_size_per_image,
+      positive_fraction=self.positive_fraction,
+      iou_threshold=self.iou_threshold,
+    )
+    rois = jax.vmap(sample)(
+      proposals["boxes"],
+      proposals["valid"],
+      targets["boxes"],
+      targets["classes"],
+      targets["valid"],
+      jax.random.split(rng, b),
+    )
+    class_logits, box_deltas = self._forward_box(
+      features, rois["boxes"], train=train, valid=rois["valid"]
+    )
+    losses, metrics = box_loss(
+      class_logits,
+      box_deltas,
+      rois["boxes"],
+      rois["classes"],
+      rois["gt_boxes"],
+      rois["valid"],
+      weights=self.box_reg_weights,
+      smooth_l1_beta=self.smooth_l1_beta,
+    )
     # Foregrounds come first in the sample, so the mask head only needs the first F slots.
     f = max(int(self.batch_size_per_image * self.positive_fraction), 1)
     fg = {k: v[:, :f] for k, v in rois.items()}
-    mask_logits = self._forward_mask(features, fg["boxes"], train=train,
-                                     valid=fg["valid"] & (fg["classes"] > 0))
+    mask_logits = self._forward_mask(
+      features, fg["boxes"], train=train, valid=fg["valid"] & (fg["classes"] > 0)
+    )
     m = mask_logits.shape[-2]
     mask_target = jax.vmap(lambda g, i, r: ops.mask_targets(g, i, r, m))(
-        targets["instance_masks"], fg["gt_index"], fg["boxes"])
+      targets["instance_masks"], fg["gt_index"], fg["boxes"]
+    )
     mask_losses, mask_metrics = mask_loss(mask_logits, mask_target, fg["classes"], fg["valid"])
     return {**losses, **mask_losses}, {**metrics, **mask_metrics}

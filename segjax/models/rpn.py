@@ -46,16 +46,16 @@ def smooth_l1_loss(x: Array, beta: float) -> Array:
 
 
 def generate_proposals(
-    objectness: Sequence[Array],
-    deltas: Sequence[Array],
-    anchors: Sequence[Array],
-    image_size: Array,
-    *,
-    pre_nms_topk: int,
-    post_nms_topk: int,
-    nms_thresh: float = 0.7,
-    min_size: float = 0.0,
-    weights: Sequence[float] = ops.RPN_WEIGHTS,
+  objectness: Sequence[Array],
+  deltas: Sequence[Array],
+  anchors: Sequence[Array],
+  image_size: Array,
+  *,
+  pre_nms_topk: int,
+  post_nms_topk: int,
+  nms_thresh: float = 0.7,
+  min_size: float = 0.0,
+  weights: Sequence[float] = ops.RPN_WEIGHTS,
 ) -> dict[str, Array]:
   """Proposals of one image (detectron2 `find_top_rpn_proposals`); `jax.vmap` it for a batch.
 
@@ -86,28 +86,29 @@ def generate_proposals(
   finite = jnp.all(jnp.isfinite(boxes), axis=-1) & jnp.isfinite(scores)
   boxes = jnp.where(finite[:, None], boxes, 0.0)
   keep = finite & ops.nonempty_boxes(boxes, min_size)
-  idx, valid = ops.batched_nms(boxes, jnp.where(keep, scores, -jnp.inf),
-                               jnp.concatenate(levels), nms_thresh, post_nms_topk)
+  idx, valid = ops.batched_nms(
+    boxes, jnp.where(keep, scores, -jnp.inf), jnp.concatenate(levels), nms_thresh, post_nms_topk
+  )
   return {
-      "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
-      "scores": jnp.where(valid, scores[idx], 0.0),
-      "valid": valid,
+    "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
+    "scores": jnp.where(valid, scores[idx], 0.0),
+    "valid": valid,
   }
 
 
 def rpn_loss(
-    objectness: Array,
-    deltas: Array,
-    anchors: Array,
-    gt_boxes: Array,
-    gt_valid: Array,
-    rng: Array,
-    *,
-    iou_thresholds: tuple[float, float] = (0.3, 0.7),
-    batch_size_per_image: int = 256,
-    positive_fraction: float = 0.5,
-    smooth_l1_beta: float = 0.0,
-    weights: Sequence[float] = ops.RPN_WEIGHTS,
+  objectness: Array,
+  deltas: Array,
+  anchors: Array,
+  gt_boxes: Array,
+  gt_valid: Array,
+  rng: Array,
+  *,
+  iou_thresholds: tuple[float, float] = (0.3, 0.7),
+  batch_size_per_image: int = 256,
+  positive_fraction: float = 0.5,
+  smooth_l1_beta: float = 0.0,
+  weights: Sequence[float] = ops.RPN_WEIGHTS,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
   """RPN objectness and box-regression losses (detectron2 `RPN.losses`).
 
@@ -132,8 +133,14 @@ def rpn_loss(
   b = objectness.shape[0]
 
   def sample(gt_b, gt_v, key):
-    matched, labels = ops.match_boxes(gt_b, anchors, gt_v, thresholds=iou_thresholds,
-                                      labels=(0, -1, 1), allow_low_quality_matches=True)
+    matched, labels = ops.match_boxes(
+      gt_b,
+      anchors,
+      gt_v,
+      thresholds=iou_thresholds,
+      labels=(0, -1, 1),
+      allow_low_quality_matches=True,
+    )
     idx, ok = ops.sample_balanced(key, labels, batch_size_per_image, positive_fraction)
     targets = ops.encode_boxes(gt_b[matched[idx]], anchors[idx], weights)
     return idx, ok, ok & (labels[idx] == 1), targets
@@ -145,12 +152,12 @@ def rpn_loss(
   loc = smooth_l1_loss(pred - targets, smooth_l1_beta).sum(-1)
   normalizer = float(batch_size_per_image * b)
   losses = {
-      "loss_rpn_cls": jnp.sum(jnp.where(ok, bce, 0.0)) / normalizer,
-      "loss_rpn_loc": jnp.sum(jnp.where(pos, loc, 0.0)) / normalizer,
+    "loss_rpn_cls": jnp.sum(jnp.where(ok, bce, 0.0)) / normalizer,
+    "loss_rpn_loc": jnp.sum(jnp.where(pos, loc, 0.0)) / normalizer,
   }
   metrics = {
-      "rpn_num_pos_anchors": jnp.sum(pos) / b,
-      "rpn_num_neg_anchors": jnp.sum(ok & ~pos) / b,
+    "rpn_num_pos_anchors": jnp.sum(pos) / b,
+    "rpn_num_neg_anchors": jnp.sum(ok & ~pos) / b,
   }
   return losses, metrics
 
@@ -183,6 +190,7 @@ class RPN(nn.Module):
       v2: 2).
     dtype: computation dtype of the head; outputs are float32.
   """
+
   anchor_sizes: tuple[tuple[float, ...], ...] = anchor_lib.FPN_SIZES
   aspect_ratios: tuple[float, ...] = anchor_lib.ASPECT_RATIOS
   strides: tuple[int, ...] = anchor_lib.FPN_STRIDES
@@ -222,13 +230,34 @@ class RPN(nn.Module):
       raise ValueError(f"RPN needs num_convs >= 1, got {self.num_convs}.")
     a = self.num_cell_anchors
     init = nn.initializers.normal(0.01)
-    convs = [nn.Conv(maps[0].shape[-1], (3, 3), padding="SAME", kernel_init=init,
-                     dtype=self.dtype, param_dtype=jnp.float32,
-                     name="conv" if i == 0 else f"conv{i + 1}") for i in range(self.num_convs)]
-    cls = nn.Conv(a, (1, 1), kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
-                  name="objectness_logits")
-    box = nn.Conv(4 * a, (1, 1), kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
-                  name="anchor_deltas")
+    convs = [
+      nn.Conv(
+        maps[0].shape[-1],
+        (3, 3),
+        padding="SAME",
+        kernel_init=init,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name="conv" if i == 0 else f"conv{i + 1}",
+      )
+      for i in range(self.num_convs)
+    ]
+    cls = nn.Conv(
+      a,
+      (1, 1),
+      kernel_init=init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="objectness_logits",
+    )
+    box = nn.Conv(
+      4 * a,
+      (1, 1),
+      kernel_init=init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="anchor_deltas",
+    )
     objectness, deltas = [], []
     for x in maps:
       t = x.astype(self.dtype)
@@ -239,8 +268,9 @@ class RPN(nn.Module):
       deltas.append(box(t).reshape(b, -1, 4).astype(jnp.float32))
     return objectness, deltas
 
-  def anchors(self, features: Mapping[str, Array],
-              image_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
+  def anchors(
+    self, features: Mapping[str, Array], image_shape: tuple[int, int] | None = None
+  ) -> tuple[np.ndarray, ...]:
     """Anchors `(N_l, 4)` of every level for these (static) feature shapes; `image_shape`, the
     padded input's `(H, W)`, is needed with `strides_from_image`."""
     grids = [tuple(x.shape[1:3]) for x in _sorted_levels(features)]
@@ -249,35 +279,60 @@ class RPN(nn.Module):
       if image_shape is None:
         raise ValueError("RPN(strides_from_image=True).anchors needs the image shape.")
       strides = anchor_lib.anchor_strides(tuple(image_shape), grids)
-    return ops.multilevel_anchors(grids, strides, self.anchor_sizes, self.aspect_ratios,
-                                  rounded=self.rounded_anchors)
+    return ops.multilevel_anchors(
+      grids, strides, self.anchor_sizes, self.aspect_ratios, rounded=self.rounded_anchors
+    )
 
-  def proposals(self, objectness: Sequence[Array], deltas: Sequence[Array],
-                anchors: Sequence[np.ndarray], image_size: Array, *,
-                train: bool) -> dict[str, Array]:
+  def proposals(
+    self,
+    objectness: Sequence[Array],
+    deltas: Sequence[Array],
+    anchors: Sequence[np.ndarray],
+    image_size: Array,
+    *,
+    train: bool,
+  ) -> dict[str, Array]:
     """`generate_proposals` for a batch: `{"boxes": (B, P, 4), "scores", "valid": (B, P)}`.
 
     `image_size` is `(B, 2)`; P is `post_nms_topk_train` or `_test` after `train`. The
     proposals are constants to the rest of the model (no gradient), as in detectron2.
     """
     fn = lambda o, d, s: generate_proposals(
-        o, d, anchors, s,
-        pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
-        post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,
-        nms_thresh=self.nms_thresh, min_size=self.min_size)
+      o,
+      d,
+      anchors,
+      s,
+      pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
+      post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,
+      nms_thresh=self.nms_thresh,
+      min_size=self.min_size,
+    )
     return jax.lax.stop_gradient(jax.vmap(fn)(list(objectness), list(deltas), image_size))
 
-  def losses(self, objectness: Sequence[Array], deltas: Sequence[Array],
-             anchors: Sequence[np.ndarray], gt_boxes: Array, gt_valid: Array,
-             rng: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+  def losses(
+    self,
+    objectness: Sequence[Array],
+    deltas: Sequence[Array],
+    anchors: Sequence[np.ndarray],
+    gt_boxes: Array,
+    gt_valid: Array,
+    rng: Array,
+  ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Weighted `rpn_loss` over all levels."""
     losses, metrics = rpn_loss(
-        jnp.concatenate(objectness, axis=1), jnp.concatenate(deltas, axis=1),
-        np.concatenate(anchors), gt_boxes, gt_valid, rng,
-        iou_thresholds=self.iou_thresholds, batch_size_per_image=self.batch_size_per_image,
-        positive_fraction=self.positive_fraction, smooth_l1_beta=self.smooth_l1_beta)
+      jnp.concatenate(objectness, axis=1),
+      jnp.concatenate(deltas, axis=1),
+      np.concatenate(anchors),
+      gt_boxes,
+      gt_valid,
+      rng,
+      iou_thresholds=self.iou_thresholds,
+      batch_size_per_image=self.batch_size_per_image,
+      positive_fraction=self.positive_fraction,
+      smooth_l1_beta=self.smooth_l1_beta,
+    )
     losses = {
-        "loss_rpn_cls": losses["loss_rpn_cls"] * self.loss_weight,
-        "loss_rpn_loc": losses["loss_rpn_loc"] * self.loss_weight * self.box_reg_loss_weight,
+      "loss_rpn_cls": losses["loss_rpn_cls"] * self.loss_weight,
+      "loss_rpn_loc": losses["loss_rpn_loc"] * self.loss_weight * self.box_reg_loss_weight,
     }
     return losses, metrics

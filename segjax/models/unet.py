@@ -44,6 +44,7 @@ class ConvBlock(nn.Module):
     axis_name: BatchNorm cross-device axis name (pmap / shard_map), or None.
     dtype: computation dtype; parameters stay float32.
   """
+
   features: int
   norm: str = "batch"
   bn_momentum: float = 0.9
@@ -54,15 +55,31 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i in range(2):
       # A bias before a normalization with its own shift is redundant.
-      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=self.norm == "none",
-                  dtype=self.dtype, param_dtype=jnp.float32, name=f"conv_{i}")(x)
+      x = nn.Conv(
+        self.features,
+        (3, 3),
+        padding="SAME",
+        use_bias=self.norm == "none",
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f"conv_{i}",
+      )(x)
       if self.norm == "batch":
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         axis_name=self.axis_name, dtype=self.dtype,
-                         param_dtype=jnp.float32, name=f"norm_{i}")(x)
+        x = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=self.bn_momentum,
+          axis_name=self.axis_name,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f"norm_{i}",
+        )(x)
       elif self.norm == "group":
-        x = nn.GroupNorm(num_groups=_num_groups(self.features), dtype=self.dtype,
-                         param_dtype=jnp.float32, name=f"norm_{i}")(x)
+        x = nn.GroupNorm(
+          num_groups=_num_groups(self.features),
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f"norm_{i}",
+        )(x)
       x = nn.relu(x)
     return x
 
@@ -78,6 +95,7 @@ class UpBlock(nn.Module):
     axis_name: BatchNorm cross-device axis name, or None.
     dtype: computation dtype.
   """
+
   features: int
   upsampling: str = "transpose"
   norm: str = "batch"
@@ -86,14 +104,16 @@ class UpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool,
-               pool_indices: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, skip: jax.Array, *, train: bool, pool_indices: jax.Array | None = None
+  ) -> jax.Array:
     """x: (B, h, w, C_in); skip: (B, 2h, 2w, features); pool_indices: (B, h, w, features)."""
     if self.upsampling == "transpose":
       x = UpConv2x(self.features, dtype=self.dtype, name="upsample")(x)
     else:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                  name="upsample")(x)
+      x = nn.Conv(
+        self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="upsample"
+      )(x)
       if self.upsampling == "max_unpool":
         if pool_indices is None:
           raise ValueError("upsampling='max_unpool' needs the encoder's pool_indices.")
@@ -106,8 +126,14 @@ class UpBlock(nn.Module):
     # Kept only when "intermediates" is mutable: lets tests and debugging see the upsampling.
     self.sow("intermediates", "upsampled", x)
     x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-    return ConvBlock(self.features, norm=self.norm, bn_momentum=self.bn_momentum,
-                     axis_name=self.axis_name, dtype=self.dtype, name="conv_block")(x, train=train)
+    return ConvBlock(
+      self.features,
+      norm=self.norm,
+      bn_momentum=self.bn_momentum,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+      name="conv_block",
+    )(x, train=train)
 
 
 class UNet(nn.Module):
@@ -128,6 +154,7 @@ class UNet(nn.Module):
     dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
       logits are returned as float32.
   """
+
   task: ClassVar[str] = "semantic"
 
   num_classes: int
@@ -143,7 +170,7 @@ class UNet(nn.Module):
   @property
   def stride(self) -> int:
     """What the input's height and width must be multiples of: 2**depth."""
-    return 2 ** self.depth
+    return 2**self.depth
 
   def _check(self, x: jax.Array) -> None:
     if self.norm not in NORMS:
@@ -158,8 +185,9 @@ class UNet(nn.Module):
     factor = 2**self.depth
     if h % factor or w % factor:
       raise ValueError(
-          f"UNet with depth={self.depth} needs H and W divisible by 2**depth={factor}; "
-          f"got an input of size H={h}, W={w}.")
+        f"UNet with depth={self.depth} needs H and W divisible by 2**depth={factor}; "
+        f"got an input of size H={h}, W={w}."
+      )
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -170,8 +198,9 @@ class UNet(nn.Module):
     "decoder_{i}" with the same shape as "encoder_{i}".
     """
     self._check(x)
-    block_kw = dict(norm=self.norm, bn_momentum=self.bn_momentum, axis_name=self.axis_name,
-                    dtype=self.dtype)
+    block_kw = dict(
+      norm=self.norm, bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype
+    )
     aux = {}
     skips, all_indices = [], []
     for i in range(self.depth):
@@ -190,10 +219,12 @@ class UNet(nn.Module):
     aux["bottleneck"] = x
 
     for i in reversed(range(self.depth)):
-      x = UpBlock(self.base_width * 2**i, upsampling=self.upsampling, name=f"up_{i}",
-                  **block_kw)(x, skips[i], train=train, pool_indices=all_indices[i])
+      x = UpBlock(self.base_width * 2**i, upsampling=self.upsampling, name=f"up_{i}", **block_kw)(
+        x, skips[i], train=train, pool_indices=all_indices[i]
+      )
       aux[f"decoder_{i}"] = x
 
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                     name="head")(x)
+    logits = nn.Conv(
+      self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="head"
+    )(x)
     return logits.astype(jnp.float32), aux

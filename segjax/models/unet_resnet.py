@@ -52,12 +52,14 @@ class ResNetUNet(nn.Module):
     dtype: computation dtype of the whole model (set on the backbone too); parameters stay
       float32 and the logits are returned as float32.
   """
+
   task: ClassVar[str] = "semantic"
   stride: ClassVar[int] = 32  # H and W must be multiples of the encoder's total stride.
 
   num_classes: int
   backbone: ResNet = dataclasses.field(
-    default_factory=lambda: ResNet(depth=34, norm="bn", freeze_at=0))
+    default_factory=lambda: ResNet(depth=34, norm="bn", freeze_at=0)
+  )
   decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
   decoder_norm: str = "batch"
   bn_momentum: float = 0.9
@@ -66,8 +68,11 @@ class ResNetUNet(nn.Module):
 
   def __post_init__(self):
     # The loop sets model-wide axis_name (pmap) and dtype; the encoder follows them.
-    updates = {k: getattr(self, k) for k in ("axis_name", "dtype")
-               if getattr(self.backbone, k) != getattr(self, k)}
+    updates = {
+      k: getattr(self, k)
+      for k in ("axis_name", "dtype")
+      if getattr(self.backbone, k) != getattr(self, k)
+    }
     if updates:
       object.__setattr__(self, "backbone", self.backbone.clone(**updates))
     super().__post_init__()
@@ -76,14 +81,17 @@ class ResNetUNet(nn.Module):
     if self.decoder_norm not in NORMS:
       raise ValueError(f"Unknown decoder_norm {self.decoder_norm!r}; expected one of {NORMS}.")
     if len(self.decoder_channels) != len(SKIPS) + 1:
-      raise ValueError(f"decoder_channels needs {len(SKIPS) + 1} entries (strides 16 to 1), "
-                       f"got {self.decoder_channels}.")
+      raise ValueError(
+        f"decoder_channels needs {len(SKIPS) + 1} entries (strides 16 to 1), "
+        f"got {self.decoder_channels}."
+      )
     if x.ndim != 4:
       raise ValueError(f"ResNetUNet expects images of shape (B, H, W, C), got {x.shape}.")
     h, w = x.shape[1:3]
     if h % self.stride or w % self.stride:
-      raise ValueError(f"ResNetUNet needs H and W divisible by {self.stride}; got an input of "
-                       f"size H={h}, W={w}.")
+      raise ValueError(
+        f"ResNetUNet needs H and W divisible by {self.stride}; got an input of size H={h}, W={w}."
+      )
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, dict[str, Array]]:
@@ -101,10 +109,21 @@ class ResNetUNet(nn.Module):
       x = unpool.nearest_unpool(x, 2)
       if i < len(SKIPS):
         x = jnp.concatenate([x, features[SKIPS[i]].astype(x.dtype)], axis=-1)
-      x = ConvBlock(features_out, norm=self.decoder_norm, bn_momentum=self.bn_momentum,
-                    axis_name=self.axis_name, dtype=self.dtype, name=f"decoder_{i}")(
-                      x, train=train)
+      x = ConvBlock(
+        features_out,
+        norm=self.decoder_norm,
+        bn_momentum=self.bn_momentum,
+        axis_name=self.axis_name,
+        dtype=self.dtype,
+        name=f"decoder_{i}",
+      )(x, train=train)
       aux[f"decoder_{i}"] = x
-    logits = nn.Conv(self.num_classes, (3, 3), padding="SAME", dtype=self.dtype,
-                     param_dtype=jnp.float32, name="head")(x)
+    logits = nn.Conv(
+      self.num_classes,
+      (3, 3),
+      padding="SAME",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="head",
+    )(x)
     return logits.astype(jnp.float32), aux

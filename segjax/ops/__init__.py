@@ -5,24 +5,24 @@ Boxes are `[x1, y1, x2, y2]` in absolute pixels throughout; every function runs 
 """
 
 from segjax.ops.anchors import (
-    cell_anchors,
-    feature_grid_sizes,
-    grid_anchors,
-    image_anchors,
-    multilevel_anchors,
-    num_anchors,
+  cell_anchors,
+  feature_grid_sizes,
+  grid_anchors,
+  image_anchors,
+  multilevel_anchors,
+  num_anchors,
 )
 from segjax.ops.box_coder import BOX_HEAD_WEIGHTS, RPN_WEIGHTS, decode_boxes, encode_boxes
 from segjax.ops.boxes import (
-    box_area,
-    box_intersection,
-    box_iou,
-    clip_boxes,
-    cxcywh_to_xyxy,
-    nonempty_boxes,
-    xywh_to_xyxy,
-    xyxy_to_cxcywh,
-    xyxy_to_xywh,
+  box_area,
+  box_intersection,
+  box_iou,
+  clip_boxes,
+  cxcywh_to_xyxy,
+  nonempty_boxes,
+  xywh_to_xyxy,
+  xyxy_to_cxcywh,
+  xyxy_to_xywh,
 )
 from segjax.ops.masks import mask_targets, paste_mask_probs, paste_masks
 from segjax.ops.matcher import match_boxes, match_by_quality

@@ -31,8 +31,9 @@ FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float],
-                 rounded: bool = False) -> np.ndarray:
+def cell_anchors(
+  sizes: Sequence[float], aspect_ratios: Sequence[float], rounded: bool = False
+) -> np.ndarray:
   """Anchors `(A, 4)`, `A = len(sizes) * len(aspect_ratios)`, centred on the origin; with
   `rounded`, rounded to whole pixels (half to even) as torchvision's."""
   out = []
@@ -47,8 +48,10 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float],
 
 
 def grid_anchors(
-    grid_size: tuple[int, int], stride: float | tuple[float, float], cells: np.ndarray,
-    offset: float = 0.0
+  grid_size: tuple[int, int],
+  stride: float | tuple[float, float],
+  cells: np.ndarray,
+  offset: float = 0.0,
 ) -> np.ndarray:
   """Anchors `(Hf * Wf * A, 4)` of one level: `cells` `(A, 4)` shifted to every grid location;
   `stride` is one number or `(stride_y, stride_x)`."""
@@ -62,7 +65,7 @@ def grid_anchors(
 
 
 def feature_grid_sizes(
-    image_size: tuple[int, int], strides: Sequence[int] = FPN_STRIDES
+  image_size: tuple[int, int], strides: Sequence[int] = FPN_STRIDES
 ) -> tuple[tuple[int, int], ...]:
   """Feature map sizes `((Hf, Wf), ...)` of a backbone with these strides: `ceil(size / stride)`.
 
@@ -73,19 +76,20 @@ def feature_grid_sizes(
   return tuple((-(-h // s), -(-w // s)) for s in strides)
 
 
-def anchor_strides(image_shape: tuple[int, int],
-                   grid_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+def anchor_strides(
+  image_shape: tuple[int, int], grid_sizes: Sequence[tuple[int, int]]
+) -> tuple[tuple[int, int], ...]:
   """torchvision's per-level `(stride_y, stride_x)`: padded image size // grid size."""
   return tuple((image_shape[0] // hf, image_shape[1] // wf) for hf, wf in grid_sizes)
 
 
 def multilevel_anchors(
-    grid_sizes: Sequence[tuple[int, int]],
-    strides: Sequence[int | tuple[int, int]] = FPN_STRIDES,
-    sizes: Sequence[Sequence[float]] = FPN_SIZES,
-    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
-    offset: float = 0.0,
-    rounded: bool = False,
+  grid_sizes: Sequence[tuple[int, int]],
+  strides: Sequence[int | tuple[int, int]] = FPN_STRIDES,
+  sizes: Sequence[Sequence[float]] = FPN_SIZES,
+  aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+  offset: float = 0.0,
+  rounded: bool = False,
 ) -> tuple[np.ndarray, ...]:
   """Anchors of every level, a tuple of `(Hf_l * Wf_l * A, 4)`, finest level first.
 
@@ -96,36 +100,42 @@ def multilevel_anchors(
   """
   if not len(grid_sizes) == len(strides) == len(sizes):
     raise ValueError(
-        f"need one grid size, stride and size list per level, got {len(grid_sizes)}, "
-        f"{len(strides)} and {len(sizes)}")
+      f"need one grid size, stride and size list per level, got {len(grid_sizes)}, "
+      f"{len(strides)} and {len(sizes)}"
+    )
   return tuple(
-      grid_anchors(g, s, cell_anchors(z, aspect_ratios, rounded), offset)
-      for g, s, z in zip(grid_sizes, strides, sizes))
+    grid_anchors(g, s, cell_anchors(z, aspect_ratios, rounded), offset)
+    for g, s, z in zip(grid_sizes, strides, sizes)
+  )
 
 
 def image_anchors(
-    image_size: tuple[int, int],
-    strides: Sequence[int] = FPN_STRIDES,
-    sizes: Sequence[Sequence[float]] = FPN_SIZES,
-    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
-    offset: float = 0.0,
+  image_size: tuple[int, int],
+  strides: Sequence[int] = FPN_STRIDES,
+  sizes: Sequence[Sequence[float]] = FPN_SIZES,
+  aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+  offset: float = 0.0,
 ) -> np.ndarray:
   """All anchors `(N, 4)` of an image of `(H, W)` pixels, levels concatenated finest first.
 
   `N = sum_l ceil(H / s_l) * ceil(W / s_l) * A` is static (`num_anchors`): 267,069 for the
   default levels on an (800, 1333) image.
   """
-  return np.concatenate(multilevel_anchors(
-      feature_grid_sizes(image_size, strides), strides, sizes, aspect_ratios, offset))
+  return np.concatenate(
+    multilevel_anchors(
+      feature_grid_sizes(image_size, strides), strides, sizes, aspect_ratios, offset
+    )
+  )
 
 
 def num_anchors(
-    image_size: tuple[int, int],
-    strides: Sequence[int] = FPN_STRIDES,
-    sizes: Sequence[Sequence[float]] = FPN_SIZES,
-    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+  image_size: tuple[int, int],
+  strides: Sequence[int] = FPN_STRIDES,
+  sizes: Sequence[Sequence[float]] = FPN_SIZES,
+  aspect_ratios: Sequence[float] = ASPECT_RATIOS,
 ) -> int:
   """The static anchor count `N` of `image_anchors` for an image of `(H, W)` pixels."""
   return sum(
-      hf * wf * len(z) * len(aspect_ratios)
-      for (hf, wf), z in zip(feature_grid_sizes(image_size, strides), sizes))
+    hf * wf * len(z) * len(aspect_ratios)
+    for (hf, wf), z in zip(feature_grid_sizes(image_size, strides), sizes)
+  )

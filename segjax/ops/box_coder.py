@@ -34,9 +34,7 @@ def _centre_size(boxes: Array):
   return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
-def encode_boxes(
-    gt_boxes: Array, anchors: Array, weights: Sequence[float] = RPN_WEIGHTS
-) -> Array:
+def encode_boxes(gt_boxes: Array, anchors: Array, weights: Sequence[float] = RPN_WEIGHTS) -> Array:
   """Regression targets `(..., 4)` that turn `anchors` into `gt_boxes` (both `(..., 4)`).
 
   Shapes broadcast, so `(N, 4)` against `(N, 4)` or `(B, N, 4)` against `(N, 4)` both work.
@@ -47,19 +45,22 @@ def encode_boxes(
   gx, gy, gw, gh = _centre_size(gt_boxes)
   aw, ah = jnp.maximum(aw, _MIN_SIZE), jnp.maximum(ah, _MIN_SIZE)
   gw, gh = jnp.maximum(gw, _MIN_SIZE), jnp.maximum(gh, _MIN_SIZE)
-  return jnp.stack([
+  return jnp.stack(
+    [
       wx * (gx - ax) / aw,
       wy * (gy - ay) / ah,
       ww * jnp.log(gw / aw),
       wh * jnp.log(gh / ah),
-  ], axis=-1)
+    ],
+    axis=-1,
+  )
 
 
 def decode_boxes(
-    deltas: Array,
-    anchors: Array,
-    weights: Sequence[float] = RPN_WEIGHTS,
-    scale_clamp: float = SCALE_CLAMP,
+  deltas: Array,
+  anchors: Array,
+  weights: Sequence[float] = RPN_WEIGHTS,
+  scale_clamp: float = SCALE_CLAMP,
 ) -> Array:
   """Boxes `(..., 4)` from `deltas` `(..., 4)` applied to `anchors` `(..., 4)`; inverse of encode.
 

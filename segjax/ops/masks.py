@@ -19,7 +19,6 @@ All are separable: pasting is `Wy @ mask @ Wx^T` with `(H, m)` and `(W, m)` inte
 matrices, two small matmuls per box.
 """
 
-
 import jax
 import jax.numpy as jnp
 
@@ -33,12 +32,12 @@ MASK_MAX_SAMPLING_RATIO = 8
 
 
 def mask_targets(
-    gt_masks: Array,
-    gt_index: Array,
-    boxes: Array,
-    mask_size: int = 28,
-    threshold: float | None = 0.5,
-    max_sampling_ratio: int = MASK_MAX_SAMPLING_RATIO,
+  gt_masks: Array,
+  gt_index: Array,
+  boxes: Array,
+  mask_size: int = 28,
+  threshold: float | None = 0.5,
+  max_sampling_ratio: int = MASK_MAX_SAMPLING_RATIO,
 ) -> Array:
   """Mask R-CNN mask-head targets.
 
@@ -58,9 +57,17 @@ def mask_targets(
   if m == 0:  # no ground truth at all: every ROI is background, targets unused
     return jnp.zeros((boxes.shape[0], mask_size, mask_size), jnp.float32)
   out = roi_align_flat(
-      gt_masks.reshape(m * h * w, 1), boxes, gt_index.astype(jnp.int32) * (h * w), h, w, 1.0,
-      (mask_size, mask_size), sampling_ratio=0, aligned=True,
-      max_sampling_ratio=max_sampling_ratio)[..., 0].astype(jnp.float32)
+    gt_masks.reshape(m * h * w, 1),
+    boxes,
+    gt_index.astype(jnp.int32) * (h * w),
+    h,
+    w,
+    1.0,
+    (mask_size, mask_size),
+    sampling_ratio=0,
+    aligned=True,
+    max_sampling_ratio=max_sampling_ratio,
+  )[..., 0].astype(jnp.float32)
   if threshold is None:
     return out
   return (out >= threshold).astype(jnp.float32)
@@ -77,8 +84,9 @@ def _interpolation_matrix(start: Array, stop: Array, size: int, m: int) -> Array
   frac = pos - low
   low = low.astype(jnp.int32)
   # one_hot of an index outside [0, m) is all zeros: grid_sample's zero padding.
-  weights = (jax.nn.one_hot(low, m) * (1.0 - frac)[..., None]
-             + jax.nn.one_hot(low + 1, m) * frac[..., None])
+  weights = (
+    jax.nn.one_hot(low, m) * (1.0 - frac)[..., None] + jax.nn.one_hot(low + 1, m) * frac[..., None]
+  )
   return jnp.where(ok[:, None, None], weights, 0.0)
 
 
@@ -112,13 +120,14 @@ def _torchvision_matrix(start: Array, stop: Array, size: int, m: int) -> Array:
   frac = src - low
   low = low.astype(jnp.int32)
   high = jnp.minimum(low + 1, m + 1)
-  padded = (jax.nn.one_hot(low, m + 2) * (1.0 - frac)[..., None]
-            + jax.nn.one_hot(high, m + 2) * frac[..., None])
+  padded = (
+    jax.nn.one_hot(low, m + 2) * (1.0 - frac)[..., None]
+    + jax.nn.one_hot(high, m + 2) * frac[..., None]
+  )
   return jnp.where(inside[..., None], padded[..., 1:-1], 0.0)  # The padding cells are zero.
 
 
-def paste_mask_probs_torchvision(masks: Array, boxes: Array,
-                                 image_size: tuple[int, int]) -> Array:
+def paste_mask_probs_torchvision(masks: Array, boxes: Array, image_size: tuple[int, int]) -> Array:
   """`paste_mask_probs` as torchvision's `paste_masks_in_image(masks, boxes, image_size,
   padding=1)`; `(N, H, W)` float32."""
   h, w = image_size
@@ -135,8 +144,11 @@ PASTE = {"detectron2": paste_mask_probs, "torchvision": paste_mask_probs_torchvi
 
 
 def paste_masks(
-    masks: Array, boxes: Array, image_size: tuple[int, int], threshold: float = 0.5,
-    convention: str = "detectron2",
+  masks: Array,
+  boxes: Array,
+  image_size: tuple[int, int],
+  threshold: float = 0.5,
+  convention: str = "detectron2",
 ) -> Array:
   """Full-image instance masks `(N, H, W)` bool: `paste_mask_probs(...) >= threshold`.
 

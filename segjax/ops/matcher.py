@@ -31,12 +31,12 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 
 
 def match_by_quality(
-    quality: Array,
-    gt_valid: Array | None = None,
-    *,
-    thresholds: Sequence[float],
-    labels: Sequence[int],
-    allow_low_quality_matches: bool,
+  quality: Array,
+  gt_valid: Array | None = None,
+  *,
+  thresholds: Sequence[float],
+  labels: Sequence[int],
+  allow_low_quality_matches: bool,
 ) -> tuple[Array, Array]:
   """Matches predictions to ground truth from a quality (IoU) matrix.
 
@@ -77,8 +77,12 @@ def match_by_quality(
       low_quality |= (row == top) & (top > 0)
     return (best, matches, low_quality, i + 1), None
 
-  init = (jnp.full((n,), -1.0, quality.dtype), jnp.zeros((n,), jnp.int32),
-          jnp.zeros((n,), bool), jnp.int32(0))
+  init = (
+    jnp.full((n,), -1.0, quality.dtype),
+    jnp.zeros((n,), jnp.int32),
+    jnp.zeros((n,), bool),
+    jnp.int32(0),
+  )
   (best, matches, low_quality, _), _ = jax.lax.scan(step, init, (quality, gt_valid))
   bucket = jnp.searchsorted(jnp.asarray(thresholds, best.dtype), best, side="right")
   match_labels = jnp.asarray(labels, jnp.int32)[bucket]
@@ -86,15 +90,19 @@ def match_by_quality(
 
 
 def match_boxes(
-    gt_boxes: Array,
-    boxes: Array,
-    gt_valid: Array | None = None,
-    *,
-    thresholds: Sequence[float],
-    labels: Sequence[int],
-    allow_low_quality_matches: bool,
+  gt_boxes: Array,
+  boxes: Array,
+  gt_valid: Array | None = None,
+  *,
+  thresholds: Sequence[float],
+  labels: Sequence[int],
+  allow_low_quality_matches: bool,
 ) -> tuple[Array, Array]:
   """`match_by_quality` on `box_iou(gt_boxes (M, 4), boxes (N, 4))`; returns `(N,)`, `(N,)`."""
   return match_by_quality(
-      box_iou(gt_boxes, boxes), gt_valid, thresholds=thresholds, labels=labels,
-      allow_low_quality_matches=allow_low_quality_matches)
+    box_iou(gt_boxes, boxes),
+    gt_valid,
+    thresholds=thresholds,
+    labels=labels,
+    allow_low_quality_matches=allow_low_quality_matches,
+  )

@@ -21,12 +21,12 @@ Array = jax.Array
 
 
 def _greedy_nms(
-    boxes: Array,
-    scores: Array,
-    classes: Array | None,
-    iou_threshold,
-    max_output: int,
-    score_threshold,
+  boxes: Array,
+  scores: Array,
+  classes: Array | None,
+  iou_threshold,
+  max_output: int,
+  score_threshold,
 ) -> tuple[Array, Array]:
   n = boxes.shape[0]
   if n == 0 or max_output == 0:
@@ -59,11 +59,11 @@ def _greedy_nms(
 
 
 def nms(
-    boxes: Array,
-    scores: Array,
-    iou_threshold: float,
-    max_output: int,
-    score_threshold: float = -jnp.inf,
+  boxes: Array,
+  scores: Array,
+  iou_threshold: float,
+  max_output: int,
+  score_threshold: float = -jnp.inf,
 ) -> tuple[Array, Array]:
   """Greedy NMS of one set of boxes.
 
@@ -82,12 +82,12 @@ def nms(
 
 
 def batched_nms(
-    boxes: Array,
-    scores: Array,
-    classes: Array,
-    iou_threshold: float,
-    max_output: int,
-    score_threshold: float = -jnp.inf,
+  boxes: Array,
+  scores: Array,
+  classes: Array,
+  iou_threshold: float,
+  max_output: int,
+  score_threshold: float = -jnp.inf,
 ) -> tuple[Array, Array]:
   """Class-aware NMS: boxes suppress only boxes of the same class (torchvision `batched_nms`).
 
@@ -99,21 +99,24 @@ def batched_nms(
 
 
 def nms_per_image(
-    boxes: Array,
-    scores: Array,
-    iou_threshold: float,
-    max_output: int,
-    score_threshold: float = -jnp.inf,
-    classes: Array | None = None,
+  boxes: Array,
+  scores: Array,
+  iou_threshold: float,
+  max_output: int,
+  score_threshold: float = -jnp.inf,
+  classes: Array | None = None,
 ) -> tuple[Array, Array]:
   """`nms` for a batch of images: boxes `(B, N, 4)`, scores `(B, N)`.
 
-  With `classes` `(B, N)` it is `batched_nms` per image. Returns `(indices (B, K), valid (B, K))`; the loop runs until the slowest image is done.
+  With `classes` `(B, N)` it is `batched_nms` per image. Returns `(indices (B, K), valid
+  (B, K))`; the loop runs until the slowest image is done.
   """
   if classes is None:
-    fn = partial(nms, iou_threshold=iou_threshold, max_output=max_output,
-                 score_threshold=score_threshold)
+    fn = partial(
+      nms, iou_threshold=iou_threshold, max_output=max_output, score_threshold=score_threshold
+    )
     return jax.vmap(fn)(boxes, scores)
-  fn = partial(batched_nms, iou_threshold=iou_threshold, max_output=max_output,
-               score_threshold=score_threshold)
+  fn = partial(
+    batched_nms, iou_threshold=iou_threshold, max_output=max_output, score_threshold=score_threshold
+  )
   return jax.vmap(fn)(boxes, scores, classes)

@@ -26,11 +26,11 @@ Features = Sequence[Array] | Mapping[int | str, Array]
 
 
 def assign_boxes_to_levels(
-    boxes: Array,
-    min_level: int = 2,
-    max_level: int = 5,
-    canonical_box_size: float = 224.0,
-    canonical_level: int = 4,
+  boxes: Array,
+  min_level: int = 2,
+  max_level: int = 5,
+  canonical_box_size: float = 224.0,
+  canonical_level: int = 4,
 ) -> Array:
   """FPN level `(R,)` int32 in `[min_level, max_level]` of each box `(R, 4)` (image pixels).
 
@@ -52,16 +52,16 @@ def _levels(features: Features, min_level: int) -> tuple[tuple[int, ...], tuple[
 
 
 def multilevel_roi_align(
-    features: Features,
-    boxes: Array,
-    output_size: tuple[int, int],
-    sampling_ratio: int = 0,
-    aligned: bool = True,
-    *,
-    min_level: int = 2,
-    canonical_box_size: float = 224.0,
-    canonical_level: int = 4,
-    max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  features: Features,
+  boxes: Array,
+  output_size: tuple[int, int],
+  sampling_ratio: int = 0,
+  aligned: bool = True,
+  *,
+  min_level: int = 2,
+  canonical_box_size: float = 224.0,
+  canonical_level: int = 4,
+  max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
 ) -> Array:
   """ROIAlign of each box on its FPN level.
 
@@ -85,12 +85,22 @@ def multilevel_roi_align(
     raise ValueError(f"need (H, W, {c}) maps, got {[m.shape for m in maps]}")
   sizes = np.array([m.shape[:2] for m in maps], np.int32)  # (L, 2)
   bases = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])[:-1]]).astype(np.int32)
-  scales = np.array([2.0 ** -l for l in levels], np.float32)
+  scales = np.array([2.0**-l for l in levels], np.float32)
   table = jnp.concatenate([m.reshape(-1, c) for m in maps], axis=0)
 
-  level = assign_boxes_to_levels(boxes, levels[0], levels[-1], canonical_box_size,
-                                 canonical_level) - levels[0]
+  level = (
+    assign_boxes_to_levels(boxes, levels[0], levels[-1], canonical_box_size, canonical_level)
+    - levels[0]
+  )
   return roi_align_flat(
-      table, boxes, jnp.asarray(bases)[level], jnp.asarray(sizes[:, 0])[level],
-      jnp.asarray(sizes[:, 1])[level], jnp.asarray(scales)[level], output_size,
-      sampling_ratio, aligned, max_sampling_ratio)
+    table,
+    boxes,
+    jnp.asarray(bases)[level],
+    jnp.asarray(sizes[:, 0])[level],
+    jnp.asarray(sizes[:, 1])[level],
+    jnp.asarray(scales)[level],
+    output_size,
+    sampling_ratio,
+    aligned,
+    max_sampling_ratio,
+  )

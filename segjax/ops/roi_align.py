@@ -25,7 +25,6 @@ per-ROI base offset and row length, so one gather serves several FPN levels
 the features only; boxes are treated as constants, as in torchvision and detectron2.
 """
 
-
 import jax
 import jax.numpy as jnp
 
@@ -35,12 +34,12 @@ DEFAULT_MAX_SAMPLING_RATIO = 4
 
 
 def _axis_samples(
-    start: Array,
-    length: Array,
-    bins: int,
-    size: Array,
-    sampling_ratio: int,
-    max_sampling_ratio: int,
+  start: Array,
+  length: Array,
+  bins: int,
+  size: Array,
+  sampling_ratio: int,
+  max_sampling_ratio: int,
 ) -> tuple[Array, Array]:
   """Per-bin (index, weight) pairs along one axis.
 
@@ -98,8 +97,7 @@ def _combine_impl(table: Array, row: Array, xi: Array, wy: Array, wx: Array) -> 
   if jy * jx <= 64:
     return sum(term(row[:, :, j], wy[:, :, j]) for j in range(jy))
   out = jnp.zeros(row.shape[:2] + xi.shape[1:2] + table.shape[-1:], jnp.float32)
-  return jax.lax.fori_loop(
-      0, jy, lambda j, out: out + term(row[:, :, j], wy[:, :, j]), out)
+  return jax.lax.fori_loop(0, jy, lambda j, out: out + term(row[:, :, j], wy[:, :, j]), out)
 
 
 def _combine_fwd(table, row, xi, wy, wx):
@@ -133,16 +131,16 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def roi_align_flat(
-    table: Array,
-    boxes: Array,
-    base: Array,
-    height: Array,
-    width: Array,
-    spatial_scale: Array,
-    output_size: tuple[int, int],
-    sampling_ratio: int,
-    aligned: bool = True,
-    max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  table: Array,
+  boxes: Array,
+  base: Array,
+  height: Array,
+  width: Array,
+  spatial_scale: Array,
+  output_size: tuple[int, int],
+  sampling_ratio: int,
+  aligned: bool = True,
+  max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
 ) -> Array:
   """ROIAlign of each box `(R, 4)` on its own map inside a flat feature table `(P, C)`.
 
@@ -179,13 +177,13 @@ def roi_align_flat(
 
 
 def roi_align(
-    features: Array,
-    boxes: Array,
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool = True,
-    max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  features: Array,
+  boxes: Array,
+  output_size: tuple[int, int],
+  spatial_scale: float,
+  sampling_ratio: int,
+  aligned: bool = True,
+  max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
 ) -> Array:
   """ROIAlign of boxes `(R, 4)` (image pixels) on one image's features `(H, W, C)`.
 
@@ -203,6 +201,14 @@ def roi_align(
   """
   h, w, c = features.shape
   return roi_align_flat(
-      features.reshape(h * w, c), boxes, 0, h, w, spatial_scale, output_size, sampling_ratio,
-      aligned, max_sampling_ratio)
-
+    features.reshape(h * w, c),
+    boxes,
+    0,
+    h,
+    w,
+    spatial_scale,
+    output_size,
+    sampling_ratio,
+    aligned,
+    max_sampling_ratio,
+  )

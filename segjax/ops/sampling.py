@@ -9,7 +9,6 @@ A random subset is the top-k of i.i.d. uniform priorities restricted to a catego
 the shapes static (`lax.top_k`) where detectron2 uses `randperm` and variable-length indices.
 """
 
-
 import jax
 import jax.numpy as jnp
 
@@ -30,11 +29,11 @@ def _random_top(key: Array, eligible: Array, k: int) -> tuple[Array, Array]:
 
 
 def sample_balanced(
-    key: Array,
-    labels: Array,
-    num_samples: int,
-    positive_fraction: float,
-    bg_label: int = 0,
+  key: Array,
+  labels: Array,
+  num_samples: int,
+  positive_fraction: float,
+  bg_label: int = 0,
 ) -> tuple[Array, Array]:
   """Draws a balanced sample of predictions.
 

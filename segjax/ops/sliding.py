@@ -46,8 +46,9 @@ def resize_content(x: Array, size: Array, new_size: Array, shape: Sequence[int])
   cols = jnp.minimum(jnp.arange(x.shape[1]), size[1] - 1)
   x = x[rows][:, cols]
   scale = new_size.astype(jnp.float32) / size.astype(jnp.float32)
-  return jax.image.scale_and_translate(x, (*shape, x.shape[-1]), (0, 1), scale,
-                                       jnp.zeros(2, jnp.float32), "linear", antialias=False)
+  return jax.image.scale_and_translate(
+    x, (*shape, x.shape[-1]), (0, 1), scale, jnp.zeros(2, jnp.float32), "linear", antialias=False
+  )
 
 
 def flip_content(x: Array, size: Array) -> Array:
@@ -68,8 +69,14 @@ def window_starts(length: Array, extent: int, crop: int, stride: int) -> tuple[A
   return starts.astype(jnp.int32), i < grids
 
 
-def slide_logits(apply_fn: Callable[[Array], Array], images: Array, size: Array, *,
-                 crop: Sequence[int], stride: Sequence[int]) -> Array:
+def slide_logits(
+  apply_fn: Callable[[Array], Array],
+  images: Array,
+  size: Array,
+  *,
+  crop: Sequence[int],
+  stride: Sequence[int],
+) -> Array:
   """(B, H, W, K) float32: `apply_fn` ((B, ch, cw, C) -> (B, ch, cw, K) logits) on mmseg's
   sliding windows of each image, overlapping logits averaged; 0 where no window reaches
   (padding). The canvas must be at least `crop`. Windows run one grid position at a time
@@ -102,18 +109,29 @@ def slide_logits(apply_fn: Callable[[Array], Array], images: Array, size: Array,
   return total / jnp.maximum(count, 1.0)
 
 
-def scaled_canvas(shape: Sequence[int], scale: float, multiple: int,
-                  minimum: Sequence[int] = (0, 0)) -> tuple[int, int]:
+def scaled_canvas(
+  shape: Sequence[int], scale: float, multiple: int, minimum: Sequence[int] = (0, 0)
+) -> tuple[int, int]:
   """A canvas for `shape` scaled by `scale`: rounded up to `multiple`, at least `minimum`."""
-  return tuple(max(-(-math.ceil(s * scale) // multiple) * multiple, m)
-               for s, m in zip(shape[:2], minimum))
+  return tuple(
+    max(-(-math.ceil(s * scale) // multiple) * multiple, m) for s, m in zip(shape[:2], minimum)
+  )
 
 
-def dense_probabilities(apply_fn: Callable[[Array], Array], images: Array, size: Array,
-                        label_size: Array, label_shape: Sequence[int], *, multiple: int,
-                        scales: Sequence[float] = (1.0,), flip: bool = False,
-                        crop: Sequence[int] | None = None, stride: Sequence[int] | None = None,
-                        same_size: bool = False) -> Array:
+def dense_probabilities(
+  apply_fn: Callable[[Array], Array],
+  images: Array,
+  size: Array,
+  label_size: Array,
+  label_shape: Sequence[int],
+  *,
+  multiple: int,
+  scales: Sequence[float] = (1.0,),
+  flip: bool = False,
+  crop: Sequence[int] | None = None,
+  stride: Sequence[int] | None = None,
+  same_size: bool = False,
+) -> Array:
   """(B, Hl, Wl, K) float32 class probabilities at each image's original label size.
 
   Args:
@@ -141,7 +159,8 @@ def dense_probabilities(apply_fn: Callable[[Array], Array], images: Array, size:
       x_size = jnp.maximum(jnp.round(size * scale), 1).astype(jnp.int32)
       shape = scaled_canvas(images.shape[1:3], scale, multiple, crop or (0, 0))
       x = jax.vmap(lambda im, s, n, shape=shape: resize_content(im, s, n, shape))(
-        images, size, x_size)
+        images, size, x_size
+      )
       x = jnp.where(content_mask(x_size, shape)[..., None], x, 0.0)
     for flipped in (False, True) if flip else (False,):
       inputs = jax.vmap(flip_content)(x, x_size) if flipped else x
@@ -152,9 +171,10 @@ def dense_probabilities(apply_fn: Callable[[Array], Array], images: Array, size:
       if flipped:
         logits = jax.vmap(flip_content)(logits, x_size)
       if same_size and scale == 1.0:
-        logits = logits[:, :label_shape[0], :label_shape[1]]
+        logits = logits[:, : label_shape[0], : label_shape[1]]
       else:
         logits = jax.vmap(lambda lg, s, n: resize_content(lg, s, n, label_shape))(
-          logits, x_size, label_size)
+          logits, x_size, label_size
+        )
       passes.append(jax.nn.softmax(logits, axis=-1))
   return sum(passes) / len(passes)

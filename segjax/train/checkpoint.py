@@ -27,8 +27,10 @@ def _register_array_handler() -> None:
   handler = ocp.type_handlers.ArrayHandler(
     min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
     # As orbax's default jax.Array handler (no public accessor).
-    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
-                                 "_array_metadata_store", None))
+    array_metadata_store=getattr(
+      ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None
+    ),
+  )
   absl_logger = logging.getLogger("absl")  # Orbax warns of every override.
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
@@ -64,8 +66,9 @@ class TFIterator(ocp.args.CheckpointArgs):
   it: tf.data.Iterator
 
 
-def checkpoint_manager(workdir: str, *, save_every_steps: int,
-                       keep: int = 2) -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir: str, *, save_every_steps: int, keep: int = 2
+) -> ocp.CheckpointManager:
   """Saves every `save_every_steps` steps (and whenever forced), keeping the latest `keep`."""
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
@@ -73,20 +76,23 @@ def checkpoint_manager(workdir: str, *, save_every_steps: int,
     preservation_policy=policies.LatestN(keep),
     cleanup_tmp_directories=True,
   )
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None, *,
-         force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager, step: int, state, data_iterator=None, *, force: bool = False
+) -> bool:
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = TFIterator(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
-            step: int | None = None):
+def restore(
+  manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *, step: int | None = None
+):
   """(state, step) from `step` or the latest checkpoint; the iterator is restored in place.
 
   `abstract_state` gives the structure, shapes, dtypes and target shardings
@@ -107,13 +113,13 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
 
   A checkpoint that fails (a truncated file, a missing manifest) while an earlier one restores
   is moved aside to `checkpoints/<step>.corrupt` (kept for inspection; orbax ignores it) with
-  a message naming it; single-process runs only. If none restores, nothing is moved (a changed config fails on every
-  step alike) and the error names each step's failure.
+  a message naming it; single-process runs only. If none restores, nothing is moved (a changed
+  config fails on every step alike) and the error names each step's failure.
   """
   failures = []
   # With several processes, each restores its own part: they could disagree on which step is
   # good, so only the latest is tried.
-  steps = sorted(manager.all_steps(), reverse=True)[:1 if jax.process_count() > 1 else None]
+  steps = sorted(manager.all_steps(), reverse=True)[: 1 if jax.process_count() > 1 else None]
   for step in steps:
     try:
       restored = restore(manager, abstract_state, data_iterator, step=step)
@@ -128,9 +134,11 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
       manager.reload()
     return restored
   details = "; ".join(f"step {step}: {error}" for step, error in failures)
-  raise RuntimeError(f"No checkpoint in {manager.directory} could be restored ({details}). "
-                     "If the config changed since they were written, restore it or use a "
-                     "new --workdir.")
+  raise RuntimeError(
+    f"No checkpoint in {manager.directory} could be restored ({details}). "
+    "If the config changed since they were written, restore it or use a "
+    "new --workdir."
+  )
 
 
 def remove_unfinished(directory) -> list[str]:
@@ -151,14 +159,17 @@ def _unused(path: epath.Path) -> epath.Path:
   return candidate
 
 
-def restore_variables(manager: ocp.CheckpointManager, abstract_variables: dict, *,
-                      step: int | None = None):
+def restore_variables(
+  manager: ocp.CheckpointManager, abstract_variables: dict, *, step: int | None = None
+):
   """({"params", "batch_stats"}, step): only the model's variables, whatever the optimizer."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
   args = ocp.args.PyTreeRestore(
-    abstract_variables, restore_args=ocp.checkpoint_utils.construct_restore_args(
-      abstract_variables), partial_restore=True)
+    abstract_variables,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+    partial_restore=True,
+  )
   restored = manager.restore(step, args=ocp.args.Composite(state=args))
   return dict(restored["state"]), step

@@ -56,8 +56,9 @@ def metrics_filename(config: ml_collections.ConfigDict, workdir: str) -> str:
   return "eval_metrics.json" if split == trained else f"eval_metrics_{split_filename(split)}.json"
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        num_visualizations: int = 0, report=None) -> dict:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, num_visualizations: int = 0, report=None
+) -> dict:
   """Metrics of the latest checkpoint, written to `workdir` (module docstring); `report(metrics)`
   runs on process 0 before anything is written, so a write error loses nothing."""
   run_config.check(config)
@@ -65,11 +66,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)
   evaluator = tasks.get_task(config).evaluator(config, model=model, mesh=mesh)
-  run_variables = parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (
-    variables)
+  run_variables = (
+    parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (variables)
+  )
   mode = getattr(getattr(evaluator, "settings", None), "mode", None)  # Semantic only.
-  metrics = {"step": step, "split": config.dataset.eval_split,
-             **({"mode": mode} if mode else {}), **evaluator.run(run_variables)}
+  metrics = {
+    "step": step,
+    "split": config.dataset.eval_split,
+    **({"mode": mode} if mode else {}),
+    **evaluator.run(run_variables),
+  }
   name = metrics_filename(config, workdir)
   if jax.process_index() == 0:
     if report is not None:
@@ -79,17 +85,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
         json.dump({k: to_json_value(v) for k, v in metrics.items()}, f, indent=2)
     except OSError as e:  # The metrics took a whole evaluation: keep them in the message.
       values = json.dumps({k: to_json_value(v) for k, v in metrics.items()})
-      raise OSError(f"Cannot write {workdir}/{name} ({e}); the metrics: "
-                    f"{values}") from e
+      raise OSError(f"Cannot write {workdir}/{name} ({e}); the metrics: {values}") from e
     results = getattr(evaluator, "results", None)  # Instance evaluators keep COCO results.
     if results is not None:
       with open(os.path.join(workdir, "detections.json"), "w") as f:
         json.dump(results, f)
     if num_visualizations:
-      paths = tasks.get_task(config).visualize(config, evaluator, model, variables,
-                                               os.path.join(workdir, "visualizations"),
-                                               num_visualizations)
-      MetricWriter(workdir).write_images(step, {
-        f"visualizations/{os.path.splitext(os.path.basename(p))[0]}": read_image(p)
-        for p in paths})
+      paths = tasks.get_task(config).visualize(
+        config,
+        evaluator,
+        model,
+        variables,
+        os.path.join(workdir, "visualizations"),
+        num_visualizations,
+      )
+      MetricWriter(workdir).write_images(
+        step,
+        {
+          f"visualizations/{os.path.splitext(os.path.basename(p))[0]}": read_image(p) for p in paths
+        },
+      )
   return metrics

@@ -29,28 +29,37 @@ class Evaluator:
     self.config = config
     self.mesh = mesh
     batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
-    kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+    kwargs = dict(
+      local_batch_size=batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     self.settings = pipeline.evaluation_settings(config)
     self.canvas = None
     if self.settings.mode != "resize":
-      canvas = pipeline.eval_canvas(config, multiple=semantic.stride(config),
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+      canvas = pipeline.eval_canvas(
+        config,
+        multiple=semantic.stride(config),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
       self.canvas = kwargs["canvas"] = tuple(
-        tuple(parallel.max_over_processes(c) for c in part) for part in canvas)
+        tuple(parallel.max_over_processes(c) for c in part) for part in canvas
+      )
     self.dataset, num_batches = pipeline.eval_dataset(config, **kwargs)
     most = parallel.max_over_processes(num_batches)
     if most != num_batches:
       self.dataset, num_batches = pipeline.eval_dataset(config, num_batches=most, **kwargs)
     self.num_batches = num_batches
-    bound = dict(model=model, num_classes=config.model.num_classes,
-                 ignore_label=config.dataset.ignore_label)
+    bound = dict(
+      model=model, num_classes=config.model.num_classes, ignore_label=config.dataset.ignore_label
+    )
     if self.settings.mode == "resize":
       step = functools.partial(semantic.eval_step, **bound)
     else:
-      step = functools.partial(semantic.native_eval_step,
-                               infer=semantic.bind_inference(config), **bound)
+      step = functools.partial(
+        semantic.native_eval_step, infer=semantic.bind_inference(config), **bound
+      )
     self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     if self.parallelism == "pmap":
       axis = parallel.PMAP_AXIS
@@ -58,8 +67,9 @@ class Evaluator:
       self.put = parallel.to_pmap_batch
     else:
       replicated = parallel.replicated(mesh)
-      self.step = jax.jit(step, in_shardings=(replicated, parallel.data_sharded(mesh)),
-                           out_shardings=replicated)
+      self.step = jax.jit(
+        step, in_shardings=(replicated, parallel.data_sharded(mesh)), out_shardings=replicated
+      )
       self.put = functools.partial(parallel.to_global, mesh=mesh)
 
   def run(self, variables: dict) -> dict:
@@ -84,4 +94,3 @@ def add_counts(total: dict | None, counts: dict) -> dict:
   """`total + counts`, as int64 numpy arrays."""
   counts = jax.tree.map(lambda x: np.asarray(x, np.int64), counts)
   return counts if total is None else jax.tree.map(np.add, total, counts)
-

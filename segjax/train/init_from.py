@@ -46,8 +46,10 @@ def _latest(directory: str) -> tuple[str, int, dict]:
   with ocp.CheckpointManager(root, options=options) as manager:
     step = manager.latest_step() if os.path.isdir(root) else None
   if step is None:
-    raise FileNotFoundError(f"config.init_from={directory!r} holds no checkpoint "
-                            f"(no {os.path.join(directory, 'checkpoints', '<step>')}).")
+    raise FileNotFoundError(
+      f"config.init_from={directory!r} holds no checkpoint "
+      f"(no {os.path.join(directory, 'checkpoints', '<step>')})."
+    )
   path = os.path.join(root, str(step), "state")
   tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata
   return path, step, getattr(tree, "tree", tree)
@@ -59,8 +61,9 @@ def read_variables(directory: str) -> tuple[dict, int]:
   path, step, tree = _latest(directory)
   item = {c: tree[c] for c in COLLECTIONS if tree.get(c)}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-    item=item, restore_args=restore_args, partial_restore=True))
+  restored = ocp.PyTreeCheckpointer().restore(
+    path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
   return traverse_util.flatten_dict(dict(restored)), step
 
 
@@ -115,8 +118,12 @@ def load_pretrained(directory: str, state) -> tuple[object, dict]:
   lists, sources = plan(saved, fresh)
   for (collection, path), key in sources.items():
     fresh[collection][path] = _put(saved[key], fresh[collection][path])
-  state = state.replace(**{c: traverse_util.unflatten_dict(leaves) if leaves else getattr(
-    state, c) for c, leaves in fresh.items()})
+  state = state.replace(
+    **{
+      c: traverse_util.unflatten_dict(leaves) if leaves else getattr(state, c)
+      for c, leaves in fresh.items()
+    }
+  )
   return state, {"directory": directory, "step": step, **lists}
 
 
@@ -126,8 +133,12 @@ def _other_norm_layout(key: tuple, saved: dict, fresh: dict) -> tuple:
   collection, *module, leaf = key
   other = "params" if collection == "batch_stats" else "batch_stats"
   stats = ("batch_stats", *module, "mean")
-  if (leaf in ("scale", "bias") and stats in saved and tuple(stats[1:]) in fresh["batch_stats"]
-      and (other, *module, leaf) in saved):
+  if (
+    leaf in ("scale", "bias")
+    and stats in saved
+    and tuple(stats[1:]) in fresh["batch_stats"]
+    and (other, *module, leaf) in saved
+  ):
     return (other, *module, leaf)
   return key
 
@@ -135,13 +146,18 @@ def _other_norm_layout(key: tuple, saved: dict, fresh: dict) -> tuple:
 def format_summary(summary: dict) -> str:
   """A few lines: counts, loaded leaves by top-level module, the other names in full."""
   by_module = Counter(name.split("/")[1] for name in summary["loaded"])
-  lines = [f"Initialised from {summary['directory']} (step {summary['step']}): "
-           f"{len(summary['loaded'])} loaded ({dict(sorted(by_module.items()))}), "
-           f"{len(summary['reinitialized'])} re-initialised (shape changed), "
-           f"{len(summary['only_in_checkpoint'])} skipped (only in the checkpoint), "
-           f"{len(summary['only_in_model'])} freshly initialised (only in the model)."]
-  for key, title in (("reinitialized", "re-initialised"), ("only_in_checkpoint", "skipped"),
-                     ("only_in_model", "only in the model")):
+  lines = [
+    f"Initialised from {summary['directory']} (step {summary['step']}): "
+    f"{len(summary['loaded'])} loaded ({dict(sorted(by_module.items()))}), "
+    f"{len(summary['reinitialized'])} re-initialised (shape changed), "
+    f"{len(summary['only_in_checkpoint'])} skipped (only in the checkpoint), "
+    f"{len(summary['only_in_model'])} freshly initialised (only in the model)."
+  ]
+  for key, title in (
+    ("reinitialized", "re-initialised"),
+    ("only_in_checkpoint", "skipped"),
+    ("only_in_model", "only in the model"),
+  ):
     lines += [f"  {title}: {name}" for name in summary[key]]
   return "\n".join(lines)
 
@@ -157,8 +173,11 @@ def frozen_variables(model, variables: dict) -> list[str]:
     tree = variables.get(collection) or {}
     flags = traverse_util.flatten_dict(frozen_params(model, tree)) if tree else {}
     for path, frozen in flags.items():
-      bn_vector = (collection == "batch_stats" and path[0] == "backbone"
-                   and getattr(backbone, "norm", None) == "frozen_bn")
+      bn_vector = (
+        collection == "batch_stats"
+        and path[0] == "backbone"
+        and getattr(backbone, "norm", None) == "frozen_bn"
+      )
       if frozen or bn_vector:
         names.append("/".join((collection, *path)))
   return names
@@ -178,16 +197,17 @@ def _fixed_parts(backbone) -> str:
 
 def _fix(backbone) -> str:
   depth = getattr(backbone, "depth", 50)
-  return (f"Import torchvision's ImageNet weights (python -m segjax.weights.torchvision --arch "
-          f"resnet{depth} --input FILE.pth --workdir DIR) and pass --config.init_from=DIR, or train "
-          "the backbone from scratch with model.backbone.norm='gn' (or 'bn') and "
-          "model.backbone.freeze_at=0 (configs/mask_rcnn_r50_fpn_coco_scratch_gn.py).")
+  return (
+    f"Import torchvision's ImageNet weights (python -m segjax.weights.torchvision --arch "
+    f"resnet{depth} --input FILE.pth --workdir DIR) and pass --config.init_from=DIR, or train "
+    "the backbone from scratch with model.backbone.norm='gn' (or 'bn') and "
+    "model.backbone.freeze_at=0 (configs/mask_rcnn_r50_fpn_coco_scratch_gn.py)."
+  )
 
 
 def _needs_weights(model) -> bool:
   backbone = getattr(model, "backbone", None)
-  return (getattr(backbone, "norm", None) == "frozen_bn"
-          or getattr(backbone, "freeze_at", 0) > 0)
+  return getattr(backbone, "norm", None) == "frozen_bn" or getattr(backbone, "freeze_at", 0) > 0
 
 
 def check_frozen_backbone(config: ml_collections.ConfigDict, model, abstract_state=None) -> None:
@@ -199,13 +219,16 @@ def check_frozen_backbone(config: ml_collections.ConfigDict, model, abstract_sta
     return
   directory = config.get("init_from")
   if not directory:
-    raise ConfigError(f"{_fixed_parts(model.backbone)}, but no init_from: those variables never "
-                      f"train and would stay at their initialisation. {_fix(model.backbone)}")
+    raise ConfigError(
+      f"{_fixed_parts(model.backbone)}, but no init_from: those variables never "
+      f"train and would stay at their initialisation. {_fix(model.backbone)}"
+    )
   if abstract_state is None:
     return
   variables = {c: getattr(abstract_state, c) or {} for c in COLLECTIONS}
-  lists, _ = plan(read_shapes(directory)[0],
-                  {c: traverse_util.flatten_dict(v) for c, v in variables.items()})
+  lists, _ = plan(
+    read_shapes(directory)[0], {c: traverse_util.flatten_dict(v) for c, v in variables.items()}
+  )
   frozen, loaded = frozen_variables(model, variables), set(lists["loaded"])
   missing = [name for name in frozen if name not in loaded]
   if missing:
@@ -213,7 +236,8 @@ def check_frozen_backbone(config: ml_collections.ConfigDict, model, abstract_sta
       f"{_fixed_parts(model.backbone)}, but init_from={directory!r} fills only "
       f"{len(frozen) - len(missing)} of those {len(frozen)} variables; the others (e.g. "
       f"{', '.join(missing[:3])}) never train and would stay at their initialisation. "
-      f"{_fix(model.backbone)}")
+      f"{_fix(model.backbone)}"
+    )
 
 
 def maybe_load_pretrained(config: ml_collections.ConfigDict, state):

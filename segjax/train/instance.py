@@ -34,8 +34,9 @@ from segjax.models import mask_rcnn
 from segjax.train import parallel
 
 
-def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
-            axis_name: str | None = None) -> tuple:
+def loss_fn(
+  variables: dict, batch: dict, rng: jax.Array, *, model, train: bool, axis_name: str | None = None
+) -> tuple:
   """`mask_rcnn.loss_fn`; under pmap (`axis_name`) the step's mean over devices is the loss
   of the global batch, as detectron2 averages its per-GPU losses."""
   del axis_name
@@ -54,15 +55,20 @@ def _coco_info(config: ml_collections.ConfigDict) -> coco.CocoInfo:
   category_ids = dataset.get("category_ids")
   info = coco.load_coco(annotation_file, None if category_ids is None else tuple(category_ids))
   if dataset.get("class_names"):
-    _check_class_names(dataset.class_names, info.num_classes,
-                       f"dataset.category_ids or {annotation_file}'s categories")
+    _check_class_names(
+      dataset.class_names,
+      info.num_classes,
+      f"dataset.category_ids or {annotation_file}'s categories",
+    )
   return info
 
 
 def _check_class_names(names, num_classes: int, source: str) -> None:
   if len(names) != num_classes:
-    raise ConfigError(f"dataset.class_names has {len(names)} names (background first) for "
-                      f"{num_classes - 1} labels ({source}): give {num_classes}.")
+    raise ConfigError(
+      f"dataset.class_names has {len(names)} names (background first) for "
+      f"{num_classes - 1} labels ({source}): give {num_classes}."
+    )
 
 
 def ground_truth(config: ml_collections.ConfigDict):
@@ -73,14 +79,15 @@ def ground_truth(config: ml_collections.ConfigDict):
   dataset = config.dataset
   kwargs = dict(dataset.get("eval_kwargs", {}))
   if dataset.name == "shapes":
-    gt = coco_eval.shapes_to_coco(dataset.eval_split, max_instances=dataset.max_instances,
-                                  **kwargs)
+    gt = coco_eval.shapes_to_coco(dataset.eval_split, max_instances=dataset.max_instances, **kwargs)
     return gt, tuple(sorted(gt.getCatIds()))
   if dataset.name in instance_pipeline.COCO_FORMAT_SOURCES:
     info = _coco_info(config)
     return info.coco, info.category_ids
-  raise ValueError(f"No ground truth for dataset.name {dataset.name!r}; known: shapes, "
-                   f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}.")
+  raise ValueError(
+    f"No ground truth for dataset.name {dataset.name!r}; known: shapes, "
+    f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}."
+  )
 
 
 class Evaluator:
@@ -97,19 +104,26 @@ class Evaluator:
     # Under pmap too the prediction runs under jit, on variables unstacked by `run`.
     self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
     batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
-    kwargs = dict(local_batch_size=batch_size, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+    kwargs = dict(
+      local_batch_size=batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     self.dataset, num_batches = instance_pipeline.instance_eval_dataset(config, **kwargs)
     most = parallel.max_over_processes(num_batches)
     if most != num_batches:  # Every process runs the jitted predict equally often.
       self.dataset, num_batches = instance_pipeline.instance_eval_dataset(
-        config, num_batches=most, **kwargs)
+        config, num_batches=most, **kwargs
+      )
     self.num_batches = num_batches
     self.gt, self.category_ids = ground_truth(config)
     self.put = functools.partial(parallel.to_global, mesh=mesh)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-    self.predict = jax.jit(functools.partial(mask_rcnn.predict, model=model),
-                           in_shardings=(replicated, sharded), out_shardings=sharded)
+    self.predict = jax.jit(
+      functools.partial(mask_rcnn.predict, model=model),
+      in_shardings=(replicated, sharded),
+      out_shardings=sharded,
+    )
     self.results: list[dict] = []
 
   def detections(self, variables: dict) -> tuple[list[dict], list[int]]:
@@ -119,10 +133,18 @@ class Evaluator:
       inputs = self.put({"image": batch["image"], "image_size": batch["image_size"]})
       det = parallel.local_rows(self.predict(variables, inputs))
       results += coco_eval.detections_to_coco_json(
-        image_ids=batch["image_id"], boxes=det["boxes"], scores=det["scores"],
-        classes=det["classes"], valid=det["valid"], category_ids=self.category_ids,
-        scale=batch["scale"], masks=det["instance_masks"], image_size=batch["image_size"],
-        original_size=batch["original_size"], example_mask=batch["example_mask"])
+        image_ids=batch["image_id"],
+        boxes=det["boxes"],
+        scores=det["scores"],
+        classes=det["classes"],
+        valid=det["valid"],
+        category_ids=self.category_ids,
+        scale=batch["scale"],
+        masks=det["instance_masks"],
+        image_size=batch["image_size"],
+        original_size=batch["original_size"],
+        example_mask=batch["example_mask"],
+      )
       image_ids += [int(i) for i in batch["image_id"][batch["example_mask"]]]
     return results, image_ids
 
@@ -135,8 +157,9 @@ class Evaluator:
       variables = parallel.from_pmap_state(variables, self.mesh)
     shares = parallel.allgather_json(self.detections(variables))
     # Sorted (stably) by image, so the results do not depend on the number of processes.
-    self.results = sorted((r for results, _ in shares for r in results),
-                          key=lambda r: r["image_id"])
+    self.results = sorted(
+      (r for results, _ in shares for r in results), key=lambda r: r["image_id"]
+    )
     image_ids = sorted(i for _, ids in shares for i in ids)
     return coco_eval.evaluate_coco(self.gt, self.results, image_ids=image_ids)
 
@@ -169,8 +192,10 @@ def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tupl
       return tuple(int(c) for c in ids), tuple(names)
     info = _coco_info(config)
     return info.category_ids, tuple(dataset.get("class_names") or info.class_names)
-  raise ValueError(f"No categories for dataset.name {dataset.name!r}; known: shapes, "
-                   f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}.")
+  raise ValueError(
+    f"No categories for dataset.name {dataset.name!r}; known: shapes, "
+    f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}."
+  )
 
 
 def _conventions(config: ml_collections.ConfigDict) -> str:
@@ -190,12 +215,20 @@ def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np
   if min_size is None:
     return image, {"original_size": original, "image_size": original, "scale": 1.0}
   features = instance_ops.resize_shorter_longer(
-    {"image": tf.constant(image), "boxes": tf.zeros((0, 4), tf.float32),
-     "instance_masks": tf.zeros((0, *original), tf.uint8)}, min_size,
-    config.dataset.get("max_size"), _conventions(config))
+    {
+      "image": tf.constant(image),
+      "boxes": tf.zeros((0, 4), tf.float32),
+      "instance_masks": tf.zeros((0, *original), tf.uint8),
+    },
+    min_size,
+    config.dataset.get("max_size"),
+    _conventions(config),
+  )
   return features["image"].numpy(), {
-    "original_size": original, "image_size": tuple(int(s) for s in features["image_size"]),
-    "scale": float(features["scale"])}
+    "original_size": original,
+    "image_size": tuple(int(s) for s in features["image_size"]),
+    "scale": float(features["scale"]),
+  }
 
 
 def bind_predict(config: ml_collections.ConfigDict, model):
@@ -214,8 +247,9 @@ def _paste_torchvision(mask_probs, boxes, *, size, threshold):
   return ops.masks.paste_mask_probs_torchvision(mask_probs, boxes, size) >= threshold
 
 
-def paste_in_original(mask_probs: np.ndarray, boxes: np.ndarray, original: tuple[int, int],
-                      threshold: float = 0.5) -> np.ndarray:
+def paste_in_original(
+  mask_probs: np.ndarray, boxes: np.ndarray, original: tuple[int, int], threshold: float = 0.5
+) -> np.ndarray:
   """(N, m, m) mask probabilities pasted at boxes (N, 4) of the original image, as
   torchvision's `GeneralizedRCNNTransform.postprocess` pastes them
   (`ops.masks.paste_mask_probs_torchvision` at the original size), then `>= threshold`:
@@ -226,9 +260,10 @@ def paste_in_original(mask_probs: np.ndarray, boxes: np.ndarray, original: tuple
     probs = np.zeros((PASTE_CHUNK, *mask_probs.shape[1:]), np.float32)
     chunk = np.zeros((PASTE_CHUNK, 4), np.float32)
     rows = min(PASTE_CHUNK, n - start)
-    probs[:rows], chunk[:rows] = mask_probs[start:start + rows], boxes[start:start + rows]
-    out[start:start + rows] = np.asarray(_paste_torchvision(
-      probs, chunk, size=tuple(original), threshold=float(threshold)))[:rows]
+    probs[:rows], chunk[:rows] = mask_probs[start : start + rows], boxes[start : start + rows]
+    out[start : start + rows] = np.asarray(
+      _paste_torchvision(probs, chunk, size=tuple(original), threshold=float(threshold))
+    )[:rows]
   return out
 
 
@@ -245,35 +280,59 @@ def bind_postprocess(config: ml_collections.ConfigDict):
   the masks pasted in the resized input and resized back, whose edges differ by a pixel."""
   category_ids = np.asarray(categories(config)[0], np.int32)
   if len(category_ids) != config.model.roi_heads.num_classes:
-    raise ValueError(f"The data set has {len(category_ids)} categories but the model "
-                     f"{config.model.roi_heads.num_classes} classes.")
+    raise ValueError(
+      f"The data set has {len(category_ids)} categories but the model "
+      f"{config.model.roi_heads.num_classes} classes."
+    )
   in_original = _conventions(config) == "torchvision"
   threshold = config.model.roi_heads.get("mask_threshold", 0.5)
 
   def postprocess(prediction: dict, meta: dict, *, score_threshold: float = 0.5) -> dict:
-    keep = np.flatnonzero(np.asarray(prediction["valid"], bool)
-                          & (np.asarray(prediction["scores"]) >= score_threshold))
-    factors, original = coco_eval.original_frame(meta["scale"], meta["image_size"],
-                                                 meta["original_size"])
-    boxes = coco_eval.boxes_to_original(np.asarray(prediction["boxes"])[keep], factors,
-                                        original).astype(np.float32)
+    keep = np.flatnonzero(
+      np.asarray(prediction["valid"], bool) & (np.asarray(prediction["scores"]) >= score_threshold)
+    )
+    factors, original = coco_eval.original_frame(
+      meta["scale"], meta["image_size"], meta["original_size"]
+    )
+    boxes = coco_eval.boxes_to_original(
+      np.asarray(prediction["boxes"])[keep], factors, original
+    ).astype(np.float32)
     if in_original:
-      masks = paste_in_original(np.asarray(prediction["mask_probs"])[keep], boxes, original,
-                                threshold)
+      masks = paste_in_original(
+        np.asarray(prediction["mask_probs"])[keep], boxes, original, threshold
+      )
     else:
-      masks = np.zeros((0, *original), bool) if not len(keep) else np.stack([
-        coco_eval.mask_to_original(prediction["instance_masks"][i], meta["image_size"],
-                                   original) for i in keep])
+      masks = (
+        np.zeros((0, *original), bool)
+        if not len(keep)
+        else np.stack(
+          [
+            coco_eval.mask_to_original(
+              prediction["instance_masks"][i], meta["image_size"], original
+            )
+            for i in keep
+          ]
+        )
+      )
     classes = np.asarray(prediction["classes"], np.int32)[keep]
-    return {"boxes": boxes, "scores": np.asarray(prediction["scores"], np.float32)[keep],
-            "labels": category_ids[classes - 1], "classes": classes, "masks": masks}
+    return {
+      "boxes": boxes,
+      "scores": np.asarray(prediction["scores"], np.float32)[keep],
+      "labels": category_ids[classes - 1],
+      "classes": classes,
+      "masks": masks,
+    }
 
   return postprocess
 
 
-def write_predictions(config: ml_collections.ConfigDict, directory: str,
-                      predictions: Iterable[tuple[str, np.ndarray, dict]], *,
-                      overlay: bool = False) -> list[str]:
+def write_predictions(
+  config: ml_collections.ConfigDict,
+  directory: str,
+  predictions: Iterable[tuple[str, np.ndarray, dict]],
+  *,
+  overlay: bool = False,
+) -> list[str]:
   """Writes `predictions.json` for all (NAME, uint8 image, postprocessed prediction): the COCO
   results format (`image_id` the index in `predictions`, `file_name` NAME, `category_id`,
   `bbox` `[x, y, w, h]` original pixels, `score`, `segmentation` compressed RLE); with
@@ -282,19 +341,36 @@ def write_predictions(config: ml_collections.ConfigDict, directory: str,
   names = categories(config)[1]
   results, paths = [], []
   for index, (name, image, prediction) in enumerate(predictions):
-    for box, score, label, mask in zip(prediction["boxes"], prediction["scores"],
-                                       prediction["labels"], prediction["masks"]):
+    for box, score, label, mask in zip(
+      prediction["boxes"], prediction["scores"], prediction["labels"], prediction["masks"]
+    ):
       x1, y1, x2, y2 = (float(v) for v in box)
-      results.append({"image_id": index, "file_name": name, "category_id": int(label),
-                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
-                      "segmentation": coco_eval.encode_mask(mask)})
+      results.append(
+        {
+          "image_id": index,
+          "file_name": name,
+          "category_id": int(label),
+          "bbox": [x1, y1, x2 - x1, y2 - y1],
+          "score": float(score),
+          "segmentation": coco_eval.encode_mask(mask),
+        }
+      )
     if overlay:
       scale = max(1, -(-256 // max(image.shape[:2])))  # Small images upscaled to be legible.
       paths.append(os.path.join(directory, f"{name}_overlay.png"))
-      visualize.save_png(visualize.draw_instances(
-        image, prediction["boxes"], prediction["classes"], prediction["masks"],
-        num_classes=config.model.roi_heads.num_classes + 1, class_names=names,
-        scores=prediction["scores"], scale=scale), paths[-1])
+      visualize.save_png(
+        visualize.draw_instances(
+          image,
+          prediction["boxes"],
+          prediction["classes"],
+          prediction["masks"],
+          num_classes=config.model.roi_heads.num_classes + 1,
+          class_names=names,
+          scores=prediction["scores"],
+          scale=scale,
+        ),
+        paths[-1],
+      )
   paths.append(os.path.join(directory, "predictions.json"))
   with open(paths[-1], "w") as f:
     json.dump(results, f)

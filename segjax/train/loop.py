@@ -60,13 +60,16 @@ def build_model(config: ml_collections.ConfigDict):
 def initial_state(config: ml_collections.ConfigDict, model, mesh):
   """(init_fn, abstract_state): a jitted initializer that builds the state replicated."""
   sample = jnp.zeros((1, *config.image_size, 3), jnp.float32)
-  init = jax.jit(functools.partial(create_train_state, model, config, sample_input=sample),
-                 out_shardings=parallel.replicated(mesh))
+  init = jax.jit(
+    functools.partial(create_train_state, model, config, sample_input=sample),
+    out_shardings=parallel.replicated(mesh),
+  )
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
   replicated = parallel.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          abstract)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+  )
   return functools.partial(init, rng), abstract
 
 
@@ -76,8 +79,10 @@ _ADVICE = "lower the learning rate or inspect with --jax_debug_nans"
 def _check_finite(step: int, values: dict) -> None:
   bad = {k: v for k, v in values.items() if not np.all(np.isfinite(v))}
   if bad:
-    raise FloatingPointError(f"Non-finite training metrics at step {step}: {bad}. Every "
-                             f"checkpoint kept holds finite values; {_ADVICE}.")
+    raise FloatingPointError(
+      f"Non-finite training metrics at step {step}: {bad}. Every "
+      f"checkpoint kept holds finite values; {_ADVICE}."
+    )
 
 
 @jax.jit
@@ -88,8 +93,10 @@ def _all_finite(tree) -> jax.Array:
 def _check_finite_state(step: int, state) -> None:
   """Refuses to checkpoint a diverged state, which would rotate the good checkpoints out."""
   if not parallel.fetch(_all_finite({"params": state.params, "batch_stats": state.batch_stats})):
-    raise FloatingPointError(f"Non-finite parameters at step {step}: not saved. Every "
-                             f"checkpoint kept holds finite values; {_ADVICE}.")
+    raise FloatingPointError(
+      f"Non-finite parameters at step {step}: not saved. Every "
+      f"checkpoint kept holds finite values; {_ADVICE}."
+    )
 
 
 class StepRunner:
@@ -100,18 +107,25 @@ class StepRunner:
     self.pmap = parallel.check_parallelism(config.get("parallelism", "jit")) == "pmap"
     if self.pmap:
       axis = parallel.PMAP_AXIS
-      step = functools.partial(train_step, loss_fn=functools.partial(loss_fn, axis_name=axis),
-                               axis_name=axis)
+      step = functools.partial(
+        train_step, loss_fn=functools.partial(loss_fn, axis_name=axis), axis_name=axis
+      )
       self.step = jax.pmap(step, axis_name=axis, in_axes=(0, 0, None), donate_argnums=0)
     else:
       replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-      self.step = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
-                          in_shardings=(replicated, sharded, replicated),
-                          out_shardings=(replicated, replicated), donate_argnums=0)
+      self.step = jax.jit(
+        functools.partial(train_step, loss_fn=loss_fn),
+        in_shardings=(replicated, sharded, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+      )
 
   def batch(self, local_batch):
-    return parallel.to_pmap_batch(local_batch) if self.pmap else parallel.to_global(
-      local_batch, self.mesh)
+    return (
+      parallel.to_pmap_batch(local_batch)
+      if self.pmap
+      else parallel.to_global(local_batch, self.mesh)
+    )
 
   def to_run_state(self, state):
     return parallel.to_pmap_state(state) if self.pmap else state
@@ -144,8 +158,9 @@ def _close_checkpoints(manager, *, failed: bool) -> None:
     manager.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict:
   """Trains to `config.num_train_steps`, resuming if `workdir` has a checkpoint.
 
   Resuming with a config that differs from `workdir/config.json` other than in run length
@@ -159,9 +174,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config)
   task = tasks.get_task(config)
   batch_size = parallel.local_batch_size(config.batch_size)
-  train_ds = task.train_dataset(config, local_batch_size=batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  train_ds = task.train_dataset(
+    config,
+    local_batch_size=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   init, abstract_state = initial_state(config, model, mesh)
   evaluator = task.evaluator(config, model=model, mesh=mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -169,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = iter(train_ds)
   stop, failed = None, True
   try:
-    run_config.record(config, workdir, resume_step=manager.latest_step(),
-                      allow_change=allow_config_change)
+    run_config.record(
+      config, workdir, resume_step=manager.latest_step(), allow_change=allow_config_change
+    )
     if manager.latest_step() is not None:
       state, start_step = checkpoint.restore_latest_good(manager, abstract_state, train_iter)
       print(f"Resuming from checkpoint at step {start_step}.", flush=True)
@@ -205,24 +224,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(step, summary)
         pending, timer_step, timer_start = [], step, time.perf_counter()
       if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluator.run(
-          {"params": state.params, "batch_stats": state.batch_stats})
+        eval_metrics = evaluator.run({"params": state.params, "batch_stats": state.batch_stats})
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         timer_step, timer_start = step, time.perf_counter()
       # Multi-process runs agree on stopping at log steps only: a collective every step costs.
-      stopping = (stop.requested if jax.process_count() == 1 else
-                  is_log_step and _all_processes_agree(stop.requested))
+      stopping = (
+        stop.requested
+        if jax.process_count() == 1
+        else is_log_step and _all_processes_agree(stop.requested)
+      )
       manager.check_for_errors()  # A failed async save stops the run at the next step.
       if stopping or is_last or manager.should_save(step):
         _check_finite_state(step, state)
-        checkpoint.save(manager, step, runner.to_global_state(state), train_iter,
-                        force=is_last or stopping)
+        checkpoint.save(
+          manager, step, runner.to_global_state(state), train_iter, force=is_last or stopping
+        )
       if stopping:
         manager.wait_until_finished()
         raise Terminated(f"SIGTERM: stopped at step {step}; checkpoint saved.")
     if jax.process_count() > 1:
-      multihost_utils.assert_equal(runner.fetch(state.params),
-                                   "Parameters differ between processes after training.")
+      multihost_utils.assert_equal(
+        runner.fetch(state.params), "Parameters differ between processes after training."
+      )
     failed = False
   finally:
     if stop is not None:

@@ -25,9 +25,11 @@ PMAP_AXIS = "batch"
 PARALLELISMS = ("jit", "pmap")
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Joins a multi-process run; a no-op for a plain single-process run.
 
   With no arguments, `jax.distributed.initialize()` finds the cluster itself on Cloud TPU,
@@ -36,8 +38,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError("Multi-process runs need --coordinator_address, --num_processes and "
-                       f"--process_id together; got {explicit}.")
+      raise ValueError(
+        "Multi-process runs need --coordinator_address, --num_processes and "
+        f"--process_id together; got {explicit}."
+      )
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _on_managed_cluster():
     jax.distributed.initialize()
@@ -63,8 +67,9 @@ def check_parallelism(name: str) -> str:
 
 
 def make_mesh() -> Mesh:
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,8 +83,10 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int, name: str = "batch_size") -> int:
   """This process's share of a global batch; the global batch must split over all devices."""
   if global_batch_size % jax.device_count():
-    raise ConfigError(f"config.{name}={global_batch_size} is the global batch and must be "
-                      f"divisible by the number of devices, {jax.device_count()}.")
+    raise ConfigError(
+      f"config.{name}={global_batch_size} is the global batch and must be "
+      f"divisible by the number of devices, {jax.device_count()}."
+    )
   return global_batch_size // jax.process_count()
 
 
@@ -87,7 +94,8 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Global arrays, sharded along the batch, from each process's local numpy batch."""
   sharding = data_sharded(mesh)
   return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
 
 
 def to_pmap_batch(local_batch: dict) -> dict:
@@ -145,6 +153,7 @@ def fetch(tree):
 def local_rows(tree):
   """Host numpy copy of this process's rows of arrays sharded along the batch (`to_global`'s
   inverse): with several processes, a batch-sharded output is global and only partly here."""
+
   def rows(x):
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])
@@ -169,6 +178,6 @@ def allgather_json(value) -> list:
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))
   padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:len(data)] = data
+  padded[: len(data)] = data
   buffers = np.asarray(multihost_utils.process_allgather(padded))
   return [json.loads(bytes(b[:n])) for b, n in zip(buffers, lengths, strict=True)]

@@ -22,8 +22,15 @@ from segjax.errors import ConfigError
 
 # Keys that may change between a checkpoint and its resumption: how long the run is, how
 # often it logs, evaluates and saves, and how it evaluates (a section, by its prefix).
-RUN_LENGTH_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps",
-                   "checkpoint_every_steps", "eval_batch_size", "init_from", "evaluation.")
+RUN_LENGTH_KEYS = (
+  "num_train_steps",
+  "log_every_steps",
+  "eval_every_steps",
+  "checkpoint_every_steps",
+  "eval_batch_size",
+  "init_from",
+  "evaluation.",
+)
 
 
 def _semantic_model(config: ml_collections.ConfigDict):
@@ -54,9 +61,11 @@ def check_class_count(config: ml_collections.ConfigDict) -> None:
   names = config.get("dataset", {}).get("class_names")
   counted = class_count(config)
   if names and counted and len(names) != counted[1]:
-    raise ConfigError(f"dataset.class_names has {len(names)} names but {counted[0]} = "
-                      f"{counted[1]} classes: name every class the model outputs, index 0 "
-                      "first (Mask R-CNN: the background too).")
+    raise ConfigError(
+      f"dataset.class_names has {len(names)} names but {counted[0]} = "
+      f"{counted[1]} classes: name every class the model outputs, index 0 "
+      "first (Mask R-CNN: the background too)."
+    )
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -68,17 +77,25 @@ def check(config: ml_collections.ConfigDict) -> None:
     if len(size) == 1:
       size = size * 2
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-      raise ConfigError(f"image_size={config.image_size!r}: give (height, width) or one int "
-                        "for a square.")
+      raise ConfigError(
+        f"image_size={config.image_size!r}: give (height, width) or one int for a square."
+      )
     config.image_size = size
     model = _semantic_model(config)
     if model is not None and any(s % model.stride for s in size):
-      raise ConfigError(f"image_size={size} must be divisible by the model's stride "
-                        f"{model.stride}" + (" (2**model.depth)." if "depth" in config.model
-                                             else "."))
+      raise ConfigError(
+        f"image_size={size} must be divisible by the model's stride "
+        f"{model.stride}" + (" (2**model.depth)." if "depth" in config.model else ".")
+      )
   check_class_count(config)
-  for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
-              "eval_every_steps", "checkpoint_every_steps"):
+  for key in (
+    "batch_size",
+    "eval_batch_size",
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+  ):
     value = config.get(key)
     if value is not None and (not isinstance(value, int) or value <= 0):
       raise ConfigError(f"{key}={value!r} must be a positive integer.")
@@ -86,8 +103,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     devices = jax.device_count()
     rounded = math.ceil(config.eval_batch_size / devices) * devices
     if rounded != config.eval_batch_size:
-      print(f"eval_batch_size={config.eval_batch_size} rounded up to {rounded}, a multiple of "
-            f"the {devices} devices (padding rows are not counted).", flush=True)
+      print(
+        f"eval_batch_size={config.eval_batch_size} rounded up to {rounded}, a multiple of "
+        f"the {devices} devices (padding rows are not counted).",
+        flush=True,
+      )
       config.eval_batch_size = rounded
 
 
@@ -106,11 +126,14 @@ def differences(old: dict, new: dict, *, ignore=RUN_LENGTH_KEYS) -> list[str]:
   ending in ".")."""
   old, new = _flat(old), _flat(new)
   missing = object()
-  return [f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}".replace(
-          repr(missing), "(absent)")
-          for key in sorted(set(old) | set(new))
-          if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore)
-          and old.get(key, missing) != new.get(key, missing)]
+  return [
+    f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}".replace(
+      repr(missing), "(absent)"
+    )
+    for key in sorted(set(old) | set(new))
+    if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore)
+    and old.get(key, missing) != new.get(key, missing)
+  ]
 
 
 def as_dict(config: ml_collections.ConfigDict) -> dict:
@@ -118,8 +141,13 @@ def as_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def record(config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None,
-           allow_change: bool = False) -> None:
+def record(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  resume_step: int | None,
+  allow_change: bool = False,
+) -> None:
   """Writes `workdir/config.json`, refusing a changed config on resume (module docstring)."""
   path = os.path.join(workdir, "config.json")
   new = as_dict(config)
@@ -130,7 +158,8 @@ def record(config: ml_collections.ConfigDict, workdir: str, *, resume_step: int 
       raise ConfigError(
         f"the config differs from {path}, which its checkpoints were trained with: "
         f"{'; '.join(changed)}. Use the recorded values, a new --workdir, or "
-        "--allow_config_change to resume with the new ones.")
+        "--allow_config_change to resume with the new ones."
+      )
     if changed and jax.process_index() == 0:
       _write(os.path.join(workdir, f"config.{resume_step}.json"), config)
   if jax.process_index() == 0:
@@ -157,7 +186,9 @@ def load(workdir: str) -> ml_collections.ConfigDict:
   """The config that training wrote to `workdir/config.json`."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: pass the config the model was trained "
-                            "with, or a workdir written by train.py.")
+    raise FileNotFoundError(
+      f"{path} does not exist: pass the config the model was trained "
+      "with, or a workdir written by train.py."
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(_tuples(json.load(f)))

@@ -23,8 +23,9 @@ from segjax.errors import ConfigError
 from segjax.ops import sliding
 
 
-def apply_model(model, variables: dict, image: jax.Array, rng: jax.Array | None, *,
-                train: bool) -> tuple[jax.Array, dict]:
+def apply_model(
+  model, variables: dict, image: jax.Array, rng: jax.Array | None, *, train: bool
+) -> tuple[jax.Array, dict]:
   """(logits, updates): runs the model, collecting new batch statistics when training."""
   has_batch_stats = bool(jax.tree.leaves(variables.get("batch_stats", {})))
   mutable = ["batch_stats"] if train and has_batch_stats else False
@@ -39,8 +40,17 @@ def logits_fn(model, variables: dict):
   return lambda image: apply_model(model, variables, image, None, train=False)[0]
 
 
-def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
-            ignore_label: int = 255, class_weights=None, axis_name: str | None = None) -> tuple:
+def loss_fn(
+  variables: dict,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  model,
+  train: bool,
+  ignore_label: int = 255,
+  class_weights=None,
+  axis_name: str | None = None,
+) -> tuple:
   """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch.
 
   Under pmap (`axis_name`), the per-device mean is rescaled by this device's share of the
@@ -48,8 +58,9 @@ def loss_fn(variables: dict, batch: dict, rng: jax.Array, *, model, train: bool,
   one device would compute it, however unevenly the ignored pixels fall.
   """
   logits, updates = apply_model(model, variables, batch["image"], rng, train=train)
-  loss = losses.pixel_cross_entropy(logits, batch["mask"], ignore_label=ignore_label,
-                                    class_weights=class_weights)
+  loss = losses.pixel_cross_entropy(
+    logits, batch["mask"], ignore_label=ignore_label, class_weights=class_weights
+  )
   labelled = batch["mask"] != ignore_label
   correct = (jnp.argmax(logits, -1) == batch["mask"]) & labelled
   accuracy = correct.sum() / jnp.maximum(labelled.sum(), 1)
@@ -65,8 +76,9 @@ def bind_loss(config, model):
   return functools.partial(loss_fn, model=model, ignore_label=config.dataset.ignore_label)
 
 
-def eval_step(variables: dict, batch: dict, *, model, num_classes: int,
-              ignore_label: int = 255) -> dict:
+def eval_step(
+  variables: dict, batch: dict, *, model, num_classes: int, ignore_label: int = 255
+) -> dict:
   """Sums for one batch, to be added over batches: confusion matrix and top-k counts.
 
   Padding rows (`example_mask == False`) contribute nothing.
@@ -75,18 +87,25 @@ def eval_step(variables: dict, batch: dict, *, model, num_classes: int,
   return eval_counts(logits, batch, num_classes=num_classes, ignore_label=ignore_label)
 
 
-def native_eval_step(variables: dict, batch: dict, *, model, num_classes: int,
-                     ignore_label: int = 255, infer) -> dict:
+def native_eval_step(
+  variables: dict, batch: dict, *, model, num_classes: int, ignore_label: int = 255, infer
+) -> dict:
   """`eval_step` for whole/slide batches (`segjax.data.pipeline.eval_dataset`): scores from
   `infer(apply_fn, image, image_size, mask_size, mask_shape)` (`segjax.ops.sliding.
   dense_probabilities` bound to the evaluation settings) at the masks' original size."""
-  scores = infer(logits_fn(model, variables), batch["image"], batch["image_size"], batch["mask_size"],
-                 batch["mask"].shape[1:3])
+  scores = infer(
+    logits_fn(model, variables),
+    batch["image"],
+    batch["image_size"],
+    batch["mask_size"],
+    batch["mask"].shape[1:3],
+  )
   return eval_counts(scores, batch, num_classes=num_classes, ignore_label=ignore_label)
 
 
-def eval_counts(scores: jax.Array, batch: dict, *, num_classes: int,
-                ignore_label: int = 255) -> dict:
+def eval_counts(
+  scores: jax.Array, batch: dict, *, num_classes: int, ignore_label: int = 255
+) -> dict:
   """Confusion matrix and top-k counts of `scores` (B, H, W, K) (logits or probabilities)
   against `batch["mask"]` (B, H, W): only rows with `example_mask`, pixels not
   `ignore_label` and, when the batch has `mask_size`, inside each mask's original extent."""
@@ -100,7 +119,8 @@ def eval_counts(scores: jax.Array, batch: dict, *, num_classes: int,
   in_top5 = (top5 == labels[..., None]).any(-1) & labelled
   return {
     "confusion_matrix": metrics.confusion_matrix(
-      batch["mask"], jnp.argmax(scores, -1), num_classes, ignore_label, weights=weights),
+      batch["mask"], jnp.argmax(scores, -1), num_classes, ignore_label, weights=weights
+    ),
     "top5_correct": in_top5.sum(),
     "num_pixels": labelled.sum(),
   }
@@ -129,14 +149,19 @@ def bind_inference(config: ml_collections.ConfigDict):
   slide = settings.mode == "slide"
   multiple = stride(config)
   if slide and any(c % multiple for c in settings.crop_size):
-    raise ConfigError(f"evaluation.crop_size={tuple(settings.crop_size)} must be divisible by "
-                      f"the model's stride {multiple}.")
+    raise ConfigError(
+      f"evaluation.crop_size={tuple(settings.crop_size)} must be divisible by "
+      f"the model's stride {multiple}."
+    )
   return functools.partial(
-    sliding.dense_probabilities, multiple=multiple,
-    scales=tuple(float(s) for s in settings.scales), flip=bool(settings.flip),
+    sliding.dense_probabilities,
+    multiple=multiple,
+    scales=tuple(float(s) for s in settings.scales),
+    flip=bool(settings.flip),
     crop=tuple(settings.crop_size) if slide else None,
     stride=tuple(settings.stride) if slide else None,
-    same_size=not settings.shorter_side)
+    same_size=not settings.shorter_side,
+  )
 
 
 def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -151,8 +176,11 @@ def preprocess(config: ml_collections.ConfigDict, image: np.ndarray) -> tuple[np
 
   size = pipeline.eval_image_size(tf.constant(original, tf.int32), settings.shorter_side)
   resized = tf.image.resize(tf.constant(image, tf.float32), size, method="bilinear").numpy()
-  return resized, {"original_size": original, "image_size": tuple(int(s) for s in size),
-                   "scale": float(size[0]) / original[0]}
+  return resized, {
+    "original_size": original,
+    "image_size": tuple(int(s) for s in size),
+    "scale": float(size[0]) / original[0],
+  }
 
 
 def bind_predict(config: ml_collections.ConfigDict, model):
@@ -193,19 +221,31 @@ def bind_postprocess(config: ml_collections.ConfigDict):
     del score_threshold
     h, w = meta["original_size"]
     if tuple(meta["image_size"]) == (h, w):
-      return {"labels": np.asarray(prediction["labels"][:h, :w], np.int32),
-              "probs": np.asarray(prediction["probs"][:h, :w], np.float32)}
-    probs = np.asarray(sliding.resize_content(
-      jnp.asarray(prediction["probs"]), jnp.asarray(meta["image_size"], jnp.int32),
-      jnp.asarray((h, w), jnp.int32), (h, w)), np.float32)
+      return {
+        "labels": np.asarray(prediction["labels"][:h, :w], np.int32),
+        "probs": np.asarray(prediction["probs"][:h, :w], np.float32),
+      }
+    probs = np.asarray(
+      sliding.resize_content(
+        jnp.asarray(prediction["probs"]),
+        jnp.asarray(meta["image_size"], jnp.int32),
+        jnp.asarray((h, w), jnp.int32),
+        (h, w),
+      ),
+      np.float32,
+    )
     return {"labels": probs.argmax(-1).astype(np.int32), "probs": probs}
 
   return postprocess
 
 
-def write_predictions(config: ml_collections.ConfigDict, directory: str,
-                      predictions: Iterable[tuple[str, np.ndarray, dict]], *,
-                      overlay: bool = False) -> list[str]:
+def write_predictions(
+  config: ml_collections.ConfigDict,
+  directory: str,
+  predictions: Iterable[tuple[str, np.ndarray, dict]],
+  *,
+  overlay: bool = False,
+) -> list[str]:
   """Writes `NAME.png` for each (NAME, uint8 image, postprocessed prediction): the class ids
   as a single-channel palette PNG (`segjax.visualize.palette` colours) of the image's size;
   with `overlay`, also `NAME_overlay.png`, the classes blended on the image with a legend.
@@ -223,6 +263,10 @@ def write_predictions(config: ml_collections.ConfigDict, directory: str,
     png.save(paths[-1])
     if overlay:
       paths.append(os.path.join(directory, f"{name}_overlay.png"))
-      visualize.save_png(visualize.semantic_overlay(image, prediction["labels"], num_classes=
-                                                    num_classes, class_names=names), paths[-1])
+      visualize.save_png(
+        visualize.semantic_overlay(
+          image, prediction["labels"], num_classes=num_classes, class_names=names
+        ),
+        paths[-1],
+      )
   return paths

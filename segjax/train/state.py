@@ -22,28 +22,41 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   or "piecewise" (detectron2's multi-step): times `config.lr_decay_factor` (default 0.1) at
   each step of `config.lr_boundaries`."""
   if not 0 <= config.warmup_steps < config.num_train_steps:
-    raise ConfigError(f"config.warmup_steps={config.warmup_steps} must be in "
-                      f"[0, config.num_train_steps={config.num_train_steps}).")
+    raise ConfigError(
+      f"config.warmup_steps={config.warmup_steps} must be in "
+      f"[0, config.num_train_steps={config.num_train_steps})."
+    )
   if config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.num_train_steps)
+      0.0, config.learning_rate, config.warmup_steps, config.num_train_steps
+    )
   if config.schedule == "constant":
     return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-       optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
+      [
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+        optax.constant_schedule(config.learning_rate),
+      ],
+      [config.warmup_steps],
+    )
   if config.schedule == "piecewise":
     factor = config.get("lr_decay_factor", 0.1)
     boundaries = [int(b) for b in config.lr_boundaries]
     if not all(config.warmup_steps < b < config.num_train_steps for b in boundaries):
-      raise ConfigError(f"config.lr_boundaries={boundaries} must lie between warmup_steps and "
-                        "num_train_steps.")
+      raise ConfigError(
+        f"config.lr_boundaries={boundaries} must lie between warmup_steps and num_train_steps."
+      )
     return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-       optax.piecewise_constant_schedule(
-         config.learning_rate, {b - config.warmup_steps: factor for b in boundaries})],
-      [config.warmup_steps])
-  raise ConfigError(f"Unknown config.schedule {config.schedule!r}; "
-                    "known: cosine, constant, piecewise.")
+      [
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+        optax.piecewise_constant_schedule(
+          config.learning_rate, {b - config.warmup_steps: factor for b in boundaries}
+        ),
+      ],
+      [config.warmup_steps],
+    )
+  raise ConfigError(
+    f"Unknown config.schedule {config.schedule!r}; known: cosine, constant, piecewise."
+  )
 
 
 def frozen_params(model, params) -> Any:
@@ -74,14 +87,16 @@ def _add_decayed_weights(weight_decay: float, decay_mask: Any) -> optax.Gradient
 
   def update(updates, state, params):
     decay = decay_mask(params) if callable(decay_mask) else decay_mask
-    return jax.tree.map(lambda g, p, d: g + weight_decay * p if d else g,
-                        updates, params, decay), state
+    return jax.tree.map(
+      lambda g, p, d: g + weight_decay * p if d else g, updates, params, decay
+    ), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   decay_mask: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, decay_mask: Any = None
+) -> optax.GradientTransformation:
   """The optimizer of `config`; `decay_mask` (a tree of bools or a function of the params
   returning one, True where weight decay applies) leaves the other parameters undecayed. The
   optimizer state has the same structure with or without a mask."""
@@ -99,15 +114,26 @@ def make_optimizer(config: ml_collections.ConfigDict,
   return tx
 
 
-def create_train_state(model, config: ml_collections.ConfigDict, rng: jax.Array,
-                       sample_input: jax.ShapeDtypeStruct | jax.Array) -> TrainState:
+def create_train_state(
+  model,
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  sample_input: jax.ShapeDtypeStruct | jax.Array,
+) -> TrainState:
   """A fresh state; jit it with `out_shardings` to build it directly where it lives."""
   # A model's `initialize`, where it has one, creates the same variables as `__call__`, cheaper.
-  variables = model.init({"params": rng, "dropout": rng}, sample_input, train=False,
-                         method=getattr(type(model), "initialize", None))
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}),
-                           tx=make_optimizer(config, decay_mask=_decay_mask(model)))
+  variables = model.init(
+    {"params": rng, "dropout": rng},
+    sample_input,
+    train=False,
+    method=getattr(type(model), "initialize", None),
+  )
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    tx=make_optimizer(config, decay_mask=_decay_mask(model)),
+  )
 
 
 def _decay_mask(model):

@@ -15,8 +15,9 @@ import optax
 from segjax.train.state import TrainState
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
-               axis_name: str | None = None) -> tuple:
+def train_step(
+  state: TrainState, batch: dict, rng: jax.Array, *, loss_fn, axis_name: str | None = None
+) -> tuple:
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:  # Independent dropout per device.
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -29,6 +30,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn,
   metrics = {**metrics, "loss": loss}
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates.get("batch_stats", state.batch_stats))
+  state = state.apply_gradients(
+    grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
+  )
   return state, {**metrics, "grad_norm": optax.tree.norm(grads)}

@@ -43,8 +43,9 @@ def _save(panels: Iterator[np.ndarray], directory: str) -> list[str]:
   return paths
 
 
-def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variables,
-                   directory: str, count: int) -> list[str]:
+def write_semantic(
+  config: ml_collections.ConfigDict, evaluator, model, variables, directory: str, count: int
+) -> list[str]:
   """Panels image | ground truth | prediction of the first `count` eval examples."""
   variables = parallel.fetch(variables)  # This process's copy: no collective, any process.
   if getattr(evaluator, "canvas", None) is None:  # "resize": images and masks of one size.
@@ -52,9 +53,18 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
     predict = lambda batch: {"mask": labels(variables, batch["image"])}
   else:  # "whole"/"slide": the evaluator's scores, at each mask's original size.
     infer = semantic.bind_inference(config)
-    labels = jax.jit(lambda v, b: jnp.argmax(infer(
-      semantic.logits_fn(model, v), b["image"], b["image_size"], b["mask_size"],
-      b["mask"].shape[1:3]), -1))
+    labels = jax.jit(
+      lambda v, b: jnp.argmax(
+        infer(
+          semantic.logits_fn(model, v),
+          b["image"],
+          b["image_size"],
+          b["mask_size"],
+          b["mask"].shape[1:3],
+        ),
+        -1,
+      )
+    )
     predict = lambda batch: {"mask": labels(variables, batch)}
 
   def panel(example, pred):
@@ -63,11 +73,15 @@ def write_semantic(config: ml_collections.ConfigDict, evaluator, model, variable
       (h, w), (mh, mw) = example["image_size"], example["mask_size"]
       image = np.asarray(jax.image.resize(image[:h, :w], (mh, mw, 3), "bilinear"))
       mask, prediction = mask[:mh, :mw], prediction[:mh, :mw]
-    return visualize.side_by_side(image, mask, prediction, config.model.num_classes,
-                                  class_names=config.dataset.get("class_names"))
+    return visualize.side_by_side(
+      image,
+      mask,
+      prediction,
+      config.model.num_classes,
+      class_names=config.dataset.get("class_names"),
+    )
 
-  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)),
-               directory)
+  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)), directory)
 
 
 def _class_names(config: ml_collections.ConfigDict, evaluator) -> tuple[str, ...] | None:
@@ -78,18 +92,21 @@ def _class_names(config: ml_collections.ConfigDict, evaluator) -> tuple[str, ...
   if gt is None or category_ids is None:
     return None
   # dataset.category_ids may list ids the file lacks (torchvision's "N/A" labels).
-  return ("background",) + tuple(gt.cats[c]["name"] if c in gt.cats else "N/A"
-                                 for c in category_ids)
+  return ("background",) + tuple(
+    gt.cats[c]["name"] if c in gt.cats else "N/A" for c in category_ids
+  )
 
 
-def write_instance(config: ml_collections.ConfigDict, evaluator, model, variables,
-                   directory: str, count: int) -> list[str]:
+def write_instance(
+  config: ml_collections.ConfigDict, evaluator, model, variables, directory: str, count: int
+) -> list[str]:
   """Panels image | ground truth | detections of the first `count` eval examples, each
   cropped to the example's true (unpadded) size."""
   variables = parallel.fetch(variables)
   detect = jax.jit(functools.partial(mask_rcnn.predict, model=model))
-  predict = lambda batch: detect(variables, {"image": batch["image"],
-                                             "image_size": batch["image_size"]})
+  predict = lambda batch: detect(
+    variables, {"image": batch["image"], "image_size": batch["image_size"]}
+  )
   class_names = _class_names(config, evaluator)
   threshold = config.get("visualization_score_threshold", 0.5)
 
@@ -97,9 +114,12 @@ def write_instance(config: ml_collections.ConfigDict, evaluator, model, variable
     h, w = (int(v) for v in example["image_size"])
     crop = lambda d: {**d, "instance_masks": d["instance_masks"][:, :h, :w]}
     return visualize.instance_panel(
-      example["image"][:h, :w], crop(example), crop(pred),
-      num_classes=config.model.roi_heads.num_classes + 1, class_names=class_names,
-      score_threshold=threshold)
+      example["image"][:h, :w],
+      crop(example),
+      crop(pred),
+      num_classes=config.model.roi_heads.num_classes + 1,
+      class_names=class_names,
+      score_threshold=threshold,
+    )
 
-  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)),
-               directory)
+  return _save((panel(e, p) for e, p in _examples(evaluator.dataset, predict, count)), directory)

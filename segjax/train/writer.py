@@ -112,7 +112,9 @@ class MetricWriter:
         progress += f" ETA {format_duration(left)}"
     values = " ".join(
       f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
-      for k, v in record.items() if k != "step" and not isinstance(v, list))
+      for k, v in record.items()
+      if k != "step" and not isinstance(v, list)
+    )
     return f"[{time.time() - self._start:7.1f}s] {progress} {values}"
 
 

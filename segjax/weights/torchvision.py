@@ -66,34 +66,122 @@ DETECTION_ARCHS = {
   # BatchNorm (trainable, as torchvision's) in the backbone, FPN and heads; the RPN head's
   # two convs; the box head's four convs and one fc (FastRCNNConvFCHead "4conv1fc").
   "maskrcnn_resnet50_fpn_v2": dict(
-    backbone=dict(depth=50, norm="bn"), fpn=dict(norm="bn"), rpn=dict(num_convs=2),
-    roi_heads=dict(box_conv_dims=(256,) * 4, fc_dims=(1024,), norm="bn")),
+    backbone=dict(depth=50, norm="bn"),
+    fpn=dict(norm="bn"),
+    rpn=dict(num_convs=2),
+    roi_heads=dict(box_conv_dims=(256,) * 4, fc_dims=(1024,), norm="bn"),
+  ),
 }
 CLASSIFIER_ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 ARCHS = (*DETECTION_ARCHS, *CLASSIFIER_ARCHS)
 
 # torchvision `_COCO_CATEGORIES`: the name of label l, which is COCO category id l.
 COCO_CATEGORIES = (
-  "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-  "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird",
-  "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A",
-  "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis",
-  "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
-  "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
-  "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
-  "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A",
-  "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave",
-  "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors",
-  "teddy bear", "hair drier", "toothbrush")
+  "background",
+  "person",
+  "bicycle",
+  "car",
+  "motorcycle",
+  "airplane",
+  "bus",
+  "train",
+  "truck",
+  "boat",
+  "traffic light",
+  "fire hydrant",
+  "N/A",
+  "stop sign",
+  "parking meter",
+  "bench",
+  "bird",
+  "cat",
+  "dog",
+  "horse",
+  "sheep",
+  "cow",
+  "elephant",
+  "bear",
+  "zebra",
+  "giraffe",
+  "N/A",
+  "backpack",
+  "umbrella",
+  "N/A",
+  "N/A",
+  "handbag",
+  "tie",
+  "suitcase",
+  "frisbee",
+  "skis",
+  "snowboard",
+  "sports ball",
+  "kite",
+  "baseball bat",
+  "baseball glove",
+  "skateboard",
+  "surfboard",
+  "tennis racket",
+  "bottle",
+  "N/A",
+  "wine glass",
+  "cup",
+  "fork",
+  "knife",
+  "spoon",
+  "bowl",
+  "banana",
+  "apple",
+  "sandwich",
+  "orange",
+  "broccoli",
+  "carrot",
+  "hot dog",
+  "pizza",
+  "donut",
+  "cake",
+  "chair",
+  "couch",
+  "potted plant",
+  "bed",
+  "N/A",
+  "dining table",
+  "N/A",
+  "N/A",
+  "toilet",
+  "N/A",
+  "tv",
+  "laptop",
+  "mouse",
+  "remote",
+  "keyboard",
+  "cell phone",
+  "microwave",
+  "oven",
+  "toaster",
+  "sink",
+  "refrigerator",
+  "N/A",
+  "book",
+  "clock",
+  "vase",
+  "scissors",
+  "teddy bear",
+  "hair drier",
+  "toothbrush",
+)
 COCO_NUM_CLASSES = len(COCO_CATEGORIES) - 1  # 90: torchvision's num_classes=91 less background
 
 # Older torchvision key names, renamed as the modules' `_load_from_state_dict` hooks rename them.
 LEGACY_KEYS = (
-  (r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)$",
-   lambda m: f"backbone.fpn.{m[1]}_blocks.{m[2]}.0.{m[3]}"),
+  (
+    r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)$",
+    lambda m: f"backbone.fpn.{m[1]}_blocks.{m[2]}.0.{m[3]}",
+  ),
   (r"^rpn\.head\.conv\.(weight|bias)$", lambda m: f"rpn.head.conv.0.0.{m[1]}"),
-  (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$",
-   lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"),
+  (
+    r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$",
+    lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}",
+  ),
 )
 BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -134,13 +222,15 @@ def model_config(arch: str, num_classes: int | None = None) -> ml_collections.Co
     # torchvision's anchors, ROIAlign, small-box filtering, mask pasting (models/mask_rcnn.py).
     config.model.conventions = "torchvision"
     config.model.roi_heads = ml_collections.ConfigDict(
-      dict(sections.get("roi_heads", {}), num_classes=k))
+      dict(sections.get("roi_heads", {}), num_classes=k)
+    )
     if k == COCO_NUM_CLASSES:
       config.dataset.class_names = COCO_CATEGORIES
       config.dataset.category_ids = tuple(range(1, k + 1))
   else:
     config.model.backbone = ml_collections.ConfigDict(
-      dict(depth=CLASSIFIER_ARCHS[arch], norm="frozen_bn"))
+      dict(depth=CLASSIFIER_ARCHS[arch], norm="frozen_bn")
+    )
     if num_classes is not None:
       config.model.roi_heads.num_classes = int(num_classes)
   return config
@@ -156,8 +246,12 @@ def _torch_key(path: tuple[str, ...], body: str, box_convs: int = 0) -> tuple[st
   *module, leaf = path
   top = module[0] if module else ""
   if top == "backbone":
-    names = {"stem_conv": "conv1", "stem_norm": "bn1", "shortcut": "downsample.0",
-             "shortcut_norm": "downsample.1"}
+    names = {
+      "stem_conv": "conv1",
+      "stem_norm": "bn1",
+      "shortcut": "downsample.0",
+      "shortcut_norm": "downsample.1",
+    }
     if len(module) == 2:
       name = names[module[1]]
     else:
@@ -171,8 +265,11 @@ def _torch_key(path: tuple[str, ...], body: str, box_convs: int = 0) -> tuple[st
     prefix = f"backbone.fpn.{blocks}.{int(level) - 2}.{int(bool(norm))}"
   elif top == "rpn":
     conv = re.fullmatch(r"conv(\d*)", module[1])
-    prefix = "rpn.head." + (f"conv.{int(conv[1] or 1) - 1}.0" if conv else {
-      "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}[module[1]])
+    prefix = "rpn.head." + (
+      f"conv.{int(conv[1] or 1) - 1}.0"
+      if conv
+      else {"objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}[module[1]]
+    )
   elif module[:2] == ["roi_heads", "box_head"]:
     conv = re.fullmatch(r"conv(\d+)(_norm)?", module[2])
     fc = re.fullmatch(r"fc(\d+)", module[2])
@@ -183,13 +280,17 @@ def _torch_key(path: tuple[str, ...], body: str, box_convs: int = 0) -> tuple[st
     elif fc:
       prefix = f"roi_heads.box_head.fc{int(fc[1]) + 5}"
     else:
-      prefix = "roi_heads.box_predictor." + {"cls_score": "cls_score",
-                                             "bbox_pred": "bbox_pred"}[module[2]]
+      prefix = (
+        "roi_heads.box_predictor." + {"cls_score": "cls_score", "bbox_pred": "bbox_pred"}[module[2]]
+      )
   elif module[:2] == ["roi_heads", "mask_head"]:
     fcn = re.fullmatch(r"mask_fcn(\d+)(_norm)?", module[2])
-    prefix = (f"roi_heads.mask_head.{int(fcn[1]) - 1}.{int(bool(fcn[2]))}" if fcn else
-              "roi_heads.mask_predictor."
-              + {"deconv": "conv5_mask", "predictor": "mask_fcn_logits"}[module[2]])
+    prefix = (
+      f"roi_heads.mask_head.{int(fcn[1]) - 1}.{int(bool(fcn[2]))}"
+      if fcn
+      else "roi_heads.mask_predictor."
+      + {"deconv": "conv5_mask", "predictor": "mask_fcn_logits"}[module[2]]
+    )
   else:
     raise KeyError(path)
   if leaf in BN_LEAVES:  # FrozenBatchNorm or BatchNorm; their "bias" is the norm's bias too.
@@ -200,8 +301,9 @@ def _torch_key(path: tuple[str, ...], body: str, box_convs: int = 0) -> tuple[st
   return f"{prefix}.weight", kind
 
 
-def _convert_array(value: np.ndarray, kind: str, shape: tuple[int, ...],
-                   pooled: tuple[int, int, int]) -> np.ndarray | None:
+def _convert_array(
+  value: np.ndarray, kind: str, shape: tuple[int, ...], pooled: tuple[int, int, int]
+) -> np.ndarray | None:
   """`value` in torch layout to segjax's layout of `shape`, or None where they cannot agree.
 
   `pooled` is the box head's `(h, w, C)` ROI, which fc6 reads flattened.
@@ -232,13 +334,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
     return load_file(path)
   if ext not in (".pth", ".pt"):
-    raise ValueError(f"{path}: unknown weights format {ext!r}; expected .pth, .pt, "
-                     ".safetensors or .npz.")
+    raise ValueError(
+      f"{path}: unknown weights format {ext!r}; expected .pth, .pt, .safetensors or .npz."
+    )
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"Reading {path} needs torch: pip install 'segjax[torch]' (or convert "
-                      "the file to .safetensors or .npz where torch is installed).") from e
+    raise ImportError(
+      f"Reading {path} needs torch: pip install 'segjax[torch]' (or convert "
+      "the file to .safetensors or .npz where torch is installed)."
+    ) from e
   data = torch.load(path, map_location="cpu", weights_only=True)
   # Training scripts (torchvision's references among them) wrap the state dict.
   for wrapper in ("model", "state_dict"):
@@ -249,8 +354,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   out = {}
   for key, value in data.items():
     if not isinstance(value, torch.Tensor):
-      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                       "pass a model's state_dict.")
+      raise ValueError(
+        f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+        "pass a model's state_dict."
+      )
     value = value.detach().cpu()
     out[key] = (value.float() if value.is_floating_point() else value).numpy()
   return out
@@ -263,7 +370,7 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   strip = bool(keys) and all(k.startswith("module.") for k in keys)
   out: dict[str, np.ndarray] = {}
   for key, value in state_dict.items():
-    new = key[len("module."):] if strip else key
+    new = key[len("module.") :] if strip else key
     for pattern, rename in LEGACY_KEYS:
       if m := re.match(pattern, new):
         new = rename(m)
@@ -276,8 +383,11 @@ def normalize_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 def dropped_keys(keys, arch: str) -> list[str]:
   """Keys deliberately left out: BatchNorm step counters and the ImageNet classifier."""
   classifier = arch in CLASSIFIER_ARCHS
-  return sorted(k for k in keys if k.endswith("num_batches_tracked")
-                or (classifier and re.fullmatch(r"fc\.(weight|bias)", k)))
+  return sorted(
+    k
+    for k in keys
+    if k.endswith("num_batches_tracked") or (classifier and re.fullmatch(r"fc\.(weight|bias)", k))
+  )
 
 
 def detection_arch_of(state_dict: Mapping[str, np.ndarray]) -> str | None:
@@ -306,8 +416,9 @@ def abstract_variables(config: ml_collections.ConfigDict):
   return model, jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
-def convert_with_config(state_dict: Mapping[str, np.ndarray], arch: str,
-                        num_classes: int | None = None):
+def convert_with_config(
+  state_dict: Mapping[str, np.ndarray], arch: str, num_classes: int | None = None
+):
   """(variables, config, dropped keys): `convert` with the config it built and the keys it
   left out on purpose (`dropped_keys`)."""
   from flax import traverse_util
@@ -343,21 +454,29 @@ def convert_with_config(state_dict: Mapping[str, np.ndarray], arch: str,
       continue
     out[path] = array.astype(target.dtype)
   unused = sorted(set(state_dict) - used - set(dropped))
-  problems = [f"{what}: {items}" for what, items in (
-    ("keys missing from the file", missing), ("keys of the file that map nowhere", unused),
-    ("shapes that disagree", wrong), ("segjax variables with no torchvision name", unmapped))
-    if items]
+  problems = [
+    f"{what}: {items}"
+    for what, items in (
+      ("keys missing from the file", missing),
+      ("keys of the file that map nowhere", unused),
+      ("shapes that disagree", wrong),
+      ("segjax variables with no torchvision name", unmapped),
+    )
+    if items
+  ]
   if problems:
-    hint = (" (a different class count? pass num_classes)"
-            if any("predictor" in w for w in wrong) else "")
+    hint = (
+      " (a different class count? pass num_classes)" if any("predictor" in w for w in wrong) else ""
+    )
     if (guess := detection_arch_of(state_dict)) not in (None, arch):
       hint = f" (its keys are those of {guess!r})"
     raise ValueError(f"Cannot convert these weights as {arch!r}{hint}: " + "; ".join(problems))
   return traverse_util.unflatten_dict(out), config, dropped
 
 
-def convert(state_dict: Mapping[str, np.ndarray], arch: str,
-            num_classes: int | None = None) -> dict:
+def convert(
+  state_dict: Mapping[str, np.ndarray], arch: str, num_classes: int | None = None
+) -> dict:
   """`{"params": ..., "batch_stats": ...}` NumPy trees of `model_config(arch, K)`'s model from a
   torchvision state dict (see the module docstring for the mapping).
 
@@ -371,8 +490,9 @@ def convert(state_dict: Mapping[str, np.ndarray], arch: str,
   return convert_with_config(state_dict, arch, num_classes)[0]
 
 
-def import_weights(arch: str, input_path: str, workdir: str,
-                   num_classes: int | None = None) -> dict:
+def import_weights(
+  arch: str, input_path: str, workdir: str, num_classes: int | None = None
+) -> dict:
   """Writes `workdir/config.json` and the checkpoint `workdir/checkpoints/0/` of a fresh train
   state (`create_train_state`, `config.seed`) holding the converted variables. Returns a
   summary: arch, input, num_classes, imported and fresh leaf counts, dropped keys."""
@@ -382,21 +502,25 @@ def import_weights(arch: str, input_path: str, workdir: str,
   from segjax.train.loop import build_model
   from segjax.train.state import TrainState, create_train_state
 
-  variables, config, dropped = convert_with_config(read_state_dict(input_path), arch,
-                                                   num_classes)
+  variables, config, dropped = convert_with_config(read_state_dict(input_path), arch, num_classes)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=config.checkpoint_every_steps)
   with manager:
     if manager.latest_step() is not None:
-      raise FileExistsError(f"{workdir} already has a checkpoint (step "
-                            f"{manager.latest_step()}); import into a new directory.")
+      raise FileExistsError(
+        f"{workdir} already has a checkpoint (step "
+        f"{manager.latest_step()}); import into a new directory."
+      )
     model = build_model(config)
     sample = jnp.zeros((1, 64, 64, 3), jnp.float32)  # Variable shapes ignore the image size.
     init = jax.jit(functools.partial(create_train_state, model, config, sample_input=sample))
     rng = jax.random.key(config.seed)
     state = jax.eval_shape(init, rng)
     fresh = {c: traverse_util.flatten_dict(getattr(state, c)) for c in ("params", "batch_stats")}
-    imported = {(c, *p): v for c, tree in variables.items()
-                for p, v in traverse_util.flatten_dict(tree).items()}
+    imported = {
+      (c, *p): v
+      for c, tree in variables.items()
+      for p, v in traverse_util.flatten_dict(tree).items()
+    }
     if len(imported) < sum(len(f) for f in fresh.values()):
       state = init(rng)  # Only what the file lacks needs initialising (compiles the model).
       fresh = {c: traverse_util.flatten_dict(getattr(state, c)) for c in fresh}
@@ -404,17 +528,22 @@ def import_weights(arch: str, input_path: str, workdir: str,
       fresh[collection][tuple(path)] = jnp.asarray(value)
     params, batch_stats = (traverse_util.unflatten_dict(fresh[c]) for c in fresh)
     # A fresh optimizer state, as `create_train_state` builds it, on the imported parameters.
-    state = TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
-                              tx=state.tx)
+    state = TrainState.create(
+      apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=state.tx
+    )
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     checkpoint.save(manager, 0, state, force=True)
   total = sum(len(f) for f in fresh.values())
-  summary = {"arch": arch, "input": os.path.abspath(input_path),
-             "num_classes": config.model.roi_heads.num_classes,
-             "imported_leaves": len(imported), "fresh_leaves": total - len(imported),
-             "dropped_keys": dropped}
+  summary = {
+    "arch": arch,
+    "input": os.path.abspath(input_path),
+    "num_classes": config.model.roi_heads.num_classes,
+    "imported_leaves": len(imported),
+    "fresh_leaves": total - len(imported),
+    "dropped_keys": dropped,
+  }
   with open(os.path.join(workdir, "import.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -426,8 +555,12 @@ def _define_flags() -> None:
   flags.DEFINE_enum("arch", None, list(ARCHS), "torchvision architecture of the file.")
   flags.DEFINE_string("input", None, "Weights file: .pth/.pt (needs torch), .safetensors, .npz.")
   flags.DEFINE_string("workdir", None, "New directory for config.json and checkpoints/0/.")
-  flags.DEFINE_integer("num_classes", None, "segjax's roi_heads.num_classes (background "
-                       "excluded); default: the file's (90 for torchvision's COCO model).")
+  flags.DEFINE_integer(
+    "num_classes",
+    None,
+    "segjax's roi_heads.num_classes (background "
+    "excluded); default: the file's (90 for torchvision's COCO model).",
+  )
   flags.mark_flags_as_required(["arch", "input", "workdir"])
 
 
@@ -440,13 +573,18 @@ def main(argv) -> None:
   cli.quiet_logging()
   f = flags.FLAGS
   summary = import_weights(f.arch, f.input, f.workdir, f.num_classes)
-  print(f"Imported {summary['imported_leaves']} variables of {f.arch} from {f.input} into "
-        f"{f.workdir}/checkpoints/0 ({summary['fresh_leaves']} freshly initialised, "
-        f"roi_heads.num_classes={summary['num_classes']}).", flush=True)
+  print(
+    f"Imported {summary['imported_leaves']} variables of {f.arch} from {f.input} into "
+    f"{f.workdir}/checkpoints/0 ({summary['fresh_leaves']} freshly initialised, "
+    f"roi_heads.num_classes={summary['num_classes']}).",
+    flush=True,
+  )
   if summary["dropped_keys"]:
     print(f"Left out of the file on purpose: {summary['dropped_keys']}", flush=True)
-  print(f"Fine-tune: python train.py --config CONFIG --workdir NEW_DIR "
-        f"--config.init_from={f.workdir}", flush=True)
+  print(
+    f"Fine-tune: python train.py --config CONFIG --workdir NEW_DIR --config.init_from={f.workdir}",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -45,15 +45,15 @@ def block_labels(rng, height, width, block, values):
 PET_TRIMAP_COLORS = {1: (220, 40, 40), 2: (40, 40, 220), 3: (40, 220, 40)}
 # name, class label (1-37), species (1 cat, 2 dog), (height, width); as in annotations/*.txt.
 PET_SPLITS = {
-    "train": [
-        ("Abyssinian_1", 1, 1, (48, 64)),
-        ("beagle_2", 5, 2, (64, 32)),
-        ("Bengal_3", 6, 1, (32, 80)),
-    ],
-    "test": [
-        ("boxer_4", 9, 2, (48, 48)),
-        ("Sphynx_5", 34, 1, (32, 64)),
-    ],
+  "train": [
+    ("Abyssinian_1", 1, 1, (48, 64)),
+    ("beagle_2", 5, 2, (64, 32)),
+    ("Bengal_3", 6, 1, (32, 80)),
+  ],
+  "test": [
+    ("boxer_4", 9, 2, (48, 48)),
+    ("Sphynx_5", 34, 1, (32, 64)),
+  ],
 }
 
 
@@ -79,14 +79,14 @@ def _write_pets_sources(root, rng):
         image[trimap == value] = color
       Image.fromarray(image).save(os.path.join(images_dir, name + ".jpg"), quality=95)
       Image.fromarray(trimap.astype(np.uint8), mode="L").save(
-          os.path.join(annotations_dir, "trimaps", name + ".png")
+        os.path.join(annotations_dir, "trimaps", name + ".png")
       )
       if split == "train":  # the real test split has no head boxes either
         with open(os.path.join(annotations_dir, "xmls", name + ".xml"), "w") as f:
           f.write(
-              f"<annotation><size><width>{width}</width><height>{height}</height></size>"
-              "<object><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax><ymax>12</ymax>"
-              "</bndbox></object></annotation>"
+            f"<annotation><size><width>{width}</width><height>{height}</height></size>"
+            "<object><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax><ymax>12</ymax>"
+            "</bndbox></object></annotation>"
           )
       lines.append(f"{name} {label} {species} 1\n")
     with open(os.path.join(annotations_dir, lists[split]), "w") as f:
@@ -101,19 +101,17 @@ def fake_pets(tmp_path_factory):
   paths = _write_pets_sources(str(root / "sources"), np.random.default_rng(0))
   data_dir = str(root / "tfds")
   with mock.patch.object(
-      tfds.download.DownloadManager, "download_and_extract", lambda self, urls: paths
+    tfds.download.DownloadManager, "download_and_extract", lambda self, urls: paths
   ):
     tfds.builder("oxford_iiit_pet", data_dir=data_dir).download_and_prepare()
-  return FakeDataset(
-      data_dir, pet_trimap_of_image, {s: len(e) for s, e in PET_SPLITS.items()}
-  )
+  return FakeDataset(data_dir, pet_trimap_of_image, {s: len(e) for s, e in PET_SPLITS.items()})
 
 
 # Cityscapes: labelId -> colour (7 * id, 255 - 7 * id, 128), exact in PNG.
 CITYSCAPES_SPLITS = {
-    "train": ["aachen_000000_000019", "bochum_000000_000313"],
-    "val": ["frankfurt_000000_000294"],
-    "test": ["berlin_000000_000019"],
+  "train": ["aachen_000000_000019", "bochum_000000_000313"],
+  "val": ["frankfurt_000000_000294"],
+  "test": ["berlin_000000_000019"],
 }
 
 
@@ -132,22 +130,20 @@ def write_cityscapes_zips(manual_dir, rng):
   """Writes tiny leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip; 1024x2048 images."""
   os.makedirs(manual_dir, exist_ok=True)
   with (
-      zipfile.ZipFile(os.path.join(manual_dir, "leftImg8bit_trainvaltest.zip"), "w") as images,
-      zipfile.ZipFile(os.path.join(manual_dir, "gtFine_trainvaltest.zip"), "w") as labels,
+    zipfile.ZipFile(os.path.join(manual_dir, "leftImg8bit_trainvaltest.zip"), "w") as images,
+    zipfile.ZipFile(os.path.join(manual_dir, "gtFine_trainvaltest.zip"), "w") as labels,
   ):
     for split, image_ids in CITYSCAPES_SPLITS.items():
       for image_id in image_ids:
         city = image_id.split("_")[0]
         label_ids = block_labels(rng, 1024, 2048, 128, np.arange(34))
         image = np.stack(
-            [7 * label_ids, 255 - 7 * label_ids, np.full_like(label_ids, 128)], -1
+          [7 * label_ids, 255 - 7 * label_ids, np.full_like(label_ids, 128)], -1
         ).astype(np.uint8)
-        images.writestr(
-            f"leftImg8bit/{split}/{city}/{image_id}_leftImg8bit.png", _png(image)
-        )
+        images.writestr(f"leftImg8bit/{split}/{city}/{image_id}_leftImg8bit.png", _png(image))
         labels.writestr(
-            f"gtFine/{split}/{city}/{image_id}_gtFine_labelIds.png",
-            _png(label_ids.astype(np.uint8)),
+          f"gtFine/{split}/{city}/{image_id}_gtFine_labelIds.png",
+          _png(label_ids.astype(np.uint8)),
         )
 
 
@@ -159,7 +155,7 @@ def fake_cityscapes(tmp_path_factory):
   # Default download config: the builder must find the zips in the documented manual dir.
   tfds.builder("cityscapes/semantic_segmentation", data_dir=data_dir).download_and_prepare()
   return FakeDataset(
-      data_dir,
-      cityscapes_label_id_of_image,
-      {"train": 2, "validation": 1, "test": 1},
+    data_dir,
+    cityscapes_label_id_of_image,
+    {"train": 2, "validation": 1, "test": 1},
   )

@@ -78,8 +78,12 @@ def test_info_maps_sorted_category_ids_to_contiguous_labels(coco_data):
 
 def test_explicit_paths_and_dropped_annotation_logged(coco_data, caplog):
   with caplog.at_level(logging.WARNING):
-    ds = coco.coco_instances(SPLIT, data_dir=None, annotation_file=coco_data.annotation_file,
-                             image_dir=os.path.join(coco_data.data_dir, SPLIT))
+    ds = coco.coco_instances(
+      SPLIT,
+      data_dir=None,
+      annotation_file=coco_data.annotation_file,
+      image_dir=os.path.join(coco_data.data_dir, SPLIT),
+    )
   assert "dropped 1 annotations" in caplog.text
   assert int(ds.cardinality()) == 4
   assert DROPPED_ANNOTATION not in [a["id"] for a in coco_data.annotations(7)]
@@ -87,9 +91,17 @@ def test_explicit_paths_and_dropped_annotation_logged(coco_data, caplog):
 
 @pytest.mark.parametrize("count", [2, 3])
 def test_process_parts_are_disjoint_and_cover(coco_data, count):
-  parts = [[int(e["image_id"]) for e in examples(coco.coco_instances(
-    SPLIT, data_dir=coco_data.data_dir, process_index=p, process_count=count))]
-    for p in range(count)]
+  parts = [
+    [
+      int(e["image_id"])
+      for e in examples(
+        coco.coco_instances(
+          SPLIT, data_dir=coco_data.data_dir, process_index=p, process_count=count
+        )
+      )
+    ]
+    for p in range(count)
+  ]
   assert sorted(sum(parts, [])) == list(IMAGE_IDS)
   assert [len(p) for p in parts] == ([2, 2] if count == 2 else [2, 1, 1])
 
@@ -101,7 +113,7 @@ def test_shuffle_seed_permutes_reproducibly_and_per_epoch(coco_data):
 
   assert order(3) == order(3)
   assert sorted(order(3)) == list(IMAGE_IDS)
-  epochs = [tuple(order(s, 4)[4 * i:4 * i + 4]) for s in (0, 1) for i in range(4)]
+  epochs = [tuple(order(s, 4)[4 * i : 4 * i + 4]) for s in (0, 1) for i in range(4)]
   assert len(set(epochs)) > 1  # Reshuffled between epochs or seeds.
 
 
@@ -123,8 +135,7 @@ def test_overflow_truncate_keeps_largest_and_logs(coco_data, caplog):
 
 def test_overflow_skip_drops_the_image(coco_data, caplog):
   with caplog.at_level(logging.WARNING):
-    ds = coco.coco_instances(SPLIT, data_dir=coco_data.data_dir, max_instances=3,
-                             overflow="skip")
+    ds = coco.coco_instances(SPLIT, data_dir=coco_data.data_dir, max_instances=3, overflow="skip")
   assert "skipped 1 images" in caplog.text
   assert int(ds.cardinality()) == 3
   assert [int(e["image_id"]) for e in examples(ds)] == [7, 42, 100]
@@ -157,24 +168,37 @@ def _set_first(section, field, value):
       d[section][0].pop(field)
     else:
       d[section][0][field] = value
+
   return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-  (_drop_key("categories"), "missing top-level key 'categories'"),
-  (_set_first("images", "file_name", None), r"images\[0\] \(id 42\) has no 'file_name'"),
-  (_set_first("annotations", "segmentation", None), r"annotations\[0\] \(id 423\) has no "
-   "'segmentation'"),
-  (_set_first("annotations", "image_id", 999), "annotation id 423 has image_id 999, which no "
-   "image has"),
-  (_set_first("annotations", "category_id", 2), "annotation id 423 has category_id 2, which no "
-   "category has"),
-  (_set_first("annotations", "bbox", [1, 2]), r"annotation id 423: 'bbox' must be"),
-  (_set_first("images", "id", 5), "two images have id 5"),
-  (lambda d: d["annotations"][0]["segmentation"].update(size=[30, 20]),
-   r"annotation id 423: RLE 'size' \[30, 20\] differs from its image's \[height, width\] "
-   r"\[20, 30\]"),
-])
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (_drop_key("categories"), "missing top-level key 'categories'"),
+    (_set_first("images", "file_name", None), r"images\[0\] \(id 42\) has no 'file_name'"),
+    (
+      _set_first("annotations", "segmentation", None),
+      r"annotations\[0\] \(id 423\) has no "
+      "'segmentation'",
+    ),
+    (
+      _set_first("annotations", "image_id", 999),
+      "annotation id 423 has image_id 999, which no image has",
+    ),
+    (
+      _set_first("annotations", "category_id", 2),
+      "annotation id 423 has category_id 2, which no category has",
+    ),
+    (_set_first("annotations", "bbox", [1, 2]), r"annotation id 423: 'bbox' must be"),
+    (_set_first("images", "id", 5), "two images have id 5"),
+    (
+      lambda d: d["annotations"][0]["segmentation"].update(size=[30, 20]),
+      r"annotation id 423: RLE 'size' \[30, 20\] differs from its image's \[height, width\] "
+      r"\[20, 30\]",
+    ),
+  ],
+)
 def test_bad_json_raises_naming_file_and_field(tmp_path, edit, message):
   fixture = corrupted(tmp_path, edit)
   with pytest.raises(ValueError, match=message) as info:
@@ -198,8 +222,10 @@ def test_missing_or_unparsable_files_raise(tmp_path):
 
 def test_image_size_differing_from_json_raises_when_decoded(tmp_path):
   fixture = write_coco(tmp_path)
-  shutil.copy(os.path.join(fixture.data_dir, SPLIT, "empty.png"),
-              os.path.join(fixture.data_dir, SPLIT, "scene.png"))
+  shutil.copy(
+    os.path.join(fixture.data_dir, SPLIT, "empty.png"),
+    os.path.join(fixture.data_dir, SPLIT, "scene.png"),
+  )
   ds = coco.coco_instances(SPLIT, data_dir=fixture.data_dir)
   with pytest.raises(tf.errors.OpError, match=r"scene.png is 16x16 but .* height=20, width=30"):
     examples(ds)
@@ -216,8 +242,7 @@ def test_category_ids_fix_the_label_of_each_category(coco_data, category_ids):
   for name, category in names.items():
     assert info.class_names[label_of[category]] == name
   assert info.class_names.count("N/A") == len(category_ids) - 3
-  got = examples(coco.coco_instances(SPLIT, data_dir=coco_data.data_dir,
-                                     category_ids=category_ids))
+  got = examples(coco.coco_instances(SPLIT, data_dir=coco_data.data_dir, category_ids=category_ids))
   assert len(got) == len(IMAGE_IDS)
   for example in got:
     anns = coco_data.annotations(int(example["image_id"]))

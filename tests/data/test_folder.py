@@ -31,7 +31,8 @@ def write_pair(data_dir, split, stem, ext, size, seed, image_mode="RGB", mask_mo
   for sub in ("images", "masks"):
     os.makedirs(os.path.join(data_dir, split, sub), exist_ok=True)
   Image.fromarray(image).convert(image_mode).save(
-      os.path.join(data_dir, split, "images", stem + ext), quality=95)
+    os.path.join(data_dir, split, "images", stem + ext), quality=95
+  )
   mask_image = Image.fromarray(mask.astype(np.uint8), mode="L")
   if mask_mode == "P":
     mask_image = mask_image.convert("P")
@@ -45,11 +46,12 @@ def write_pair(data_dir, split, stem, ext, size, seed, image_mode="RGB", mask_mo
 
 def test_pairs_are_aligned_at_native_size_in_sorted_order(tmp_path):
   masks = {
-      "b": write_pair(tmp_path, "train", "b", ".png", (32, 48), seed=1),
-      "a": write_pair(tmp_path, "train", "a", ".jpg", (48, 64), seed=2),
-      "c": write_pair(tmp_path, "train", "c", ".JPEG", (64, 32), seed=3, image_mode="L"),
-      "d": write_pair(tmp_path, "train", "d", ".png", (16, 32), seed=4, image_mode="RGBA",
-                      mask_mode="P"),
+    "b": write_pair(tmp_path, "train", "b", ".png", (32, 48), seed=1),
+    "a": write_pair(tmp_path, "train", "a", ".jpg", (48, 64), seed=2),
+    "c": write_pair(tmp_path, "train", "c", ".JPEG", (64, 32), seed=3, image_mode="L"),
+    "d": write_pair(
+      tmp_path, "train", "d", ".png", (16, 32), seed=4, image_mode="RGBA", mask_mode="P"
+    ),
   }
   (tmp_path / "train" / "images" / "notes.txt").write_text("not an image")
   ds = image_folder("train", data_dir=str(tmp_path))
@@ -71,7 +73,8 @@ def test_host_parts_are_contiguous_disjoint_and_cover_the_split(tmp_path, proces
   widths = []
   for index in range(process_count):
     ds = image_folder(
-        "val", data_dir=str(tmp_path), process_index=index, process_count=process_count)
+      "val", data_dir=str(tmp_path), process_index=index, process_count=process_count
+    )
     part = [ex["mask"].shape[1] // 16 - 1 for ex in ds.as_numpy_iterator()]
     assert ds.cardinality().numpy() == len(part)
     widths.append(part)
@@ -138,7 +141,7 @@ def test_unusable_files_are_all_named_when_the_source_is_built(tmp_path):
     write_pair(tmp_path, "train", f"s{i}", ".png", (32, 48), seed=i)
   images, masks = tmp_path / "train" / "images", tmp_path / "train" / "masks"
   data = (images / "s1.png").read_bytes()
-  (images / "s1.png").write_bytes(data[:len(data) // 2])  # Truncated.
+  (images / "s1.png").write_bytes(data[: len(data) // 2])  # Truncated.
   (images / "s2.png").write_text("not an image")
   Image.fromarray(np.zeros((16, 48), np.uint8)).save(masks / "s3.png")  # Wrong size.
   Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(masks / "s4.png")  # RGB mask.

@@ -18,8 +18,10 @@ def _tf_decode(data: bytes, fmt: str) -> np.ndarray:
   return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
 
 
-@pytest.mark.parametrize("mode, fmt", [("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"),
-                                       ("P", "PNG"), ("RGB", "JPEG"), ("L", "JPEG")])
+@pytest.mark.parametrize(
+  "mode, fmt",
+  [("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("L", "JPEG")],
+)
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (64, 48)])
 def test_same_pixels_as_tensorflow(tmp_path, mode, fmt, size):
   rng = np.random.default_rng(hash((mode, fmt, size)) % 2**32)

@@ -27,12 +27,18 @@ def example(height=12, width=20, k=3, seed=0):
   image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
   masks = np.zeros((k, height, width), np.uint8)
   boxes = np.zeros((k, 4), np.float32)
-  for i, (y0, x0, y1, x1) in enumerate([(1, 2, 5, 9), (6, 11, 11, 19)][:k - 1]):
+  for i, (y0, x0, y1, x1) in enumerate([(1, 2, 5, 9), (6, 11, 11, 19)][: k - 1]):
     masks[i, y0:y1, x0:x1] = 1
     boxes[i] = [x0, y0, x1, y1]
   valid = np.arange(k) < k - 1
-  return {"image": image, "boxes": boxes, "classes": np.where(valid, 2, 0).astype(np.int32),
-          "instance_masks": masks, "valid": valid, "is_crowd": np.zeros(k, bool)}
+  return {
+    "image": image,
+    "boxes": boxes,
+    "classes": np.where(valid, 2, 0).astype(np.int32),
+    "instance_masks": masks,
+    "valid": valid,
+    "is_crowd": np.zeros(k, bool),
+  }
 
 
 def run(op, features, in_dataset):
@@ -45,16 +51,28 @@ def run(op, features, in_dataset):
 
 def nearest_resize(array, size):
   """Half-pixel-centre nearest neighbour, the rule of tf.image.resize(method="nearest")."""
-  ys = np.minimum(((np.arange(size[0]) + 0.5) * array.shape[-2] / size[0]).astype(int),
-                  array.shape[-2] - 1)
-  xs = np.minimum(((np.arange(size[1]) + 0.5) * array.shape[-1] / size[1]).astype(int),
-                  array.shape[-1] - 1)
+  ys = np.minimum(
+    ((np.arange(size[0]) + 0.5) * array.shape[-2] / size[0]).astype(int), array.shape[-2] - 1
+  )
+  xs = np.minimum(
+    ((np.arange(size[1]) + 0.5) * array.shape[-1] / size[1]).astype(int), array.shape[-1] - 1
+  )
   return array[..., ys[:, None], xs]
 
 
-@pytest.mark.parametrize("h, w, short, long", [
-  (480, 640, 800, 1333), (640, 480, 800, 1333), (427, 640, 800, 1333), (200, 1000, 800, 1333),
-  (1000, 200, 800, 1333), (12, 20, 16, 24), (64, 64, 64, 64), (333, 500, 600, 1000)])
+@pytest.mark.parametrize(
+  "h, w, short, long",
+  [
+    (480, 640, 800, 1333),
+    (640, 480, 800, 1333),
+    (427, 640, 800, 1333),
+    (200, 1000, 800, 1333),
+    (1000, 200, 800, 1333),
+    (12, 20, 16, 24),
+    (64, 64, 64, 64),
+    (333, 500, 600, 1000),
+  ],
+)
 def test_output_size_matches_detectron2(h, w, short, long):
   new_h, new_w, scale = instance_ops.resize_output_size(h, w, short, long)
   assert (int(new_h), int(new_w)) == detectron2_output_shape(h, w, short, long)
@@ -63,8 +81,12 @@ def test_output_size_matches_detectron2(h, w, short, long):
 
 def test_torchvision_output_size_floors_in_float64():
   """torchvision's `math.floor(side * scale)`: 97 * (800 / 97) is 799.99999999999989."""
-  for (h, w), expected in {(97, 150): (799, 1237), (352, 416): (800, 945),
-                           (1200, 37): (1333, 41), (480, 640): (800, 1066)}.items():
+  for (h, w), expected in {
+    (97, 150): (799, 1237),
+    (352, 416): (800, 945),
+    (1200, 37): (1333, 41),
+    (480, 640): (800, 1066),
+  }.items():
     new_h, new_w, _ = instance_ops.resize_output_size(h, w, 800, 1333, "torchvision")
     assert (int(new_h), int(new_w)) == expected
   assert [int(s) for s in instance_ops.resize_output_size(97, 150, 800, 1333)[:2]] == [800, 1237]
@@ -77,8 +99,9 @@ def test_torchvision_resize_keeps_the_float_image(in_dataset):
   """Unrounded float32 (torch's bilinear: tests/weights/test_torchvision_predict.py compares
   it with torch); boxes and masks move as with detectron2's rule."""
   features = example()
-  out = run(lambda f: instance_ops.resize_shorter_longer(f, 16, 24, "torchvision"), features,
-            in_dataset)
+  out = run(
+    lambda f: instance_ops.resize_shorter_longer(f, 16, 24, "torchvision"), features, in_dataset
+  )
   assert out["image"].shape == (14, 24, 3) and out["image"].dtype == np.float32
   assert not np.array_equal(out["image"], np.round(out["image"]))
   reference = instance_ops.resize_shorter_longer(features, 16, 24)
@@ -95,10 +118,12 @@ def test_resize_moves_boxes_masks_and_records_size(in_dataset):
   assert out["image"].shape == (14, 24, 3) and out["image"].dtype == np.uint8
   np.testing.assert_array_equal(out["image_size"], [14, 24])
   assert out["scale"] == pytest.approx(24 / 20)
-  np.testing.assert_array_equal(out["instance_masks"],
-                                nearest_resize(features["instance_masks"], (14, 24)))
-  np.testing.assert_allclose(out["boxes"], features["boxes"] * [24 / 20, 14 / 12, 24 / 20,
-                                                                14 / 12], rtol=1e-6)
+  np.testing.assert_array_equal(
+    out["instance_masks"], nearest_resize(features["instance_masks"], (14, 24))
+  )
+  np.testing.assert_allclose(
+    out["boxes"], features["boxes"] * [24 / 20, 14 / 12, 24 / 20, 14 / 12], rtol=1e-6
+  )
   np.testing.assert_array_equal(out["valid"], features["valid"])
 
 
@@ -106,7 +131,8 @@ def test_integer_upscale_keeps_masks_exact():
   features = example()
   out = instance_ops.resize_shorter_longer(features, 24, 100)
   np.testing.assert_array_equal(
-    out["instance_masks"], np.kron(features["instance_masks"], np.ones((1, 2, 2), np.uint8)))
+    out["instance_masks"], np.kron(features["instance_masks"], np.ones((1, 2, 2), np.uint8))
+  )
   np.testing.assert_allclose(out["boxes"], 2 * features["boxes"])
 
 
@@ -125,8 +151,9 @@ def test_flip_moves_image_boxes_and_masks_together(in_dataset):
   np.testing.assert_array_equal(out["image"], features["image"][:, ::-1])
   np.testing.assert_array_equal(out["instance_masks"], features["instance_masks"][:, :, ::-1])
   b = features["boxes"]
-  np.testing.assert_allclose(out["boxes"][:2], np.stack(
-    [20 - b[:2, 2], b[:2, 1], 20 - b[:2, 0], b[:2, 3]], -1))
+  np.testing.assert_allclose(
+    out["boxes"][:2], np.stack([20 - b[:2, 2], b[:2, 1], 20 - b[:2, 0], b[:2, 3]], -1)
+  )
   np.testing.assert_array_equal(out["boxes"][2], 0)  # Padding rows stay zero.
   for i in range(2):  # The box still encloses exactly its mask.
     ys, xs = np.nonzero(out["instance_masks"][i])
@@ -150,7 +177,8 @@ def test_pad_to_fixed_size(in_dataset):
 
 def test_pad_static_shape_and_errors():
   ds = tf.data.Dataset.from_tensors(example()).map(
-    lambda f: instance_ops.pad_to_multiple(f, (32, 32)))
+    lambda f: instance_ops.pad_to_multiple(f, (32, 32))
+  )
   assert ds.element_spec["image"].shape == (32, 32, 3)
   with pytest.raises(ValueError, match="not a multiple of 32"):
     instance_ops.pad_to_multiple(example(), (40, 64))
@@ -164,7 +192,8 @@ def test_pad_instances_and_normalize():
   features = {k: v[:2] if k != "image" else v for k, v in example().items()}
   del features["is_crowd"]
   ds = tf.data.Dataset.from_tensors(features).map(
-    lambda f: instance_ops.pad_instances(instance_ops.normalize(f), 5))
+    lambda f: instance_ops.pad_instances(instance_ops.normalize(f), 5)
+  )
   assert ds.element_spec["boxes"].shape == (5, 4)
   assert ds.element_spec["instance_masks"].shape == (5, 12, 20)
   out = next(ds.as_numpy_iterator())

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 def coco_data(tmp_path_factory):
   return write_coco(tmp_path_factory.mktemp("coco_data"))
 
+
 MEAN = 255 * np.array([0.485, 0.456, 0.406])
 STD = 255 * np.array([0.229, 0.224, 0.225])
 
@@ -24,10 +25,21 @@ def make_config(name="shapes", image_size=(32, 32), **dataset):
   config.seed = 0
   config.image_size = image_size
   config.augment = ml_collections.ConfigDict({"flip": True})
-  config.dataset = ml_collections.ConfigDict({
-    "name": name, "data_dir": None, "train_split": "train", "eval_split": "validation",
-    "max_instances": 8, "overflow": "truncate", "min_size": None, "max_size": None,
-    "shuffle_buffer": 100, "train_kwargs": {}, "eval_kwargs": {}})
+  config.dataset = ml_collections.ConfigDict(
+    {
+      "name": name,
+      "data_dir": None,
+      "train_split": "train",
+      "eval_split": "validation",
+      "max_instances": 8,
+      "overflow": "truncate",
+      "min_size": None,
+      "max_size": None,
+      "shuffle_buffer": 100,
+      "train_kwargs": {},
+      "eval_kwargs": {},
+    }
+  )
   config.dataset.update(dataset)
   return config
 
@@ -39,8 +51,16 @@ def shapes_config(num_examples=12, **dataset):
 
 
 def coco_config(data_dir, **dataset):
-  return make_config("coco", (64, 64), data_dir=data_dir, train_split=SPLIT, eval_split=SPLIT,
-                     min_size=40, max_size=64, **dataset)
+  return make_config(
+    "coco",
+    (64, 64),
+    data_dir=data_dir,
+    train_split=SPLIT,
+    eval_split=SPLIT,
+    min_size=40,
+    max_size=64,
+    **dataset,
+  )
 
 
 def denormalize(image):
@@ -49,10 +69,12 @@ def denormalize(image):
 
 def nearest_resize(array, size):
   """Half-pixel-centre nearest neighbour, the rule of tf.image.resize(method="nearest")."""
-  ys = np.minimum(((np.arange(size[0]) + 0.5) * array.shape[-2] / size[0]).astype(int),
-                  array.shape[-2] - 1)
-  xs = np.minimum(((np.arange(size[1]) + 0.5) * array.shape[-1] / size[1]).astype(int),
-                  array.shape[-1] - 1)
+  ys = np.minimum(
+    ((np.arange(size[0]) + 0.5) * array.shape[-2] / size[0]).astype(int), array.shape[-2] - 1
+  )
+  xs = np.minimum(
+    ((np.arange(size[1]) + 0.5) * array.shape[-1] / size[1]).astype(int), array.shape[-1] - 1
+  )
   return array[..., ys[:, None], xs]
 
 
@@ -62,19 +84,38 @@ def rows(batches):
 
 
 def check_contract(spec_or_batch, b, k, size, keys):
-  shapes = {"image": (b, *size, 3), "boxes": (b, k, 4), "classes": (b, k),
-            "instance_masks": (b, k, *size), "valid": (b, k), "is_crowd": (b, k),
-            "image_size": (b, 2), "image_id": (b,), "scale": (b,), "original_size": (b, 2),
-            "example_mask": (b,)}
-  dtypes = {"image": "float32", "boxes": "float32", "classes": "int32",
-            "instance_masks": "uint8", "valid": "bool", "is_crowd": "bool",
-            "image_size": "int32", "image_id": "int64", "scale": "float32",
-            "original_size": "int32", "example_mask": "bool"}
+  shapes = {
+    "image": (b, *size, 3),
+    "boxes": (b, k, 4),
+    "classes": (b, k),
+    "instance_masks": (b, k, *size),
+    "valid": (b, k),
+    "is_crowd": (b, k),
+    "image_size": (b, 2),
+    "image_id": (b,),
+    "scale": (b,),
+    "original_size": (b, 2),
+    "example_mask": (b,),
+  }
+  dtypes = {
+    "image": "float32",
+    "boxes": "float32",
+    "classes": "int32",
+    "instance_masks": "uint8",
+    "valid": "bool",
+    "is_crowd": "bool",
+    "image_size": "int32",
+    "image_id": "int64",
+    "scale": "float32",
+    "original_size": "int32",
+    "example_mask": "bool",
+  }
   assert set(spec_or_batch) == set(keys)
   for key, value in spec_or_batch.items():
     assert tuple(value.shape) == shapes[key], key
     assert np.dtype(value.dtype.name if hasattr(value.dtype, "name") else value.dtype) == (
-      np.dtype(dtypes[key])), key
+      np.dtype(dtypes[key])
+    ), key
 
 
 def test_shapes_train_batches_follow_the_contract_and_stay_aligned():
@@ -87,8 +128,12 @@ def test_shapes_train_batches_follow_the_contract_and_stay_aligned():
   flips = []
   for row in rows(batches):
     image = np.round(denormalize(row["image"]))
-    matches = [(e, f) for e in originals for f in (False, True)
-               if np.abs(image - (e["image"][:, ::-1] if f else e["image"])).max() < 1e-3]
+    matches = [
+      (e, f)
+      for e in originals
+      for f in (False, True)
+      if np.abs(image - (e["image"][:, ::-1] if f else e["image"])).max() < 1e-3
+    ]
     assert len(matches) == 1
     original, flipped = matches[0]
     flips.append(flipped)
@@ -100,8 +145,7 @@ def test_shapes_train_batches_follow_the_contract_and_stay_aligned():
     np.testing.assert_array_equal(row["image_size"], [32, 32])
     for i in np.flatnonzero(row["valid"]):  # Each box encloses exactly its mask.
       ys, xs = np.nonzero(row["instance_masks"][i])
-      np.testing.assert_allclose(row["boxes"][i], [xs.min(), ys.min(), xs.max() + 1,
-                                                   ys.max() + 1])
+      np.testing.assert_allclose(row["boxes"][i], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     assert not row["boxes"][~row["valid"]].any()
   assert any(flips) and not all(flips)
 
@@ -112,7 +156,8 @@ def test_shapes_eval_covers_the_split_once_with_padding(process_count):
   ids = []
   for p in range(process_count):
     ds, num_batches = instance_pipeline.instance_eval_dataset(
-      config, local_batch_size=4, process_index=p, process_count=process_count, num_batches=3)
+      config, local_batch_size=4, process_index=p, process_count=process_count, num_batches=3
+    )
     check_contract(ds.element_spec, 4, 8, (32, 32), instance_pipeline.EVAL_KEYS)
     examples = rows(ds.as_numpy_iterator())
     assert len(examples) == 12 and num_batches == 3
@@ -149,8 +194,11 @@ def expected_coco_row(row, fixture, max_instances):
     expected[:h, :w] = nearest_resize(fixture.masks[ann["id"]], (h, w))
     np.testing.assert_array_equal(row["instance_masks"][i], expected)
     x, y, bw, bh = ann["bbox"]
-    np.testing.assert_allclose(row["boxes"][i], np.array([x, y, x + bw, y + bh]) * [
-      w / ow, h / oh, w / ow, h / oh], rtol=1e-6)
+    np.testing.assert_allclose(
+      row["boxes"][i],
+      np.array([x, y, x + bw, y + bh]) * [w / ow, h / oh, w / ow, h / oh],
+      rtol=1e-6,
+    )
     assert row["classes"][i] == LABEL_OF_CATEGORY[ann["category_id"]]
     assert row["is_crowd"][i] == bool(ann["iscrowd"]) and row["valid"][i] != row["is_crowd"][i]
   assert not row["instance_masks"][n:].any() and not row["valid"][n:].any()
@@ -199,8 +247,9 @@ def test_coco_train_batches_flip_and_skip(coco_data):
 
 def test_config_errors():
   with pytest.raises(ValueError, match="max_size=64 exceeds min"):
-    instance_pipeline.instance_train_dataset(shapes_config(min_size=32, max_size=64),
-                                             local_batch_size=2)
+    instance_pipeline.instance_train_dataset(
+      shapes_config(min_size=32, max_size=64), local_batch_size=2
+    )
   with pytest.raises(ValueError, match="multiples of 32"):
     instance_pipeline.instance_eval_dataset(make_config(image_size=(40, 32)), local_batch_size=2)
   with pytest.raises(ValueError, match="Unknown dataset.name 'pets'"):

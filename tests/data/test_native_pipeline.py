@@ -93,11 +93,14 @@ def test_slide_canvas_holds_the_window_and_max_size_is_checked(tmp_path):
     list(pipeline.eval_dataset(config, local_batch_size=1, canvas=canvas)[0])
 
 
-@pytest.mark.parametrize("key, value, message", [
-  ("mode", "tiles", "evaluation.mode"),
-  ("crop_size", None, "evaluation.crop_size"),
-  ("scales", (), "evaluation.scales"),
-])
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("mode", "tiles", "evaluation.mode"),
+    ("crop_size", None, "evaluation.crop_size"),
+    ("scales", (), "evaluation.scales"),
+  ],
+)
 def test_bad_evaluation_settings_name_the_key(tmp_path, key, value, message):
   config = folder_config(tmp_path, mode="slide", crop_size=(32, 32), stride=(16, 16))
   config.evaluation[key] = value

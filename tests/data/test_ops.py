@@ -61,8 +61,10 @@ def run_eager(op, features):
 def run_in_dataset(op, features, dynamic):
   """`op` inside `ds.map`, with static shapes or, as sources give them, unknown (H, W)."""
   if dynamic:
-    spec = {"image": tf.TensorSpec([None, None, 3], tf.as_dtype(features["image"].dtype)),
-            "mask": tf.TensorSpec([None, None], tf.as_dtype(features["mask"].dtype))}
+    spec = {
+      "image": tf.TensorSpec([None, None, 3], tf.as_dtype(features["image"].dtype)),
+      "mask": tf.TensorSpec([None, None], tf.as_dtype(features["mask"].dtype)),
+    }
     ds = tf.data.Dataset.from_generator(lambda: iter([features]), output_signature=spec)
   else:
     ds = tf.data.Dataset.from_tensors(features)
@@ -86,8 +88,11 @@ OPS = {
   "random_crop_padded": lambda f: ops.random_crop(f, seed(4), (40, 16)),
   "random_flip_left_right": lambda f: ops.random_flip_left_right(f, seed(5)),
   "normalize": ops.normalize,
-  "chain": lambda f: ops.normalize(ops.random_flip_left_right(
-    ops.random_crop(ops.random_scale(f, seed(1), 0.5, 2.0), seed(2), (24, 24)), seed(3))),
+  "chain": lambda f: ops.normalize(
+    ops.random_flip_left_right(
+      ops.random_crop(ops.random_scale(f, seed(1), 0.5, 2.0), seed(2), (24, 24)), seed(3)
+    )
+  ),
 }
 
 
@@ -131,9 +136,14 @@ def test_resize_matches_numpy(size):
   out = run_eager(lambda f: ops.resize(f, size), features_of(mask, image))
   assert out["mask"].dtype == np.uint8 and out["image"].dtype == np.float32
   np.testing.assert_array_equal(
-    out["mask"], mask[np.ix_(nearest_indices(12, size[0]), nearest_indices(17, size[1]))])
-  expected = np.einsum("yi,ijc,xj->yxc", bilinear_matrix(12, size[0]), image.astype(float),
-                       bilinear_matrix(17, size[1]))
+    out["mask"], mask[np.ix_(nearest_indices(12, size[0]), nearest_indices(17, size[1]))]
+  )
+  expected = np.einsum(
+    "yi,ijc,xj->yxc",
+    bilinear_matrix(12, size[0]),
+    image.astype(float),
+    bilinear_matrix(17, size[1]),
+  )
   np.testing.assert_allclose(out["image"], expected, atol=1e-3)
 
 
@@ -160,11 +170,11 @@ def test_pad_to_size_matches_numpy():
   rng = np.random.default_rng(3)
   image = rng.integers(1, 256, (10, 30, 3), dtype=np.uint8)
   mask = rng.integers(0, 5, (10, 30), dtype=np.uint8)
-  out = run_eager(lambda f: ops.pad_to_size(f, (16, 20), ignore_label=250),
-                  features_of(mask, image))
+  out = run_eager(
+    lambda f: ops.pad_to_size(f, (16, 20), ignore_label=250), features_of(mask, image)
+  )
   np.testing.assert_array_equal(out["image"], np.pad(image, [(0, 6), (0, 0), (0, 0)]))
-  np.testing.assert_array_equal(out["mask"], np.pad(mask, [(0, 6), (0, 0)],
-                                                    constant_values=250))
+  np.testing.assert_array_equal(out["mask"], np.pad(mask, [(0, 6), (0, 0)], constant_values=250))
 
 
 def test_random_crop_is_an_aligned_window():
@@ -176,8 +186,8 @@ def test_random_crop_is_an_aligned_window():
     assert out["image"].shape == (16, 24, 3) and out["mask"].shape == (16, 24)
     oy, ox = out["image"][0, 0, :2].astype(int)
     assert 0 <= oy <= 24 and 0 <= ox <= 8
-    np.testing.assert_array_equal(out["image"], features["image"][oy:oy + 16, ox:ox + 24])
-    np.testing.assert_array_equal(out["mask"], mask[oy:oy + 16, ox:ox + 24])
+    np.testing.assert_array_equal(out["image"], features["image"][oy : oy + 16, ox : ox + 24])
+    np.testing.assert_array_equal(out["mask"], mask[oy : oy + 16, ox : ox + 24])
     assert_crop_flip_aligned(out, mask)
     offsets.add((oy, ox))
   assert len(offsets) >= 5
@@ -194,8 +204,8 @@ def test_random_crop_pads_smaller_inputs(dynamic):
     ox = int(image[0, 0, 1])
     padded_image = np.pad(features["image"], [(0, 4), (0, 0), (0, 0)])
     padded_mask = np.pad(mask, [(0, 4), (0, 0)], constant_values=IGNORE)
-    np.testing.assert_array_equal(image, padded_image[:, ox:ox + 24])
-    np.testing.assert_array_equal(out_mask, padded_mask[:, ox:ox + 24])
+    np.testing.assert_array_equal(image, padded_image[:, ox : ox + 24])
+    np.testing.assert_array_equal(out_mask, padded_mask[:, ox : ox + 24])
     assert np.all(out_mask[12:] == IGNORE) and np.all(image[12:] == 0)
   # Smaller on both sides: nothing to choose, the input sits top left.
   small = features_of(mask[:10, :9], features["image"][:10, :9])
@@ -247,8 +257,10 @@ def test_normalize_matches_numpy():
   assert out["image"].dtype == np.float32 and out["mask"].dtype == np.int32
   np.testing.assert_allclose(out["image"], (image - mean) / std, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out["mask"], mask)
-  custom = run_eager(lambda f: ops.normalize(f, mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0)),
-                     features_of(mask, image.astype(np.float32)))
+  custom = run_eager(
+    lambda f: ops.normalize(f, mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0)),
+    features_of(mask, image.astype(np.float32)),
+  )
   np.testing.assert_allclose(custom["image"], (image - [1, 2, 3]) / [2, 4, 8], rtol=1e-6)
 
 

@@ -71,7 +71,7 @@ def find_window(image, sources, size):
       src = source[:, ::-1] if flipped else source
       ys, xs = np.nonzero(np.all(src == image[0, 0], -1))
       for y, x in zip(ys, xs):
-        if np.array_equal(src[y:y + size[0], x:x + size[1]], image):
+        if np.array_equal(src[y : y + size[0], x : x + size[1]], image):
           found.append((i, flipped, y, x))
   return found
 
@@ -83,13 +83,12 @@ def test_shapes_train_crop_and_flip_keep_alignment():
   sources = [generate_example(config.seed, "train", i, (32, 32)) for i in range(12)]
   flips = []
   for batch in take(pipeline.train_dataset(config, local_batch_size=4), 3):
-    for image, mask in zip(np.round(denormalize(batch["image"])).astype(np.uint8),
-                           batch["mask"]):
+    for image, mask in zip(np.round(denormalize(batch["image"])).astype(np.uint8), batch["mask"]):
       found = find_window(image, [s["image"] for s in sources], (24, 24))
       assert len(found) == 1
       i, flipped, y, x = found[0]
       src_mask = sources[i]["mask"][:, ::-1] if flipped else sources[i]["mask"]
-      np.testing.assert_array_equal(mask, src_mask[y:y + 24, x:x + 24])
+      np.testing.assert_array_equal(mask, src_mask[y : y + 24, x : x + 24])
       flips.append(flipped)
   assert 0 < sum(flips) < len(flips)
 
@@ -130,8 +129,9 @@ def test_train_is_deterministic_per_seed_and_process():
   def first_batch(seed=0, process_index=0, process_count=1):
     config = shapes_config()
     config.seed = seed
-    ds = pipeline.train_dataset(config, local_batch_size=4, process_index=process_index,
-                                process_count=process_count)
+    ds = pipeline.train_dataset(
+      config, local_batch_size=4, process_index=process_index, process_count=process_count
+    )
     return take(ds, 1)[0]
 
   a, b = first_batch(), first_batch()
@@ -158,8 +158,11 @@ def eval_rows(ds):
 
 
 def index_of(row, references):
-  matches = [i for i, r in enumerate(references)
-             if np.array_equal(row[1], r["mask"]) and np.allclose(row[0], r["image"], atol=1e-4)]
+  matches = [
+    i
+    for i, r in enumerate(references)
+    if np.array_equal(row[1], r["mask"]) and np.allclose(row[0], r["image"], atol=1e-4)
+  ]
   assert len(matches) == 1
   return matches[0]
 
@@ -187,13 +190,16 @@ def test_eval_covers_every_example_once_and_pads_the_last_batch():
 def test_eval_process_shares_are_disjoint_and_cover_the_split():
   config = eval_config(9)  # 5 + 4 examples: 2 and 1 batches of 4
   references = normalized_eval_examples(config, 9)
-  own = [pipeline.eval_dataset(config, local_batch_size=4, process_index=p, process_count=2)[1]
-         for p in range(2)]
+  own = [
+    pipeline.eval_dataset(config, local_batch_size=4, process_index=p, process_count=2)[1]
+    for p in range(2)
+  ]
   assert own == [2, 1]
   seen = []
   for p in range(2):
-    ds, num_batches = pipeline.eval_dataset(config, local_batch_size=4, process_index=p,
-                                            process_count=2, num_batches=max(own))
+    ds, num_batches = pipeline.eval_dataset(
+      config, local_batch_size=4, process_index=p, process_count=2, num_batches=max(own)
+    )
     assert num_batches == 2 and len(list(ds.as_numpy_iterator())) == 2
     part = [index_of(row, references) for row in eval_rows(ds)]
     assert len(part) == [5, 4][p]
@@ -216,8 +222,7 @@ def pets_config(fake_pets):
 def assert_pets_aligned(image, mask):
   """Mask vs the class the image colour encodes, away from block edges; padding is blank."""
   colours = np.array(list(PET_COLOURS.values()))
-  decoded = np.array(list(PET_COLOURS))[
-    np.abs(image[:, :, None] - colours).sum(-1).argmin(-1)]
+  decoded = np.array(list(PET_COLOURS))[np.abs(image[:, :, None] - colours).sum(-1).argmin(-1)]
   padded = mask == IGNORE
   np.testing.assert_allclose(image[padded], 0, atol=1e-3)
   assert np.all(image[~padded].max(-1) > 60)  # every pet colour mix is far from black

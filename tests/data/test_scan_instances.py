@@ -39,8 +39,15 @@ def test_counts_follow_the_source(coco_data):
 
 def test_command_prints_the_distribution(coco_data):
   out = subprocess.run(
-    [sys.executable, "-m", "segjax.data.scan_instances",
-     f"--annotation_file={coco_data.annotation_file}"],
-    capture_output=True, text=True, check=True).stdout
+    [
+      sys.executable,
+      "-m",
+      "segjax.data.scan_instances",
+      f"--annotation_file={coco_data.annotation_file}",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   assert "images: 4" in out and "max 5" in out and "p99.9:" in out
   assert "suggested max_instances: 8 (truncates 0 images)" in out

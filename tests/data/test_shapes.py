@@ -19,8 +19,10 @@ def test_examples_are_a_function_of_seed_split_and_index():
   assert set(a) == {"image", "mask", *INSTANCE_KEYS}
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  others = [generate_example(*args, (32, 40))
-            for args in [(4, "train", 5), (3, "validation", 5), (3, "test", 5), (3, "train", 6)]]
+  others = [
+    generate_example(*args, (32, 40))
+    for args in [(4, "train", 5), (3, "validation", 5), (3, "test", 5), (3, "train", 6)]
+  ]
   for other in others:
     assert not np.array_equal(a["image"], other["image"])
     assert not np.array_equal(a["mask"], other["mask"])
@@ -105,26 +107,34 @@ def test_class_is_not_predictable_from_colour():
 
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_host_shards_are_disjoint_and_cover_the_split(process_count):
-  everything = list(shapes("validation", num_examples=7, image_size=(16, 16), seed=1)
-                    .as_numpy_iterator())
+  everything = list(
+    shapes("validation", num_examples=7, image_size=(16, 16), seed=1).as_numpy_iterator()
+  )
   assert len(everything) == 7
   seen = []
   for p in range(process_count):
-    ds = shapes("validation", num_examples=7, image_size=(16, 16), seed=1, process_index=p,
-                process_count=process_count)
+    ds = shapes(
+      "validation",
+      num_examples=7,
+      image_size=(16, 16),
+      seed=1,
+      process_index=p,
+      process_count=process_count,
+    )
     part = list(ds.as_numpy_iterator())
     assert int(ds.cardinality()) == len(part)
     for e in part:
       matches = [i for i, x in enumerate(everything) if np.array_equal(x["image"], e["image"])]
       assert len(matches) == 1
       seen.append(matches[0])
-    assert seen[-len(part):] == list(range(p, 7, process_count))
+    assert seen[-len(part) :] == list(range(p, 7, process_count))
   assert sorted(seen) == list(range(7))
 
 
 def test_dataset_matches_generate_example_and_has_instance_keys_on_request():
-  ds = shapes("train", num_examples=3, image_size=(24, 40), seed=2, max_instances=6,
-              with_instances=True)
+  ds = shapes(
+    "train", num_examples=3, image_size=(24, 40), seed=2, max_instances=6, with_instances=True
+  )
   assert ds.element_spec == {
     "image": tf.TensorSpec((24, 40, 3), tf.uint8),
     "mask": tf.TensorSpec((24, 40), tf.uint8),

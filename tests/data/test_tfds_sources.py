@@ -11,13 +11,40 @@ from segjax.data.tfds_sources import cityscapes, oxford_iiit_pet
 
 # Official cityscapesScripts labels.py: trainId of labelIds 0..33, transcribed independently.
 OFFICIAL_TRAIN_IDS = [
-    255, 255, 255, 255, 255, 255, 255,  # unlabeled .. ground
-    0, 1, 255, 255,                     # road, sidewalk, parking, rail track
-    2, 3, 4, 255, 255, 255,             # building, wall, fence, guard rail, bridge, tunnel
-    5, 255, 6, 7,                       # pole, polegroup, traffic light, traffic sign
-    8, 9, 10, 11, 12,                   # vegetation, terrain, sky, person, rider
-    13, 14, 15, 255, 255,               # car, truck, bus, caravan, trailer
-    16, 17, 18,                         # train, motorcycle, bicycle
+  255,
+  255,
+  255,
+  255,
+  255,
+  255,
+  255,  # unlabeled .. ground
+  0,
+  1,
+  255,
+  255,  # road, sidewalk, parking, rail track
+  2,
+  3,
+  4,
+  255,
+  255,
+  255,  # building, wall, fence, guard rail, bridge, tunnel
+  5,
+  255,
+  6,
+  7,  # pole, polegroup, traffic light, traffic sign
+  8,
+  9,
+  10,
+  11,
+  12,  # vegetation, terrain, sky, person, rider
+  13,
+  14,
+  15,
+  255,
+  255,  # car, truck, bus, caravan, trailer
+  16,
+  17,
+  18,  # train, motorcycle, bicycle
 ]
 
 
@@ -55,8 +82,9 @@ def test_pets_masks_are_trimap_classes_aligned_with_images(fake_pets, split):
 
 
 def test_pets_native_sizes(fake_pets):
-  sizes = sorted(ex["mask"].shape for ex in _examples(
-      oxford_iiit_pet("train", data_dir=fake_pets.data_dir)))
+  sizes = sorted(
+    ex["mask"].shape for ex in _examples(oxford_iiit_pet("train", data_dir=fake_pets.data_dir))
+  )
   assert sizes == [(32, 80), (48, 64), (64, 32)]
 
 
@@ -69,27 +97,32 @@ def test_class_names():
 
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_pets_host_parts_are_disjoint_and_cover_the_split(fake_pets, process_count):
-  full = [_fingerprint(ex) for ex in _examples(
-      oxford_iiit_pet("train", data_dir=fake_pets.data_dir))]
+  full = [
+    _fingerprint(ex) for ex in _examples(oxford_iiit_pet("train", data_dir=fake_pets.data_dir))
+  ]
   parts = []
   for index in range(process_count):
     ds = oxford_iiit_pet(
-        "train", data_dir=fake_pets.data_dir, process_index=index,
-        process_count=process_count,
+      "train",
+      data_dir=fake_pets.data_dir,
+      process_index=index,
+      process_count=process_count,
     )
     part = [_fingerprint(ex) for ex in _examples(ds)]
     assert ds.cardinality().numpy() == len(part)
     parts.append(part)
   # 3 examples: 2 + 1 for two processes, the remainder going first.
-  assert [len(p) for p in parts] == [len(full) // process_count + (i < len(full) % process_count)
-                                     for i in range(process_count)]
+  assert [len(p) for p in parts] == [
+    len(full) // process_count + (i < len(full) % process_count) for i in range(process_count)
+  ]
   assert sorted(sum(parts, [])) == sorted(full)
   assert len(set(full)) == len(full)
 
 
 def test_order_is_deterministic(fake_pets):
-  read = lambda: [_fingerprint(ex) for ex in _examples(
-      oxford_iiit_pet("train", data_dir=fake_pets.data_dir))]
+  read = lambda: [
+    _fingerprint(ex) for ex in _examples(oxford_iiit_pet("train", data_dir=fake_pets.data_dir))
+  ]
   assert read() == read()
 
 
@@ -128,9 +161,13 @@ def test_cityscapes_masks_are_train_ids_aligned_with_images(fake_cityscapes, spl
 
 def test_cityscapes_host_parts_and_test_split(fake_cityscapes):
   parts = [
-      [_fingerprint(ex) for ex in _examples(cityscapes(
-          "train", data_dir=fake_cityscapes.data_dir, process_index=i, process_count=2))]
-      for i in range(2)
+    [
+      _fingerprint(ex)
+      for ex in _examples(
+        cityscapes("train", data_dir=fake_cityscapes.data_dir, process_index=i, process_count=2)
+      )
+    ]
+    for i in range(2)
   ]
   assert [len(p) for p in parts] == [1, 1] and parts[0] != parts[1]
   assert cityscapes("test", data_dir=fake_cityscapes.data_dir).cardinality().numpy() == 1

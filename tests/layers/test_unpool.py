@@ -17,7 +17,7 @@ def np_pool_with_argmax(x, window):
     for i in range(h // window):
       for j in range(w // window):
         for ch in range(c):
-          win = x[n, i * window:(i + 1) * window, j * window:(j + 1) * window, ch]
+          win = x[n, i * window : (i + 1) * window, j * window : (j + 1) * window, ch]
           dy, dx = np.unravel_index(np.argmax(win), win.shape)
           pooled[n, i, j, ch] = win[dy, dx]
           indices[n, i, j, ch] = (i * window + dy) * w + j * window + dx
@@ -59,8 +59,10 @@ def test_pool_then_unpool_restores_maxima_and_zeros_elsewhere():
   is_max = out != 0
   np.testing.assert_array_equal(out[is_max], x[is_max])
   # Exactly one maximum per window and channel.
-  assert is_max.reshape(2, 4, 2, 3, 2, 3).sum(axis=(2, 4)).tolist() == np.ones((2, 4, 3, 3),
-                                                                                int).tolist()
+  assert (
+    is_max.reshape(2, 4, 2, 3, 2, 3).sum(axis=(2, 4)).tolist()
+    == np.ones((2, 4, 3, 3), int).tolist()
+  )
   # output_shape may also be given as (H, W).
   np.testing.assert_array_equal(max_unpool(pooled, indices, (8, 6)), out)
 
@@ -95,8 +97,9 @@ def test_unpool_gradient_flows_to_pooled_values():
   grad = jax.grad(lambda p: jnp.sum(max_unpool(p, indices, x.shape) * g))(pooled)
   # d/dp sum(unpool(p) * g) = g read at each argmax position.
   flat_g = np.asarray(g).reshape(1, -1, 2)
-  expected = np.stack([flat_g[0, np.asarray(indices)[0, ..., c].ravel(), c].reshape(2, 3)
-                       for c in range(2)], axis=-1)[None]
+  expected = np.stack(
+    [flat_g[0, np.asarray(indices)[0, ..., c].ravel(), c].reshape(2, 3) for c in range(2)], axis=-1
+  )[None]
   np.testing.assert_allclose(grad, expected)
 
 
@@ -109,8 +112,9 @@ def test_jit_and_vmap():
 
   # Any leading axes are batch axes, so vmap down to single (H, W, C) images agrees; jitted
   # because op-by-op vmap is slow to dispatch.
-  expected = np_unpool(*[np.asarray(a).reshape(6, 2, 2, 2) for a in max_pool_with_argmax(x)],
-                       4, 4).reshape(x.shape)
+  expected = np_unpool(
+    *[np.asarray(a).reshape(6, 2, 2, 2) for a in max_pool_with_argmax(x)], 4, 4
+  ).reshape(x.shape)
   np.testing.assert_array_equal(jax.jit(roundtrip)(x), expected)
   np.testing.assert_array_equal(jax.jit(jax.vmap(jax.vmap(roundtrip)))(x), expected)
 

@@ -23,10 +23,10 @@ def np_upconv2x(x, kernel, bias):
 
 def test_upconv2x_matches_numpy_loop():
   rng = np.random.default_rng(0)
-  x, kernel, bias = rng.normal(size=(2, 3, 5, 4)), rng.normal(size=(2, 2, 4, 6)), rng.normal(
-    size=6)
-  out = upconv2x(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
-                 jnp.asarray(bias, jnp.float32))
+  x, kernel, bias = rng.normal(size=(2, 3, 5, 4)), rng.normal(size=(2, 2, 4, 6)), rng.normal(size=6)
+  out = upconv2x(
+    jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), jnp.asarray(bias, jnp.float32)
+  )
   np.testing.assert_allclose(out, np_upconv2x(x, kernel, bias), rtol=1e-5, atol=1e-5)
 
 
@@ -37,17 +37,20 @@ def test_module_is_a_drop_in_for_flax_conv_transpose(padding):
   variables = reference.init(jax.random.key(2), x)
   ours = UpConv2x(5)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) == jax.tree.map(
-    jnp.shape, variables)
+    jnp.shape, variables
+  )
 
   def loss(module, variables, x):
     return jnp.sum(jnp.sin(module.apply(variables, x)))
 
-  np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
   ours_grads = jax.grad(loss, argnums=(1, 2))(ours, variables, x)
   reference_grads = jax.grad(loss, argnums=(1, 2))(reference, variables, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               ours_grads, reference_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours_grads, reference_grads
+  )
 
 
 def test_dtype_and_no_bias():

@@ -16,8 +16,10 @@ def num_params(tree):
 
 def stages(sizes, channels, batch=1, seed=0):
   rng = np.random.default_rng(seed)
-  return {f"c{l}": jnp.asarray(rng.normal(size=(batch, *s, c)), jnp.float32)
-          for l, s, c in zip(range(2, 6), sizes, channels)}
+  return {
+    f"c{l}": jnp.asarray(rng.normal(size=(batch, *s, c)), jnp.float32)
+    for l, s, c in zip(range(2, 6), sizes, channels)
+  }
 
 
 def test_r50_shapes_and_parameter_count():
@@ -25,8 +27,12 @@ def test_r50_shapes_and_parameter_count():
   model = fpn.FPN()
   variables, (out, aux) = jax.eval_shape(lambda: model.init_with_output(KEY, c)[::-1])
   assert {k: v.shape for k, v in out.items()} == {
-      "p2": (2, 16, 24, 256), "p3": (2, 8, 12, 256), "p4": (2, 4, 6, 256),
-      "p5": (2, 2, 3, 256), "p6": (2, 1, 2, 256)}
+    "p2": (2, 16, 24, 256),
+    "p3": (2, 8, 12, 256),
+    "p4": (2, 4, 6, 256),
+    "p5": (2, 2, 3, 256),
+    "p6": (2, 1, 2, 256),
+  }
   assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
   assert sorted(aux) == ["top_down_2", "top_down_3", "top_down_4", "top_down_5"]
   # torchvision FeaturePyramidNetwork([256, 512, 1024, 2048], 256): 984,064 + 2,360,320.
@@ -39,12 +45,17 @@ def test_top_down_sums_p6_and_odd_sizes():
   model = fpn.FPN(out_channels=3)
   (out, aux), variables = jax.jit(model.init_with_output)(KEY, c)
   p = variables["params"]
-  lateral = {l: np.einsum("bhwc,cd->bhwd", c[f"c{l}"], p[f"lateral_{l}"]["kernel"][0, 0])
-             + p[f"lateral_{l}"]["bias"] for l in range(2, 6)}
+  lateral = {
+    l: np.einsum("bhwc,cd->bhwd", c[f"c{l}"], p[f"lateral_{l}"]["kernel"][0, 0])
+    + p[f"lateral_{l}"]["bias"]
+    for l in range(2, 6)
+  }
   expected = lateral[5]
   np.testing.assert_allclose(aux["top_down_5"], expected, rtol=1e-5, atol=1e-5)
   for l in (4, 3, 2):
-    up = np.repeat(np.repeat(expected, 2, axis=1), 2, axis=2)[:, :sizes[l - 2][0], :sizes[l - 2][1]]
+    up = np.repeat(np.repeat(expected, 2, axis=1), 2, axis=2)[
+      :, : sizes[l - 2][0], : sizes[l - 2][1]
+    ]
     expected = lateral[l] + up
     np.testing.assert_allclose(aux[f"top_down_{l}"], expected, rtol=1e-5, atol=1e-5)
   assert [out[f"p{l}"].shape[1:3] for l in range(2, 7)] == sizes + [(1, 1)]
@@ -56,7 +67,9 @@ def test_norm_makes_the_convs_bias_free_and_keeps_the_default_tree():
   init = lambda m: jax.eval_shape(lambda: m.init(KEY, c))
   default, bn, gn = init(fpn.FPN()), init(fpn.FPN(norm="bn")), init(fpn.FPN(norm="gn"))
   assert sorted(default) == ["params"] and sorted(default["params"]["lateral_2"]) == [
-    "bias", "kernel"]
+    "bias",
+    "kernel",
+  ]
   # torchvision FeaturePyramidNetwork(..., norm_layer=BatchNorm2d) (maskrcnn_resnet50_fpn_v2).
   assert num_params(bn["params"]) == 3_346_432
   assert sorted(bn["params"]["lateral_2"]) == ["kernel"]

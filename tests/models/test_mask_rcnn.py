@@ -28,14 +28,26 @@ def num_params(tree):
 
 def toy_model(**roi_overrides):
   return mask_rcnn.MaskRCNN(
-      backbone=ResNet(depth=18, base_width=8, norm="bn", freeze_at=0),
-      fpn=FPN(out_channels=16),
-      rpn=RPN(anchor_sizes=((8,), (16,), (32,), (64,), (128,)), pre_nms_topk_train=64,
-              pre_nms_topk_test=32, post_nms_topk_train=48, post_nms_topk_test=24,
-              batch_size_per_image=64),
-      roi_heads=ROIHeads(num_classes=3, batch_size_per_image=32, fc_dims=(32, 32),
-                         mask_conv_dims=(16, 16), sampling_ratio=2, detections_per_image=8,
-                         **roi_overrides))
+    backbone=ResNet(depth=18, base_width=8, norm="bn", freeze_at=0),
+    fpn=FPN(out_channels=16),
+    rpn=RPN(
+      anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+      pre_nms_topk_train=64,
+      pre_nms_topk_test=32,
+      post_nms_topk_train=48,
+      post_nms_topk_test=24,
+      batch_size_per_image=64,
+    ),
+    roi_heads=ROIHeads(
+      num_classes=3,
+      batch_size_per_image=32,
+      fc_dims=(32, 32),
+      mask_conv_dims=(16, 16),
+      sampling_ratio=2,
+      detections_per_image=8,
+      **roi_overrides,
+    ),
+  )
 
 
 def synthetic_batch(b=2, g=3):
@@ -51,12 +63,12 @@ def synthetic_batch(b=2, g=3):
       masks[i, j, y1:y2, x1:x2] = 1
       image[i, y1:y2, x1:x2, j] += 1.0
   return {
-      "image": jnp.asarray(image),
-      "boxes": jnp.asarray(boxes),
-      "classes": jnp.asarray([[1, 2] + [0] * (g - 2)] * b, jnp.int32),
-      "instance_masks": jnp.asarray(masks),
-      "valid": jnp.asarray([[True, True] + [False] * (g - 2)] * b),
-      "image_size": jnp.asarray(np.array([[H, W], [H - 8, W - 4]])[np.arange(b) % 2], jnp.int32),
+    "image": jnp.asarray(image),
+    "boxes": jnp.asarray(boxes),
+    "classes": jnp.asarray([[1, 2] + [0] * (g - 2)] * b, jnp.int32),
+    "instance_masks": jnp.asarray(masks),
+    "valid": jnp.asarray([[True, True] + [False] * (g - 2)] * b),
+    "image_size": jnp.asarray(np.array([[H, W], [H - 8, W - 4]])[np.arange(b) % 2], jnp.int32),
   }
 
 
@@ -65,8 +77,9 @@ def test_r50_fpn_parameter_count_matches_torchvision():
   # included in its 91; here K = 90 foreground classes plus background 0. Its
   # FrozenBatchNorm2d vectors are buffers; here they are "batch_stats", not "params".
   model = mask_rcnn.MaskRCNN(roi_heads=ROIHeads(num_classes=90))
-  variables = jax.eval_shape(functools.partial(model.init, train=False), KEY,
-                             jnp.zeros((1, H, W, 3)))
+  variables = jax.eval_shape(
+    functools.partial(model.init, train=False), KEY, jnp.zeros((1, H, W, 3))
+  )
   assert sorted(variables["params"]) == ["backbone", "fpn", "roi_heads", "rpn"]
   assert num_params(variables["params"]) == 44_401_393
   assert num_params(variables["params"]["backbone"]) == 23_508_032 - 2 * 26_560
@@ -85,9 +98,13 @@ def test_r50_default_shapes_traced():
 
   detections, aux, (loss, (metrics, _)) = jax.eval_shape(run)
   assert {k: (v.shape, v.dtype) for k, v in detections.items()} == {
-      "boxes": ((1, 100, 4), jnp.float32), "scores": ((1, 100), jnp.float32),
-      "classes": ((1, 100), jnp.int32), "mask_probs": ((1, 100, 28, 28), jnp.float32),
-      "instance_masks": ((1, 100, H, W), jnp.bool_), "valid": ((1, 100), jnp.bool_)}
+    "boxes": ((1, 100, 4), jnp.float32),
+    "scores": ((1, 100), jnp.float32),
+    "classes": ((1, 100), jnp.int32),
+    "mask_probs": ((1, 100, 28, 28), jnp.float32),
+    "instance_masks": ((1, 100, H, W), jnp.bool_),
+    "valid": ((1, 100), jnp.bool_),
+  }
   assert aux["proposals"]["boxes"].shape == (1, 1000, 4)
   assert aux["p6"].shape == (1, 1, 1, 256) and aux["c5"].shape == (1, 2, 2, 2048)
   assert loss.shape == () and loss.dtype == jnp.float32
@@ -102,8 +119,7 @@ def toy_variables():
 
 
 def test_initialize_creates_the_variables_of_call():
-  full = jax.jit(functools.partial(toy_model().init, train=False))(
-      KEY, synthetic_batch()["image"])
+  full = jax.jit(functools.partial(toy_model().init, train=False))(KEY, synthetic_batch()["image"])
   assert jax.tree.structure(full) == jax.tree.structure(toy_variables())
   jax.tree.map(np.testing.assert_array_equal, full, toy_variables())
 
@@ -112,8 +128,13 @@ def test_toy_predict_shapes_and_invariants():
   model, batch = toy_model(score_thresh=0.0), synthetic_batch()
   det = jax.jit(functools.partial(mask_rcnn.predict, model=model))(toy_variables(), batch)
   assert {k: v.shape for k, v in det.items()} == {
-      "boxes": (2, 8, 4), "scores": (2, 8), "classes": (2, 8), "mask_probs": (2, 8, 28, 28),
-      "instance_masks": (2, 8, H, W), "valid": (2, 8)}
+    "boxes": (2, 8, 4),
+    "scores": (2, 8),
+    "classes": (2, 8),
+    "mask_probs": (2, 8, 28, 28),
+    "instance_masks": (2, 8, H, W),
+    "valid": (2, 8),
+  }
   valid = np.asarray(det["valid"])
   assert valid.all()  # untrained scores are near 1/4 per class, all above 0
   scores = np.asarray(det["scores"])
@@ -127,18 +148,24 @@ def test_toy_predict_shapes_and_invariants():
   ys, xs = np.mgrid[:H, :W]
   for i, j in zip(*np.nonzero(valid)):
     x1, y1, x2, y2 = boxes[i, j]
-    inside = (xs + 0.5 >= x1 - 1) & (xs + 0.5 <= x2 + 1) & (ys + 0.5 >= y1 - 1) & (
-        ys + 0.5 <= y2 + 1)
+    inside = (
+      (xs + 0.5 >= x1 - 1) & (xs + 0.5 <= x2 + 1) & (ys + 0.5 >= y1 - 1) & (ys + 0.5 <= y2 + 1)
+    )
     assert not np.any(masks[i, j] & ~inside)
 
 
 def test_toy_training_steps_lower_the_loss():
   model, batch = toy_model(), synthetic_batch()
   variables = toy_variables()
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            batch_stats=variables["batch_stats"], tx=optax.adam(3e-3))
-  step = jax.jit(functools.partial(
-      steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)))
+  state = TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=optax.adam(3e-3),
+  )
+  step = jax.jit(
+    functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model))
+  )
   history = []
   for _ in range(6):
     state, metrics = step(state, batch, KEY)
@@ -150,20 +177,28 @@ def test_toy_training_steps_lower_the_loss():
   assert first["rpn_num_pos_anchors"] > 0 and first["num_fg_rois"] >= 2  # gt boxes are ROIs
   assert last["loss"] < 0.8 * first["loss"], [h["loss"] for h in history]
   # BatchNorm statistics moved (norm="bn").
-  assert not np.allclose(state.batch_stats["backbone"]["stem_norm"]["mean"],
-                         variables["batch_stats"]["backbone"]["stem_norm"]["mean"])
+  assert not np.allclose(
+    state.batch_stats["backbone"]["stem_norm"]["mean"],
+    variables["batch_stats"]["backbone"]["stem_norm"]["mean"],
+  )
 
 
 def test_create_model_builds_nested_sections():
-  config = ml_collections.ConfigDict(dict(
+  config = ml_collections.ConfigDict(
+    dict(
       name="mask_rcnn",
       backbone=dict(depth=18, base_width=8, dtype="bfloat16"),
       rpn=dict(anchor_sizes=[[8], [16], [32], [64], [128]], post_nms_topk_train=100),
-      roi_heads=dict(num_classes=3)))
+      roi_heads=dict(num_classes=3),
+    )
+  )
   model = create_model(config)
   assert isinstance(model, mask_rcnn.MaskRCNN)
   assert (model.backbone.depth, model.backbone.base_width, model.backbone.norm) == (
-      18, 8, "frozen_bn")
+    18,
+    8,
+    "frozen_bn",
+  )
   assert model.backbone.dtype == jnp.bfloat16
   assert model.rpn.post_nms_topk_train == 100 and model.rpn.pre_nms_topk_train == 2000
   assert model.roi_heads.num_classes == 3 and model.fpn.out_channels == 256
@@ -197,21 +232,28 @@ def test_batch_norm_in_fpn_and_heads_trains_its_statistics():
   # torchvision maskrcnn_resnet50_fpn_v2's options on the toy: BN in the FPN and both heads,
   # two RPN convs, a conv box head. Traced only: the losses and the updated statistics.
   model = toy_model(box_conv_dims=(16, 16), norm="bn")
-  model = model.clone(fpn=FPN(out_channels=16, norm="bn"), rpn=model.rpn.clone(num_convs=2),
-                      roi_heads=model.roi_heads.clone(fc_dims=(32,)))
+  model = model.clone(
+    fpn=FPN(out_channels=16, norm="bn"),
+    rpn=model.rpn.clone(num_convs=2),
+    roi_heads=model.roi_heads.clone(fc_dims=(32,)),
+  )
   batch = synthetic_batch()
 
   def run():
-    variables = model.init(KEY, batch["image"], train=False,
-                           method=mask_rcnn.MaskRCNN.initialize)
+    variables = model.init(KEY, batch["image"], train=False, method=mask_rcnn.MaskRCNN.initialize)
     return variables, mask_rcnn.loss_fn(variables, batch, KEY, model=model)
 
   variables, (loss, (metrics, updates)) = jax.eval_shape(run)
   assert loss.shape == () and "loss_mask" in metrics
   stats = updates["batch_stats"]
   assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
-  assert sorted(stats["fpn"]) == [f"{k}_{l}_norm" for k in ("lateral", "output")
-                                  for l in range(2, 6)]
+  assert sorted(stats["fpn"]) == [
+    f"{k}_{l}_norm" for k in ("lateral", "output") for l in range(2, 6)
+  ]
   assert sorted(stats["roi_heads"]["box_head"]) == ["conv1_norm", "conv2_norm"]
-  assert sorted(variables["params"]["rpn"]) == ["anchor_deltas", "conv", "conv2",
-                                                "objectness_logits"]
+  assert sorted(variables["params"]["rpn"]) == [
+    "anchor_deltas",
+    "conv",
+    "conv2",
+    "objectness_logits",
+  ]

@@ -26,8 +26,12 @@ def init_shapes(model, shape=(1, 64, 64, 3)):
 
 # torchvision resnet{18,34,50,101} minus the final fc (weights 512|2048 x 1000 + 1000 biases),
 # with ordinary BatchNorm whose scale and bias are parameters.
-TORCHVISION_NO_FC = {18: 11_689_512 - 513_000, 34: 21_797_672 - 513_000,
-                     50: 25_557_032 - 2_049_000, 101: 44_549_160 - 2_049_000}
+TORCHVISION_NO_FC = {
+  18: 11_689_512 - 513_000,
+  34: 21_797_672 - 513_000,
+  50: 25_557_032 - 2_049_000,
+  101: 44_549_160 - 2_049_000,
+}
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
@@ -46,12 +50,14 @@ def test_frozen_bn_vectors_are_not_parameters():
   assert num_params(gn["params"]) == 23_508_032 and "batch_stats" not in gn
 
 
-@pytest.mark.parametrize("depth,channels", [(18, (64, 128, 256, 512)),
-                                            (50, (256, 512, 1024, 2048))])
+@pytest.mark.parametrize(
+  "depth,channels", [(18, (64, 128, 256, 512)), (50, (256, 512, 1024, 2048))]
+)
 def test_stage_shapes(depth, channels):
   _, (out, aux) = init_shapes(resnet.ResNet(depth=depth), (2, 64, 96, 3))
   assert {k: v.shape for k, v in out.items()} == {
-      f"c{l}": (2, 64 // 2**l, 96 // 2**l, c) for l, c in zip(range(2, 6), channels)}
+    f"c{l}": (2, 64 // 2**l, 96 // 2**l, c) for l, c in zip(range(2, 6), channels)
+  }
   assert aux["stem"].shape == (2, 16, 24, 64) and aux["c1"].shape == (2, 32, 48, 64)
   assert all(v.dtype == jnp.float32 for v in out.values())
 
@@ -59,7 +65,11 @@ def test_stage_shapes(depth, channels):
 def test_odd_sizes_round_up_and_toy_width():
   _, (out, _) = init_shapes(resnet.ResNet(depth=18, base_width=8), (1, 65, 47, 3))
   assert [v.shape for v in out.values()] == [
-      (1, 17, 12, 8), (1, 9, 6, 16), (1, 5, 3, 32), (1, 3, 2, 64)]
+    (1, 17, 12, 8),
+    (1, 9, 6, 16),
+    (1, 5, 3, 32),
+    (1, 3, 2, 64),
+  ]
 
 
 def test_bfloat16_computation_keeps_float32_params():
@@ -71,8 +81,9 @@ def test_bfloat16_computation_keeps_float32_params():
 def test_frozen_batch_norm_formula():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
-  stats = {k: rng.uniform(0.5, 2.0, size=(4,)).astype(np.float32)
-           for k in ("scale", "bias", "mean", "var")}
+  stats = {
+    k: rng.uniform(0.5, 2.0, size=(4,)).astype(np.float32) for k in ("scale", "bias", "mean", "var")
+  }
   y = resnet.FrozenBatchNorm().apply({"batch_stats": stats}, x)
   expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * stats["scale"] + stats["bias"]
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
@@ -87,9 +98,14 @@ def test_freeze_at_stops_gradients_and_statistics():
     variables = model.init(KEY, x, train=False)
 
     def loss(p):
-      (out, _), upd = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
-                                  train=True, mutable=["batch_stats"])
-      return sum(jnp.sum(v ** 2) for v in out.values()), upd
+      (out, _), upd = model.apply(
+        {"params": p, "batch_stats": variables["batch_stats"]},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return sum(jnp.sum(v**2) for v in out.values()), upd
+
     return variables["batch_stats"], *jax.grad(loss, has_aux=True)(variables["params"])
 
   old, grads, updates = init_grads_and_stats()
@@ -105,7 +121,8 @@ def test_freeze_at_stops_gradients_and_statistics():
 def test_batch_norm_axis_name_averages_statistics_across_devices():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
   variables = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0).init(
-      KEY, x, train=False)
+    KEY, x, train=False
+  )
 
   def stats(axis_name, images):
     model = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0, axis_name=axis_name)
@@ -114,8 +131,9 @@ def test_batch_norm_axis_name_averages_statistics_across_devices():
   whole = jax.jit(lambda images: stats(None, images))(x)
   # One image per simulated device; axis_name makes the moments cross-device means.
   per_device = jax.jit(jax.vmap(lambda image: stats("i", image[None]), axis_name="i"))(x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5),
-               whole, per_device)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5), whole, per_device
+  )
   jax.tree.map(lambda b: np.testing.assert_array_equal(b[0], b[-1]), per_device)
 
 

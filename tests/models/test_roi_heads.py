@@ -22,8 +22,11 @@ def test_head_shapes_and_torchvision_parameter_counts():
   x7, x14 = jnp.zeros((2, 5, 7, 7, 256)), jnp.zeros((2, 5, 14, 14, 256))
   bv, (logits, deltas) = jax.eval_shape(lambda: box.init_with_output(KEY, x7)[::-1])
   mv, masks = jax.eval_shape(lambda: mask.init_with_output(KEY, x14)[::-1])
-  assert (logits.shape, deltas.shape, masks.shape) == ((2, 5, 91), (2, 5, 91, 4),
-                                                       (2, 5, 28, 28, 91))
+  assert (logits.shape, deltas.shape, masks.shape) == (
+    (2, 5, 91),
+    (2, 5, 91, 4),
+    (2, 5, 28, 28, 91),
+  )
   assert {logits.dtype, deltas.dtype, masks.dtype} == {jnp.dtype(jnp.float32)}
   assert num_params(bv["params"]) == 13_895_680 + 466_375
   assert num_params(mv["params"]) == 2_360_320 + 285_787
@@ -37,8 +40,11 @@ def test_conv_box_head_and_normed_heads_match_torchvision_v2_parameter_counts():
   x7, x14 = jnp.zeros((2, 5, 7, 7, 256)), jnp.zeros((2, 5, 14, 14, 256))
   bv, (logits, deltas) = jax.eval_shape(lambda: box.init_with_output(KEY, x7)[::-1])
   mv, masks = jax.eval_shape(lambda: mask.init_with_output(KEY, x14)[::-1])
-  assert (logits.shape, deltas.shape, masks.shape) == ((2, 5, 91), (2, 5, 91, 4),
-                                                       (2, 5, 28, 28, 91))
+  assert (logits.shape, deltas.shape, masks.shape) == (
+    (2, 5, 91),
+    (2, 5, 91, 4),
+    (2, 5, 28, 28, 91),
+  )
   assert num_params(bv["params"]) == 15_207_424 + 466_375
   assert num_params(mv["params"]) == 2_361_344 + 285_787
   assert sorted(bv["params"]["conv1"]) == ["kernel"]  # Bias-free before a norm.
@@ -59,8 +65,9 @@ def test_batch_norm_statistics_count_only_valid_rois():
   (logits, _), stats = run(x.at[~valid].set(100.0), valid)  # Padding must not count.
   (ref_logits, _), ref_stats = run(x[valid], None)
   np.testing.assert_allclose(logits[valid], ref_logits, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               stats, ref_stats)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), stats, ref_stats
+  )
   # No valid ROI (no foreground for the mask head): all rows count rather than none (NaN).
   (logits, _), stats = run(x, np.zeros((2, 5), bool))
   assert np.isfinite(logits).all() and all(np.isfinite(v).all() for v in jax.tree.leaves(stats))
@@ -68,54 +75,79 @@ def test_batch_norm_statistics_count_only_valid_rois():
 
 def _sample(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, **kw):
   fn = functools.partial(roi_heads.label_and_sample_proposals, **kw)
-  return jax.jit(fn)(jnp.asarray(proposals, jnp.float32), jnp.asarray(proposal_valid),
-                     jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_classes, jnp.int32),
-                     jnp.asarray(gt_valid), KEY)
+  return jax.jit(fn)(
+    jnp.asarray(proposals, jnp.float32),
+    jnp.asarray(proposal_valid),
+    jnp.asarray(gt_boxes, jnp.float32),
+    jnp.asarray(gt_classes, jnp.int32),
+    jnp.asarray(gt_valid),
+    KEY,
+  )
 
 
 def test_label_and_sample_proposals():
   gt = [[0, 0, 20, 20], [40, 40, 60, 60], [0, 0, 0, 0]]
-  proposals = [[1, 1, 21, 21],   # IoU 0.82 with gt 0 -> class 3
-               [0, 0, 10, 20],   # IoU 0.5 with gt 0 -> class 3 (threshold inclusive)
-               [41, 40, 60, 60],  # IoU 0.95 with gt 1 -> class 1
-               [30, 30, 45, 45],  # IoU < 0.5 -> background
-               [1, 1, 21, 21]]   # padding: never sampled
-  out = _sample(proposals, [True, True, True, True, False], gt, [3, 1, 0], [True, True, False],
-                num_samples=8, positive_fraction=0.75)
+  proposals = [
+    [1, 1, 21, 21],  # IoU 0.82 with gt 0 -> class 3
+    [0, 0, 10, 20],  # IoU 0.5 with gt 0 -> class 3 (threshold inclusive)
+    [41, 40, 60, 60],  # IoU 0.95 with gt 1 -> class 1
+    [30, 30, 45, 45],  # IoU < 0.5 -> background
+    [1, 1, 21, 21],
+  ]  # padding: never sampled
+  out = _sample(
+    proposals,
+    [True, True, True, True, False],
+    gt,
+    [3, 1, 0],
+    [True, True, False],
+    num_samples=8,
+    positive_fraction=0.75,
+  )
   assert out["boxes"].shape == (8, 4) and out["valid"].shape == (8,)
   valid, classes = np.asarray(out["valid"]), np.asarray(out["classes"])
   # 2 ground truths (added as proposals) + 3 foreground proposals = 5 fg, 1 bg, 2 empty.
   np.testing.assert_array_equal(valid, [True] * 6 + [False] * 2)
   assert sorted(classes[:5]) == [1, 1, 3, 3, 3] and classes[5] == 0
   fg_boxes = {tuple(b) for b in np.asarray(out["boxes"][:5]).tolist()}
-  assert fg_boxes == {(0, 0, 20, 20), (40, 40, 60, 60), (1, 1, 21, 21), (0, 0, 10, 20),
-                      (41, 40, 60, 60)}
+  assert fg_boxes == {
+    (0, 0, 20, 20),
+    (40, 40, 60, 60),
+    (1, 1, 21, 21),
+    (0, 0, 10, 20),
+    (41, 40, 60, 60),
+  }
   np.testing.assert_array_equal(out["boxes"][5], [30, 30, 45, 45])
   for i in range(5):
     g = int(out["gt_index"][i])
     assert [3, 1][g] == classes[i]
     np.testing.assert_array_equal(out["gt_boxes"][i], gt[g])
   # At most int(S * fraction) foregrounds, always first.
-  out = _sample(proposals, [True] * 4 + [False], gt, [3, 1, 0], [True, True, False],
-                num_samples=4, positive_fraction=0.5)
+  out = _sample(
+    proposals,
+    [True] * 4 + [False],
+    gt,
+    [3, 1, 0],
+    [True, True, False],
+    num_samples=4,
+    positive_fraction=0.5,
+  )
   np.testing.assert_array_equal(out["classes"][:2] > 0, True)
   np.testing.assert_array_equal(out["classes"][2:], 0)
   assert int(out["valid"].sum()) == 3  # only one background exists
 
 
 def test_label_and_sample_without_ground_truth_is_all_background():
-  out = _sample([[1, 1, 21, 21], [5, 5, 9, 9]], [True, True], [[0, 0, 0, 0]], [0], [False],
-                num_samples=4)
+  out = _sample(
+    [[1, 1, 21, 21], [5, 5, 9, 9]], [True, True], [[0, 0, 0, 0]], [0], [False], num_samples=4
+  )
   np.testing.assert_array_equal(out["valid"], [True, True, False, False])
   np.testing.assert_array_equal(out["classes"], 0)
 
 
 def _box_case(seed=0):
   rng = np.random.default_rng(seed)
-  proposals = np.array([[10, 10, 30, 40], [5, 0, 25, 20], [0, 0, 50, 50], [3, 3, 9, 9]],
-                       np.float32)
-  gt_boxes = np.array([[12, 8, 32, 44], [4, 2, 22, 20], [0, 0, 0, 0], [0, 0, 0, 0]],
-                      np.float32)
+  proposals = np.array([[10, 10, 30, 40], [5, 0, 25, 20], [0, 0, 50, 50], [3, 3, 9, 9]], np.float32)
+  gt_boxes = np.array([[12, 8, 32, 44], [4, 2, 22, 20], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32)
   classes = np.array([2, 1, 0, 2], np.int32)
   valid = np.array([True, True, True, False])
   logits = rng.normal(size=(4, 3)).astype(np.float32)
@@ -126,15 +158,20 @@ def _box_case(seed=0):
 def _encode(g, a, w=(10.0, 10.0, 5.0, 5.0)):
   wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
   wg, hg = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
-  return np.stack([w[0] * (g[:, 0] + wg / 2 - a[:, 0] - wa / 2) / wa,
-                   w[1] * (g[:, 1] + hg / 2 - a[:, 1] - ha / 2) / ha,
-                   w[2] * np.log(wg / wa), w[3] * np.log(hg / ha)], -1)
+  return np.stack(
+    [
+      w[0] * (g[:, 0] + wg / 2 - a[:, 0] - wa / 2) / wa,
+      w[1] * (g[:, 1] + hg / 2 - a[:, 1] - ha / 2) / ha,
+      w[2] * np.log(wg / wa),
+      w[3] * np.log(hg / ha),
+    ],
+    -1,
+  )
 
 
 def test_box_loss_matches_numpy():
   logits, deltas, proposals, classes, gt_boxes, valid = _box_case()
-  losses, metrics = jax.jit(roi_heads.box_loss)(logits, deltas, proposals, classes, gt_boxes,
-                                                valid)
+  losses, metrics = jax.jit(roi_heads.box_loss)(logits, deltas, proposals, classes, gt_boxes, valid)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ce = -log_p[np.arange(4), classes]
   np.testing.assert_allclose(losses["loss_cls"], ce[:3].mean(), rtol=1e-5)
@@ -189,17 +226,22 @@ def test_mask_loss_known_values():
 
 def test_mask_loss_without_foreground_is_zero_with_finite_gradient():
   logits = jnp.ones((2, 4, 4, 3))
-  fn = lambda x: roi_heads.mask_loss(x, jnp.ones((2, 4, 4)), jnp.array([0, 2]),
-                                     jnp.array([True, False]))[0]["loss_mask"]
+  fn = lambda x: roi_heads.mask_loss(
+    x, jnp.ones((2, 4, 4)), jnp.array([0, 2]), jnp.array([True, False])
+  )[0]["loss_mask"]
   loss, grad = jax.value_and_grad(fn)(logits)
   assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0)
 
 
 def _postprocess(logits, deltas, proposals, proposal_valid, image_size, **kw):
   fn = functools.partial(roi_heads.postprocess, **kw)
-  return jax.jit(fn)(jnp.asarray(logits, jnp.float32), jnp.asarray(deltas, jnp.float32),
-                     jnp.asarray(proposals, jnp.float32), jnp.asarray(proposal_valid),
-                     jnp.asarray(image_size))
+  return jax.jit(fn)(
+    jnp.asarray(logits, jnp.float32),
+    jnp.asarray(deltas, jnp.float32),
+    jnp.asarray(proposals, jnp.float32),
+    jnp.asarray(proposal_valid),
+    jnp.asarray(image_size),
+  )
 
 
 def _logits_for(probs):
@@ -208,26 +250,39 @@ def _logits_for(probs):
 
 
 def test_postprocess_threshold_nms_and_static_shapes():
-  proposals = [[0, 0, 20, 20], [1, 1, 21, 21], [30, 30, 50, 50], [0, 0, 20, 20],
-               [60, 0, 90, 20]]
-  probs = [[0.1, 0.8, 0.1],     # class 1, 0.8
-           [0.1, 0.6, 0.3],     # class 1 suppressed by the first; class 2 (0.3) kept
-           [0.96, 0.03, 0.01],  # below the 0.05 threshold everywhere
-           [0.02, 0.01, 0.97],  # invalid proposal: ignored
-           [0.5, 0.46, 0.04]]   # class 1 kept; its box is clipped to the image width 80
-  out = _postprocess(_logits_for(probs), np.zeros((5, 3, 4)), proposals,
-                     [True, True, True, False, True], [64, 80], max_detections=4)
+  proposals = [[0, 0, 20, 20], [1, 1, 21, 21], [30, 30, 50, 50], [0, 0, 20, 20], [60, 0, 90, 20]]
+  probs = [
+    [0.1, 0.8, 0.1],  # class 1, 0.8
+    [0.1, 0.6, 0.3],  # class 1 suppressed by the first; class 2 (0.3) kept
+    [0.96, 0.03, 0.01],  # below the 0.05 threshold everywhere
+    [0.02, 0.01, 0.97],  # invalid proposal: ignored
+    [0.5, 0.46, 0.04],
+  ]  # class 1 kept; its box is clipped to the image width 80
+  out = _postprocess(
+    _logits_for(probs),
+    np.zeros((5, 3, 4)),
+    proposals,
+    [True, True, True, False, True],
+    [64, 80],
+    max_detections=4,
+  )
   assert {k: v.shape for k, v in out.items()} == {
-      "boxes": (4, 4), "scores": (4,), "classes": (4,), "valid": (4,)}
+    "boxes": (4, 4),
+    "scores": (4,),
+    "classes": (4,),
+    "valid": (4,),
+  }
   assert out["classes"].dtype == jnp.int32
   np.testing.assert_array_equal(out["valid"], [True, True, True, False])
   np.testing.assert_allclose(out["scores"], [0.8, 0.46, 0.3, 0.0], rtol=1e-5)
   np.testing.assert_array_equal(out["classes"], [1, 1, 2, 0])
-  np.testing.assert_allclose(out["boxes"], [[0, 0, 20, 20], [60, 0, 80, 20], [1, 1, 21, 21],
-                                            [0, 0, 0, 0]], atol=1e-4)
+  np.testing.assert_allclose(
+    out["boxes"], [[0, 0, 20, 20], [60, 0, 80, 20], [1, 1, 21, 21], [0, 0, 0, 0]], atol=1e-4
+  )
   # At most max_detections, best first.
-  out = _postprocess(_logits_for(probs), np.zeros((5, 3, 4)), proposals,
-                     [True] * 5, [64, 80], max_detections=2)
+  out = _postprocess(
+    _logits_for(probs), np.zeros((5, 3, 4)), proposals, [True] * 5, [64, 80], max_detections=2
+  )
   np.testing.assert_allclose(out["scores"], [0.97, 0.8], rtol=1e-5)
 
 
@@ -235,8 +290,9 @@ def test_postprocess_decodes_class_specific_deltas():
   proposals = np.array([[10, 10, 30, 30]], np.float32)
   deltas = np.zeros((1, 3, 4), np.float32)
   deltas[0, 2] = _encode(np.array([[12, 14, 36, 30]], np.float32), proposals)[0]
-  out = _postprocess(_logits_for([[0.1, 0.1, 0.8]]), deltas, proposals, [True], [64, 64],
-                     max_detections=3)
+  out = _postprocess(
+    _logits_for([[0.1, 0.1, 0.8]]), deltas, proposals, [True], [64, 64], max_detections=3
+  )
   np.testing.assert_allclose(out["boxes"][0], [12, 14, 36, 30], rtol=1e-5)
   np.testing.assert_allclose(out["boxes"][1], proposals[0], rtol=1e-5)  # class 1, zero deltas
   np.testing.assert_array_equal(out["classes"], [2, 1, 0])
@@ -248,7 +304,8 @@ def test_postprocess_masks_select_the_detected_class_and_paste():
   logits[1, ..., 1] = 10.0  # detection 1 is invalid
   boxes = np.array([[4, 8, 12, 16], [0, 0, 20, 20]], np.float32)
   probs, masks = jax.jit(roi_heads.postprocess_masks, static_argnums=4)(
-      logits, jnp.array([2, 1]), boxes, jnp.array([True, False]), (24, 20))
+    logits, jnp.array([2, 1]), boxes, jnp.array([True, False]), (24, 20)
+  )
   assert probs.shape == (2, 4, 4) and masks.shape == (2, 24, 20) and masks.dtype == jnp.bool_
   np.testing.assert_allclose(probs[0], 1 / (1 + np.exp(-10.0)), rtol=1e-6)
   np.testing.assert_array_equal(probs[1], 0)

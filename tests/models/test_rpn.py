@@ -65,20 +65,29 @@ def test_num_convs_stacks_shared_convs():
 
 def _proposals(objectness, deltas, anchors, image_size, **kw):
   fn = functools.partial(rpn.generate_proposals, **kw)
-  return jax.jit(fn)([jnp.asarray(o, jnp.float32) for o in objectness],
-                     [jnp.asarray(d, jnp.float32) for d in deltas],
-                     [np.asarray(a, np.float32) for a in anchors], jnp.asarray(image_size))
+  return jax.jit(fn)(
+    [jnp.asarray(o, jnp.float32) for o in objectness],
+    [jnp.asarray(d, jnp.float32) for d in deltas],
+    [np.asarray(a, np.float32) for a in anchors],
+    jnp.asarray(image_size),
+  )
 
 
 def test_generate_proposals_topk_nms_clip_and_padding():
-  level0 = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [40, 40, 50, 50],
-            [60, 60, 70, 70]]
+  level0 = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]]
   level1 = [[0, 0, 10, 10], [100, 100, 120, 120]]  # second lies outside the image
   scores0 = [5.0, 4.0, 3.0, 2.0, 1.0]
   scores1 = [0.5, 9.0]
   zeros = [np.zeros((5, 4)), np.zeros((2, 4))]
-  out = _proposals([scores0, scores1], zeros, [level0, level1], [64, 64],
-                   pre_nms_topk=3, post_nms_topk=6, nms_thresh=0.7)
+  out = _proposals(
+    [scores0, scores1],
+    zeros,
+    [level0, level1],
+    [64, 64],
+    pre_nms_topk=3,
+    post_nms_topk=6,
+    nms_thresh=0.7,
+  )
   assert out["boxes"].shape == (6, 4) and out["valid"].shape == (6,)
   # Level 0 keeps its top 3; boxes 0 and 1 overlap at IoU 81/119 = 0.68 <= 0.7, both stay.
   # Level 1: the out-of-image box clips to an empty box and is dropped; the other box
@@ -88,8 +97,15 @@ def test_generate_proposals_topk_nms_clip_and_padding():
   np.testing.assert_allclose(out["boxes"][:4], [level0[0], level0[1], level0[2], level1[0]])
   np.testing.assert_array_equal(out["boxes"][4:], 0)
   # A tighter threshold suppresses the overlapping box of level 0.
-  out = _proposals([scores0, scores1], zeros, [level0, level1], [64, 64],
-                   pre_nms_topk=3, post_nms_topk=6, nms_thresh=0.5)
+  out = _proposals(
+    [scores0, scores1],
+    zeros,
+    [level0, level1],
+    [64, 64],
+    pre_nms_topk=3,
+    post_nms_topk=6,
+    nms_thresh=0.5,
+  )
   np.testing.assert_allclose(out["scores"][:3], [5.0, 3.0, 0.5])
   assert int(out["valid"].sum()) == 3
 
@@ -113,22 +129,44 @@ def _numpy_iou(a, b):
 def _numpy_encode(g, a):
   wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
   wg, hg = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
-  return np.stack([(g[:, 0] + wg / 2 - a[:, 0] - wa / 2) / wa,
-                   (g[:, 1] + hg / 2 - a[:, 1] - ha / 2) / ha,
-                   np.log(wg / wa), np.log(hg / ha)], -1)
+  return np.stack(
+    [
+      (g[:, 0] + wg / 2 - a[:, 0] - wa / 2) / wa,
+      (g[:, 1] + hg / 2 - a[:, 1] - ha / 2) / ha,
+      np.log(wg / wa),
+      np.log(hg / ha),
+    ],
+    -1,
+  )
 
 
-ANCHORS = np.array([[0, 0, 16, 16], [2, 2, 18, 18], [8, 8, 24, 24], [30, 30, 46, 46],
-                    [0, 0, 32, 32], [40, 0, 56, 16]], np.float32)
+ANCHORS = np.array(
+  [
+    [0, 0, 16, 16],
+    [2, 2, 18, 18],
+    [8, 8, 24, 24],
+    [30, 30, 46, 46],
+    [0, 0, 32, 32],
+    [40, 0, 56, 16],
+  ],
+  np.float32,
+)
 GT = np.array([[[1, 1, 17, 17], [0, 0, 0, 0]]], np.float32)
 GT_VALID = np.array([[True, False]])
 
 
 def _rpn_loss(objectness, deltas, beta=0.0):
-  fn = functools.partial(rpn.rpn_loss, batch_size_per_image=8, positive_fraction=0.5,
-                         smooth_l1_beta=beta)
-  return jax.jit(fn)(jnp.asarray(objectness, jnp.float32)[None],
-                     jnp.asarray(deltas, jnp.float32)[None], ANCHORS, GT, GT_VALID, KEY)
+  fn = functools.partial(
+    rpn.rpn_loss, batch_size_per_image=8, positive_fraction=0.5, smooth_l1_beta=beta
+  )
+  return jax.jit(fn)(
+    jnp.asarray(objectness, jnp.float32)[None],
+    jnp.asarray(deltas, jnp.float32)[None],
+    ANCHORS,
+    GT,
+    GT_VALID,
+    KEY,
+  )
 
 
 def test_rpn_loss_matches_numpy():
@@ -152,7 +190,7 @@ def test_rpn_loss_matches_numpy():
   # Smooth L1 with beta 1/9 (torchvision's choice).
   losses_s, _ = _rpn_loss(objectness, deltas, beta=1 / 9)
   r = np.abs(deltas - targets)
-  sl1 = np.where(r < 1 / 9, 0.5 * r ** 2 * 9, r - 0.5 / 9).sum(-1)
+  sl1 = np.where(r < 1 / 9, 0.5 * r**2 * 9, r - 0.5 / 9).sum(-1)
   np.testing.assert_allclose(losses_s["loss_rpn_loc"], sl1[labels == 1].sum() / 8, rtol=1e-5)
 
 
@@ -169,6 +207,9 @@ def test_rpn_loss_perfect_prediction_is_near_zero():
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_smooth_l1(beta):
   x = jnp.array([-2.0, -0.25, 0.0, 0.1, 3.0])
-  expected = np.abs(x) if beta == 0 else np.where(np.abs(x) < beta, 0.5 * x ** 2 / beta,
-                                                   np.abs(x) - 0.5 * beta)
+  expected = (
+    np.abs(x)
+    if beta == 0
+    else np.where(np.abs(x) < beta, 0.5 * x**2 / beta, np.abs(x) - 0.5 * beta)
+  )
   np.testing.assert_allclose(rpn.smooth_l1_loss(x, beta), expected, rtol=1e-6)

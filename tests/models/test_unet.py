@@ -35,8 +35,13 @@ def init_variables(norm, transposed):
   return jax.jit(functools.partial(model.init, train=False))(KEY, IMAGES)
 
 
-AUX_SHAPES = {"encoder_0": (2, 16, 16, 4), "encoder_1": (2, 8, 8, 8), "bottleneck": (2, 4, 4, 16),
-              "decoder_1": (2, 8, 8, 8), "decoder_0": (2, 16, 16, 4)}
+AUX_SHAPES = {
+  "encoder_0": (2, 16, 16, 4),
+  "encoder_1": (2, 8, 8, 8),
+  "bottleneck": (2, 4, 4, 16),
+  "decoder_1": (2, 8, 8, 8),
+  "decoder_0": (2, 16, 16, 4),
+}
 
 
 @pytest.mark.parametrize("norm", unet.NORMS)
@@ -60,7 +65,8 @@ def test_output_shapes(upsampling, norm):
 def test_forward_runs_and_is_finite(upsampling):
   model = tiny(upsampling=upsampling, norm="none")
   logits, aux = jax.jit(functools.partial(model.apply, train=False))(
-      init_variables("none", upsampling == "transpose"), IMAGES)
+    init_variables("none", upsampling == "transpose"), IMAGES
+  )
   assert logits.shape == (2, H, W, 3)
   assert {k: v.shape for k, v in aux.items()} == AUX_SHAPES
   assert np.all(np.isfinite(logits))
@@ -70,8 +76,7 @@ def test_forward_runs_and_is_finite(upsampling):
 def test_non_square_input():
   model = tiny(norm="none", depth=3)
   x = jnp.zeros((1, 8, 24, 3))
-  logits, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x,
-                                                            train=False)[0])
+  logits, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False)[0])
   assert logits.shape == (1, 8, 24, 3)
 
 
@@ -95,24 +100,33 @@ def conv(k, cin, cout, bias):
 def block(cin, cout, norm):
   # Two 3x3 convs; bias only without norm; scale + offset per norm layer.
   with_norm = norm != "none"
-  return (conv(3, cin, cout, not with_norm) + conv(3, cout, cout, not with_norm)
-          + (4 * cout if with_norm else 0))
+  return (
+    conv(3, cin, cout, not with_norm)
+    + conv(3, cout, cout, not with_norm)
+    + (4 * cout if with_norm else 0)
+  )
 
 
-@pytest.mark.parametrize("norm,upsampling", [("batch", "transpose"), ("none", "nearest"),
-                                             ("group", "max_unpool")])
+@pytest.mark.parametrize(
+  "norm,upsampling", [("batch", "transpose"), ("none", "nearest"), ("group", "max_unpool")]
+)
 def test_param_count(norm, upsampling):
   # depth 2, widths 4 / 8 / bottleneck 16, 3 input channels, 3 classes.
   up_k = 2 if upsampling == "transpose" else 1  # 2x2 transposed conv or 1x1 conv
-  expected = (block(3, 4, norm) + block(4, 8, norm) + block(8, 16, norm)
-              + conv(up_k, 16, 8, True) + block(16, 8, norm)
-              + conv(up_k, 8, 4, True) + block(8, 4, norm)
-              + conv(1, 4, 3, True))
+  expected = (
+    block(3, 4, norm)
+    + block(4, 8, norm)
+    + block(8, 16, norm)
+    + conv(up_k, 16, 8, True)
+    + block(16, 8, norm)
+    + conv(up_k, 8, 4, True)
+    + block(8, 4, norm)
+    + conv(1, 4, 3, True)
+  )
   model = tiny(norm=norm, upsampling=upsampling)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), IMAGES, train=False))
   assert num_params(variables["params"]) == expected
-  assert sorted(variables["params"]) == ["bottleneck", "down_0", "down_1", "head", "up_0",
-                                         "up_1"]
+  assert sorted(variables["params"]) == ["bottleneck", "down_0", "down_1", "head", "up_0", "up_1"]
   if norm == "batch":  # mean and var per BatchNorm, as many as scale + offset
     assert num_params(variables["batch_stats"]) == 4 * (4 + 8 + 16 + 8 + 4)
 
@@ -123,21 +137,22 @@ def test_train_updates_batch_stats_and_uses_dropout():
 
   @jax.jit
   def train_apply(variables, rng):
-    return model.apply(variables, IMAGES, train=True, mutable=["batch_stats"],
-                       rngs={"dropout": rng})
+    return model.apply(
+      variables, IMAGES, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+    )
 
   (logits_a, _), updates = train_apply(variables, jax.random.key(2, impl="rbg"))
   (logits_b, _), _ = train_apply(variables, jax.random.key(3, impl="rbg"))
   assert logits_a.shape == (2, H, W, 3)
-  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
-      variables["batch_stats"])
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
   old = variables["batch_stats"]["down_0"]["norm_0"]["mean"]
   new = updates["batch_stats"]["down_0"]["norm_0"]["mean"]
   assert not np.allclose(old, new)
   assert not np.allclose(logits_a, logits_b)  # different dropout masks
   # Evaluation is deterministic and needs no rng.
-  np.testing.assert_array_equal(model.apply(variables, IMAGES, train=False)[0],
-                                model.apply(variables, IMAGES, train=False)[0])
+  np.testing.assert_array_equal(
+    model.apply(variables, IMAGES, train=False)[0], model.apply(variables, IMAGES, train=False)[0]
+  )
 
 
 def test_batch_norm_axis_name_averages_statistics_across_devices():
@@ -148,18 +163,21 @@ def test_batch_norm_axis_name_averages_statistics_across_devices():
 
   whole = jax.jit(functools.partial(batch_stats, tiny()))(IMAGES)
   # One image per simulated device; axis_name makes the moments cross-device means.
-  per_device = jax.jit(jax.vmap(lambda x: batch_stats(tiny(axis_name="i"), x[None]),
-                                axis_name="i"))(IMAGES)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5),
-               whole, per_device)
+  per_device = jax.jit(
+    jax.vmap(lambda x: batch_stats(tiny(axis_name="i"), x[None]), axis_name="i")
+  )(IMAGES)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5), whole, per_device
+  )
   jax.tree.map(lambda b: np.testing.assert_array_equal(b[0], b[1]), per_device)
 
 
 def test_gradients_reach_every_parameter():
   model = tiny(norm="group", upsampling="max_unpool")
   params = init_variables("group", False)["params"]
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(
-      model.apply({"params": p}, IMAGES, train=True)[0] ** 2)))(params)
+  grads = jax.jit(
+    jax.grad(lambda p: jnp.sum(model.apply({"params": p}, IMAGES, train=True)[0] ** 2))
+  )(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.all(np.isfinite(g)) and np.any(g != 0), jax.tree_util.keystr(path)
 
@@ -187,19 +205,34 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   shapes = jax.eval_shape(lambda: model.init(KEY, IMAGES, train=False))
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
   logits, aux = jax.jit(functools.partial(model.apply, train=False))(
-      init_variables("batch", True), IMAGES)
+    init_variables("batch", True), IMAGES
+  )
   assert logits.dtype == jnp.float32
   assert aux["bottleneck"].dtype == jnp.bfloat16
 
 
 def test_create_model_from_config():
-  config = ml_collections.ConfigDict(dict(
-      name="unet", num_classes=5, depth=2, base_width=4, norm="group", dropout_rate=0.1,
-      upsampling="bilinear"))
+  config = ml_collections.ConfigDict(
+    dict(
+      name="unet",
+      num_classes=5,
+      depth=2,
+      base_width=4,
+      norm="group",
+      dropout_rate=0.1,
+      upsampling="bilinear",
+    )
+  )
   model = create_model(config)
   assert isinstance(model, unet.UNet)
-  assert (model.num_classes, model.depth, model.base_width, model.norm, model.dropout_rate,
-          model.upsampling) == (5, 2, 4, "group", 0.1, "bilinear")
+  assert (
+    model.num_classes,
+    model.depth,
+    model.base_width,
+    model.norm,
+    model.dropout_rate,
+    model.upsampling,
+  ) == (5, 2, 4, "group", 0.1, "bilinear")
   config.dtype = "bfloat16"
   assert create_model(config).dtype == jnp.bfloat16
 

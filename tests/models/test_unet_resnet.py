@@ -13,8 +13,10 @@ from segjax.train import loop, parallel
 KEY = jax.random.key(0, impl="rbg")  # rbg keys compile much faster on CPU than threefry
 H, W = 64, 96  # Non-square, multiples of 32.
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(2, H, W, 3)), jnp.float32)
-TINY = dict(backbone=resnet.ResNet(depth=18, base_width=8, norm="bn", freeze_at=0),
-            decoder_channels=(32, 16, 16, 8, 8))
+TINY = dict(
+  backbone=resnet.ResNet(depth=18, base_width=8, norm="bn", freeze_at=0),
+  decoder_channels=(32, 16, 16, 8, 8),
+)
 
 
 def tiny(**kwargs):
@@ -44,15 +46,18 @@ def test_output_and_feature_shapes():
   channels = {"c1": 8, "stem": 8, "c2": 8, "c3": 16, "c4": 32, "c5": 64}
   strides = {"c1": 2, "stem": 4, "c2": 4, "c3": 8, "c4": 16, "c5": 32}
   expected = {k: (2, H // strides[k], W // strides[k], c) for k, c in channels.items()}
-  expected |= {f"decoder_{i}": (2, H * 2 ** i // 16, W * 2 ** i // 16, c)
-               for i, c in enumerate(TINY["decoder_channels"])}
+  expected |= {
+    f"decoder_{i}": (2, H * 2**i // 16, W * 2**i // 16, c)
+    for i, c in enumerate(TINY["decoder_channels"])
+  }
   assert {k: v.shape for k, v in aux.items()} == expected
 
 
 def test_backbone_is_a_resnet_and_the_count_is_smp_unet_resnet34():
   variables, _ = init_shapes(unet_resnet.ResNetUNet(num_classes=1), IMAGES[:1])
-  alone = jax.eval_shape(lambda: resnet.ResNet(depth=34, norm="bn", freeze_at=0).init(
-    KEY, IMAGES[:1], train=False))
+  alone = jax.eval_shape(
+    lambda: resnet.ResNet(depth=34, norm="bn", freeze_at=0).init(KEY, IMAGES[:1], train=False)
+  )
   for collection in ("params", "batch_stats"):
     assert shapes(variables[collection]["backbone"]) == shapes(alone[collection])
   assert sorted(variables["params"]) == ["backbone", *(f"decoder_{i}" for i in range(5)), "head"]
@@ -89,13 +94,20 @@ def test_every_skip_reaches_the_logits():
 def test_config_sections_axis_name_and_dtype():
   import ml_collections
 
-  config = ml_collections.ConfigDict(dict(
-    model=dict(name="unet_resnet", num_classes=4, backbone=dict(depth=50, norm="frozen_bn")),
-    dtype="bfloat16", parallelism="pmap"))
+  config = ml_collections.ConfigDict(
+    dict(
+      model=dict(name="unet_resnet", num_classes=4, backbone=dict(depth=50, norm="frozen_bn")),
+      dtype="bfloat16",
+      parallelism="pmap",
+    )
+  )
   model = loop.build_model(config)
   assert isinstance(model, unet_resnet.ResNetUNet) and model.stride == 32
   assert (model.backbone.depth, model.backbone.norm, model.backbone.freeze_at) == (
-    50, "frozen_bn", 0)
+    50,
+    "frozen_bn",
+    0,
+  )
   assert model.axis_name == parallel.PMAP_AXIS and model.backbone.axis_name == model.axis_name
   assert model.backbone.dtype == jnp.bfloat16
   variables, (logits, aux) = init_shapes(tiny(dtype=jnp.bfloat16))

@@ -37,18 +37,21 @@ _iou = jax.jit(B.box_iou)
 # Boxes from corners sorted per axis, so x2 >= x1; widths down to 0 included.
 _coords = st.floats(-50, 150, width=32, allow_nan=False)
 _box_arrays = hnp.arrays(np.float32, (6, 4), elements=_coords).map(
-    lambda a: np.concatenate([np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])],
-                             1))
+  lambda a: np.concatenate([np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])], 1)
+)
 
 
 def test_iou_matches_reference_with_edge_cases():
-  a = np.array([
+  a = np.array(
+    [
       [0, 0, 10, 10],
       [5, 5, 15, 15],
       [20, 20, 20, 30],  # zero width
       [0, 0, 0, 0],  # padding
       [-5, -5, 5, 5],  # partly outside an image
-  ], np.float32)
+    ],
+    np.float32,
+  )
   b = np.concatenate([a, random_boxes(np.random.default_rng(0), 5)])
   got = np.asarray(_iou(a, b))
   np.testing.assert_allclose(got, iou_ref(a, b), rtol=1e-6, atol=1e-7)

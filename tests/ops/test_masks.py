@@ -50,15 +50,29 @@ GT[0, 5:20, 8:30] = True
 GT[1, 10:28, 2:12] = True
 GT[1, 12:15, 5:9] = False  # a hole
 GT[2] = RNG.uniform(size=(30, 40)) < 0.5
-ROIS = np.array([[6, 4, 32, 22], [0, 8, 15, 30], [-5, -5, 45, 35], [10, 10, 10.3, 10.2],
-                 [20, 3, 60, 25], [0, 0, 0, 0]], np.float32)
+ROIS = np.array(
+  [
+    [6, 4, 32, 22],
+    [0, 8, 15, 30],
+    [-5, -5, 45, 35],
+    [10, 10, 10.3, 10.2],
+    [20, 3, 60, 25],
+    [0, 0, 0, 0],
+  ],
+  np.float32,
+)
 MATCHED = np.array([0, 1, 2, 0, 0, 1], np.int32)
 
 
 def targets_ref(rois, matched, m):
-  return np.stack([
-      roi_align_ref(GT[g].astype(np.float64)[..., None], rois[i:i + 1], (m, m), 1.0, 0,
-                    True)[0, ..., 0] for i, g in enumerate(matched)])
+  return np.stack(
+    [
+      roi_align_ref(GT[g].astype(np.float64)[..., None], rois[i : i + 1], (m, m), 1.0, 0, True)[
+        0, ..., 0
+      ]
+      for i, g in enumerate(matched)
+    ]
+  )
 
 
 def test_mask_targets_match_crop_and_resize():
@@ -72,7 +86,8 @@ def test_mask_targets_match_crop_and_resize():
   np.testing.assert_array_equal(hard[5], 0)  # padding ROI
   # Batch of images with padded ground truth, and an image without any.
   batched = jax.vmap(lambda g, i, b: K.mask_targets(g, i, b, 7))(
-      np.stack([GT, GT[::-1]]), np.stack([MATCHED, 2 - MATCHED]), np.stack([ROIS, ROIS]))
+    np.stack([GT, GT[::-1]]), np.stack([MATCHED, 2 - MATCHED]), np.stack([ROIS, ROIS])
+  )
   np.testing.assert_array_equal(batched[0], batched[1])
   assert K.mask_targets(np.zeros((0, 30, 40), bool), MATCHED, ROIS).shape == (6, 28, 28)
 
@@ -80,8 +95,10 @@ def test_mask_targets_match_crop_and_resize():
 def test_paste_masks_match_grid_sample():
   masks = RNG.uniform(size=(5, 6, 6)).astype(np.float32)
   masks[0] = 1.0  # a full mask: the pasted region is the box, borders interpolated
-  boxes = np.array([[4.3, 2.7, 15.2, 11.1], [-6, -3, 9, 8], [18, 10, 30, 20], [5, 5, 5, 9],
-                    [10, 4, 10.5, 4.4]], np.float32)  # outside on the right/bottom; empty; tiny
+  boxes = np.array(
+    [[4.3, 2.7, 15.2, 11.1], [-6, -3, 9, 8], [18, 10, 30, 20], [5, 5, 5, 9], [10, 4, 10.5, 4.4]],
+    np.float32,
+  )  # outside on the right/bottom; empty; tiny
   probs = np.asarray(jax.jit(K.paste_mask_probs, static_argnums=2)(masks, boxes, (14, 22)))
   ref = paste_ref(masks, boxes, 14, 22)
   np.testing.assert_allclose(probs, ref, atol=1e-5)

@@ -30,8 +30,9 @@ def match_ref(quality, valid, thresholds, labels, allow_low_quality_matches):
   return matches, out
 
 
-_match = jax.jit(M.match_by_quality, static_argnames=("thresholds", "labels",
-                                                      "allow_low_quality_matches"))
+_match = jax.jit(
+  M.match_by_quality, static_argnames=("thresholds", "labels", "allow_low_quality_matches")
+)
 
 
 def test_matches_reference_on_random_iou():
@@ -52,11 +53,14 @@ def test_matches_reference_on_random_iou():
 
 
 def test_boundaries_and_low_quality_ties():
-  q = np.array([
+  q = np.array(
+    [
       [0.1, 0.2, 0.2, 0.7, 0.0],  # gt 0: best 0.7, unique
       [0.25, 0.0, 0.0, 0.0, 0.0],  # gt 1: best 0.25 below bg threshold: anchor 0 promoted
       [0.0, 0.2, 0.2, 0.0, 0.3],  # gt 2: best 0.3 at anchor 4, exactly the bg threshold
-  ], np.float32)
+    ],
+    np.float32,
+  )
   idx, lab = _match(q, None, **RPN)
   np.testing.assert_array_equal(lab, [1, 0, 0, 1, 1])
   np.testing.assert_array_equal(idx, [1, 0, 0, 0, 2])  # argmax, ties to the first gt

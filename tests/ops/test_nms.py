@@ -29,8 +29,7 @@ def nms_ref(boxes, scores, thr, score_thr=-np.inf, classes=None):
   for i in order:
     if not scores[i] > score_thr:
       continue
-    if all(iou[k, i] <= thr or (classes is not None and classes[k] != classes[i])
-           for k in keep):
+    if all(iou[k, i] <= thr or (classes is not None and classes[k] != classes[i]) for k in keep):
       keep.append(i)
   return keep
 
@@ -56,7 +55,8 @@ def check(boxes, scores, thr, max_output, score_thr=-np.inf, classes=None):
 # Coordinates on a half-pixel grid: areas are exact, so no IoU lands within float32 rounding
 # of a threshold without being exactly on it, and the float64 reference agrees.
 _box = hnp.arrays(np.float32, (12, 4), elements=st.integers(0, 60).map(lambda v: v / 2)).map(
-    lambda a: np.concatenate([a[:, :2], a[:, :2] + a[:, 2:] / 2 + 0.5], 1))
+  lambda a: np.concatenate([a[:, :2], a[:, :2] + a[:, 2:] / 2 + 0.5], 1)
+)
 # Few distinct scores so ties are common.
 _scores = hnp.arrays(np.float32, (12,), elements=st.sampled_from([0.1, 0.5, 0.5, 0.9, 1.0]))
 
@@ -80,14 +80,18 @@ def test_batched_nms_is_per_class(boxes, scores, classes):
 
 
 def test_edge_cases():
-  boxes = np.array([
+  boxes = np.array(
+    [
       [0, 0, 10, 10],
       [1, 1, 11, 11],  # IoU 0.68 with box 0
       [0, 0, 10, 10],  # duplicate of box 0, same score: lower index wins
       [5, 5, 5, 5],  # zero area: never suppresses nor suppressed
       [50, 50, 60, 60],
       [0, 0, 0, 0],  # padding
-  ] + [[100, 100, 110, 110]] * 6, np.float32)
+    ]
+    + [[100, 100, 110, 110]] * 6,
+    np.float32,
+  )
   scores = np.array([0.9, 0.95, 0.9, 0.99, 0.2, -np.inf] + [0.1] * 6, np.float32)
   np.testing.assert_array_equal(check(boxes, scores, 0.5, 12), [3, 1, 4, 6])
   np.testing.assert_array_equal(check(boxes, scores, 0.7, 12), [3, 1, 0, 4, 6])

@@ -19,8 +19,7 @@ def square(side, x=0.0, y=0.0):
 
 
 def test_assign_boxes_to_levels():
-  boxes = np.array([square(s) for s in (0, 10, 111, 112, 223, 224, 447, 448, 2000)],
-                   np.float32)
+  boxes = np.array([square(s) for s in (0, 10, 111, 112, 223, 224, 447, 448, 2000)], np.float32)
   got = np.asarray(jax.jit(P.assign_boxes_to_levels)(boxes))
   np.testing.assert_array_equal(got, [2, 2, 2, 3, 3, 4, 4, 5, 5])
   np.testing.assert_array_equal(got, level_ref(boxes))
@@ -30,26 +29,42 @@ RNG = np.random.default_rng(0)
 # An image of 64 x 96 pixels: P2..P5 of 16 x 24 .. 2 x 3, two channels.
 MAPS = [RNG.normal(size=(64 // 2**l, 96 // 2**l, 2)).astype(np.float32) for l in range(2, 6)]
 # canonical_box_size 32 puts sides < 16 on P2, [16, 32) on P3, [32, 64) on P4, >= 64 on P5.
-BOXES = np.array([square(6, 3, 4), square(20, 30, 10), [40, 8, 90, 50], square(80, -8, -4),
-                  square(12, 80, 50), [0, 0, 0, 0]], np.float32)
+BOXES = np.array(
+  [
+    square(6, 3, 4),
+    square(20, 30, 10),
+    [40, 8, 90, 50],
+    square(80, -8, -4),
+    square(12, 80, 50),
+    [0, 0, 0, 0],
+  ],
+  np.float32,
+)
 
 
 def pooled_ref(boxes, output_size, sampling_ratio):
   levels = level_ref(boxes, canonical=32.0)
-  return np.concatenate([
-      roi_align_ref(MAPS[l - 2], boxes[i:i + 1], output_size, 2.0**-l, sampling_ratio, True)
-      for i, l in enumerate(levels)])
+  return np.concatenate(
+    [
+      roi_align_ref(MAPS[l - 2], boxes[i : i + 1], output_size, 2.0**-l, sampling_ratio, True)
+      for i, l in enumerate(levels)
+    ]
+  )
 
 
 def test_matches_per_level_roi_align():
   assert sorted(set(level_ref(BOXES, canonical=32.0))) == [2, 3, 4, 5]
-  run = jax.jit(P.multilevel_roi_align, static_argnums=(2, 3),
-                static_argnames=("canonical_box_size", "max_sampling_ratio"))
+  run = jax.jit(
+    P.multilevel_roi_align,
+    static_argnums=(2, 3),
+    static_argnames=("canonical_box_size", "max_sampling_ratio"),
+  )
   for sr in (0, 2):
     got = run(MAPS, BOXES, (3, 2), sr, canonical_box_size=32.0, max_sampling_ratio=8)
     np.testing.assert_allclose(got, pooled_ref(BOXES, (3, 2), sr), rtol=1e-5, atol=1e-5)
-  as_dict = run({f"p{l}": m for l, m in zip(range(2, 6), MAPS)}, BOXES, (3, 2), 2,
-                canonical_box_size=32.0)
+  as_dict = run(
+    {f"p{l}": m for l, m in zip(range(2, 6), MAPS)}, BOXES, (3, 2), 2, canonical_box_size=32.0
+  )
   np.testing.assert_allclose(as_dict, pooled_ref(BOXES, (3, 2), 2), rtol=1e-5, atol=1e-5)
 
 

@@ -64,7 +64,8 @@ _roi_align = jax.jit(roi_align, static_argnums=(2, 4, 5), static_argnames="max_s
 
 FEATURES = np.random.default_rng(0).normal(size=(13, 17, 3)).astype(np.float32)
 # Image of 52 x 68 pixels at scale 1/4.
-BOXES = np.array([
+BOXES = np.array(
+  [
     [3, 4, 40, 30],
     [-10, -5, 20, 10],  # partly outside
     [50, 40, 90, 80],  # mostly outside, past the bottom-right corner
@@ -74,15 +75,18 @@ BOXES = np.array([
     [0, 0, 68, 52],  # the whole image
     [60, 2, 70, 60],  # tall and thin, at the right edge
     [0, 0, 0, 0],  # padding
-], np.float32)
+  ],
+  np.float32,
+)
 
 
 @pytest.mark.parametrize("sampling_ratio", [0, 1, 2])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_matches_torchvision_reference(sampling_ratio, aligned):
   # A cap of 8 covers the whole-image box's adaptive grid of 5 x 5: exact.
-  got = np.asarray(_roi_align(FEATURES, BOXES, (3, 4), 0.25, sampling_ratio, aligned,
-                              max_sampling_ratio=8))
+  got = np.asarray(
+    _roi_align(FEATURES, BOXES, (3, 4), 0.25, sampling_ratio, aligned, max_sampling_ratio=8)
+  )
   ref = roi_align_ref(FEATURES, BOXES, (3, 4), 0.25, sampling_ratio, aligned)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert got.shape == (len(BOXES), 3, 4, 3) and got.dtype == jnp.float32
@@ -103,8 +107,14 @@ def test_adaptive_grid_capped():
 
 def test_gradient_flows_to_features():
   rng = np.random.default_rng(1)
-  fn = functools.partial(roi_align, boxes=jnp.asarray(BOXES), output_size=(3, 4),
-                         spatial_scale=0.25, sampling_ratio=0, max_sampling_ratio=8)
+  fn = functools.partial(
+    roi_align,
+    boxes=jnp.asarray(BOXES),
+    output_size=(3, 4),
+    spatial_scale=0.25,
+    sampling_ratio=0,
+    max_sampling_ratio=8,
+  )
   out, vjp = jax.vjp(lambda f: fn(f), jnp.asarray(FEATURES))
   cot = rng.normal(size=out.shape).astype(np.float32)
   (grad,) = jax.jit(vjp)(cot)
@@ -118,7 +128,8 @@ def test_gradient_flows_to_features():
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
   # Boxes are constants (no gradient), as in torchvision.
   gb = jax.grad(lambda b: roi_align(jnp.asarray(FEATURES), b, (3, 4), 0.25, 2).sum())(
-      jnp.asarray(BOXES))
+    jnp.asarray(BOXES)
+  )
   np.testing.assert_array_equal(gb, 0)
 
 
@@ -128,10 +139,10 @@ def test_vmap_over_images_and_dtypes():
   fn = jax.jit(jax.vmap(lambda f, b: roi_align(f, b, (2, 2), 0.25, 2)))
   got = fn(feats, boxes)
   for i in range(2):
-    np.testing.assert_allclose(got[i], roi_align_ref(feats[i], boxes[i], (2, 2), 0.25, 2, True),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      got[i], roi_align_ref(feats[i], boxes[i], (2, 2), 0.25, 2, True), rtol=1e-5, atol=1e-5
+    )
   half = roi_align(jnp.asarray(FEATURES, jnp.bfloat16), BOXES, (2, 2), 0.25, 2)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(half, np.float32), got[0], atol=0.05)
-  assert roi_align(jnp.asarray(FEATURES), jnp.zeros((0, 4)), (2, 2), 0.25, 2).shape == (
-      0, 2, 2, 3)
+  assert roi_align(jnp.asarray(FEATURES), jnp.zeros((0, 4)), (2, 2), 0.25, 2).shape == (0, 2, 2, 3)

@@ -26,8 +26,9 @@ def expected_counts(labels, num_samples, fraction, bg_label=0):
 def check(labels, num_samples, fraction, bg_label=0, trials=8):
   labels = np.pad(labels, (0, 300 - len(labels)), constant_values=-1)  # one shape, fewer compiles
   keys = jax.random.split(jax.random.key(0), trials)
-  idx, valid = map(np.asarray, _sample_many(keys, jnp.asarray(labels), num_samples, fraction,
-                                            bg_label))
+  idx, valid = map(
+    np.asarray, _sample_many(keys, jnp.asarray(labels), num_samples, fraction, bg_label)
+  )
   num_fg, num_bg = expected_counts(labels, num_samples, fraction, bg_label)
   for i, v in zip(idx, valid):
     np.testing.assert_array_equal(v, np.arange(num_samples) < num_fg + num_bg)

@@ -30,7 +30,8 @@ def test_resize_content_equals_tf_resize_of_the_content_alone():
   images, sizes = canvas_batch([(13, 21), (8, 5)], (16, 24))
   new_sizes = jnp.asarray([[29, 40], [5, 9]], jnp.int32)
   out = jax.vmap(lambda x, s, n: sliding.resize_content(x, s, n, (32, 48)))(
-    images, sizes, new_sizes)
+    images, sizes, new_sizes
+  )
   for i in range(2):
     (h, w), (nh, nw) = np.asarray(sizes[i]), np.asarray(new_sizes[i])
     expected = tf.image.resize(np.asarray(images[i, :h, :w]), (nh, nw), "bilinear").numpy()
@@ -80,8 +81,9 @@ def test_slide_with_the_canvas_as_window_is_whole():
   images, sizes = canvas_batch([(40, 56), (24, 30)], (48, 64))
   common = dict(label_shape=(48, 64), multiple=16, same_size=True)
   whole = sliding.dense_probabilities(window_context, images, sizes, sizes, **common)
-  slide = sliding.dense_probabilities(window_context, images, sizes, sizes, crop=(48, 64),
-                                      stride=(32, 32), **common)
+  slide = sliding.dense_probabilities(
+    window_context, images, sizes, sizes, crop=(48, 64), stride=(32, 32), **common
+  )
   np.testing.assert_allclose(slide, whole, atol=1e-6)
 
 
@@ -89,13 +91,23 @@ def test_flip_tta_of_a_flip_equivariant_model_changes_nothing():
   """A per-pixel model commutes with mirroring the content (whatever the image), and slide
   windows are placed symmetrically: flip TTA must then give the same probabilities."""
   images, sizes = canvas_batch([(40, 56), (24, 30)], (48, 64))
-  per_pixel = lambda x: jnp.einsum("bhwc,ck->bhwk", x, jnp.asarray([[1.0, -2.0], [0.5, 1.0],  # noqa: E731
-                                                                     [0.0, 3.0]]))
+  per_pixel = lambda x: jnp.einsum(
+    "bhwc,ck->bhwk",
+    x,
+    jnp.asarray(
+      [
+        [1.0, -2.0],
+        [0.5, 1.0],  # noqa: E731
+        [0.0, 3.0],
+      ]
+    ),
+  )
   common = dict(label_shape=(48, 64), multiple=16, same_size=True)
   for kwargs in ({}, dict(crop=(16, 16), stride=(16, 16))):
     plain = sliding.dense_probabilities(per_pixel, images, sizes, sizes, **common, **kwargs)
-    flipped = sliding.dense_probabilities(per_pixel, images, sizes, sizes, flip=True, **common,
-                                          **kwargs)
+    flipped = sliding.dense_probabilities(
+      per_pixel, images, sizes, sizes, flip=True, **common, **kwargs
+    )
     mask = np.asarray(sliding.content_mask(sizes, (48, 64)))
     np.testing.assert_allclose(np.asarray(flipped)[mask], np.asarray(plain)[mask], atol=1e-6)
 
@@ -106,8 +118,7 @@ def test_flip_tta_of_a_symmetric_image_and_model_changes_nothing():
   images = images.at[0, :24, 15:30].set(images[0, :24, :15][:, ::-1])  # Mirror-symmetric.
   common = dict(label_shape=(32, 32), multiple=16, same_size=True)
   plain = sliding.dense_probabilities(window_context, images, sizes, sizes, **common)
-  flipped = sliding.dense_probabilities(window_context, images, sizes, sizes, flip=True,
-                                        **common)
+  flipped = sliding.dense_probabilities(window_context, images, sizes, sizes, flip=True, **common)
   np.testing.assert_allclose(flipped[0, :24, :30], plain[0, :24, :30], atol=1e-6)
 
 
@@ -115,8 +126,9 @@ def test_multi_scale_averages_probabilities_at_the_label_size():
   images, sizes = canvas_batch([(20, 28)], (32, 32))
   labels = jnp.asarray([[40, 56]], jnp.int32)  # Images were halved; labels are native.
   fn = functools.partial(jnp.multiply, 1.0)
-  out = sliding.dense_probabilities(fn, images, sizes, labels, (48, 64), multiple=16,
-                                    scales=(1.0, 0.5))
+  out = sliding.dense_probabilities(
+    fn, images, sizes, labels, (48, 64), multiple=16, scales=(1.0, 0.5)
+  )
   passes = []
   for scale in (1.0, 0.5):
     n = np.maximum(np.round(np.asarray(sizes[0]) * scale), 1).astype(int)

@@ -32,12 +32,13 @@ def _config(**overrides):
 
 def _restore_all(config, workdir):
   """{step: (params, batch_stats)} of every checkpoint kept in `workdir`."""
-  _, abstract = loop.initial_state(config, loop.build_model(config),
-                                   jax.make_mesh((1,), ("data",)))
+  _, abstract = loop.initial_state(config, loop.build_model(config), jax.make_mesh((1,), ("data",)))
   with checkpoint.checkpoint_manager(workdir, save_every_steps=1) as manager:
-    return {step: jax.device_get((state.params, state.batch_stats)) for step in
-            manager.all_steps() for state, _ in [checkpoint.restore(manager, abstract,
-                                                                    step=step)]}
+    return {
+      step: jax.device_get((state.params, state.batch_stats))
+      for step in manager.all_steps()
+      for state, _ in [checkpoint.restore(manager, abstract, step=step)]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,12 @@ def _remove_manifest(step_dir):
 
 
 def _truncate_largest_array_file(step_dir):
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-           for name in names if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep]
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(os.path.join(step_dir, "state"))
+    for name in names
+    if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep
+  ]
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
@@ -65,9 +70,11 @@ def _remove_data_iterator(step_dir):
   os.remove(os.path.join(step_dir, "data", "process_0-of-1", "tfdata.index"))
 
 
-CORRUPTIONS = {"missing manifest": _remove_manifest,
-               "truncated array file": _truncate_largest_array_file,
-               "missing iterator file": _remove_data_iterator}
+CORRUPTIONS = {
+  "missing manifest": _remove_manifest,
+  "truncated array file": _truncate_largest_array_file,
+  "missing iterator file": _remove_data_iterator,
+}
 
 
 def _corrupt(workdir, step, how=_remove_manifest):
@@ -80,8 +87,7 @@ def _logged_steps(workdir):
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
-def test_corrupt_latest_checkpoint_is_set_aside_and_resume_is_exact(trained, tmp_path, capsys,
-                                                                    how):
+def test_corrupt_latest_checkpoint_is_set_aside_and_resume_is_exact(trained, tmp_path, capsys, how):
   config, original, saved = trained
   assert sorted(saved) == [4, 8]
   workdir = str(tmp_path / "w")
@@ -96,8 +102,9 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_resume_is_exact(trained, tmp
   resumed = _restore_all(config, workdir)
   assert sorted(resumed) == [4, 8]
   # Steps 5-8 retrained from checkpoint 4 give checkpoint 8 again.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               resumed[8], saved[8])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed[8], saved[8]
+  )
 
 
 def test_no_restorable_checkpoint_moves_nothing(trained, tmp_path):
@@ -106,8 +113,11 @@ def test_no_restorable_checkpoint_moves_nothing(trained, tmp_path):
   shutil.copytree(original, workdir)
   _corrupt(workdir, 8)
   _corrupt(workdir, 4)
-  with pytest.raises(RuntimeError, match=r"No checkpoint .* could be restored \(step 8: .*; "
-                     r"step 4: .*\)"):
+  with pytest.raises(
+    RuntimeError,
+    match=r"No checkpoint .* could be restored \(step 8: .*; "
+    r"step 4: .*\)",
+  ):
     loop.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
 
@@ -115,8 +125,14 @@ def test_no_restorable_checkpoint_moves_nothing(trained, tmp_path):
 def test_diverged_state_is_never_saved(tmp_path):
   # Log steps are rarer than checkpoints: only the check before each save sees the NaNs.
   # SGD at lr 100 on the tiny U-Net: finite at steps 3 and 6, NaN before step 9.
-  config = _config(optimizer="sgd", learning_rate=100.0, warmup_steps=0, num_train_steps=30,
-                   checkpoint_every_steps=3, log_every_steps=30)
+  config = _config(
+    optimizer="sgd",
+    learning_rate=100.0,
+    warmup_steps=0,
+    num_train_steps=30,
+    checkpoint_every_steps=3,
+    log_every_steps=30,
+  )
   workdir = str(tmp_path)
   with pytest.raises(FloatingPointError, match=r"Non-finite parameters at step \d+: not saved"):
     loop.train_and_evaluate(config, workdir)
@@ -143,11 +159,23 @@ def test_changed_config_is_refused_on_resume_unless_allowed(trained, tmp_path):
 
 
 def test_each_step_logged_once_after_kill_and_resume(tmp_path):
-  args = [sys.executable, "train.py", "--config", "configs/unet_shapes.py:tiny", "--workdir",
-          str(tmp_path), "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
-          "--config.eval_every_steps=1000"]
-  proc = subprocess.Popen([*args, "--config.num_train_steps=100000"], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  args = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "configs/unet_shapes.py:tiny",
+    "--workdir",
+    str(tmp_path),
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=5",
+    "--config.eval_every_steps=1000",
+  ]
+  proc = subprocess.Popen(
+    [*args, "--config.num_train_steps=100000"],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   metrics = os.path.join(tmp_path, "metrics.jsonl")
   deadline = time.time() + 240
   try:
@@ -159,6 +187,12 @@ def test_each_step_logged_once_after_kill_and_resume(tmp_path):
     proc.kill()  # SIGKILL: no chance to save.
     proc.wait()
   assert max(_logged_steps(tmp_path)) >= 8
-  subprocess.run([*args, "--config.num_train_steps=12"], cwd=REPO, check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+  subprocess.run(
+    [*args, "--config.num_train_steps=12"],
+    cwd=REPO,
+    check=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    timeout=300,
+  )
   assert _logged_steps(tmp_path) == list(range(1, 13))

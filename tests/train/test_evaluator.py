@@ -8,8 +8,11 @@ from segjax.train.evaluator import add_counts
 
 def test_counts_add_past_int32_exactly():
   big = np.iinfo(np.int32).max  # One batch's counts fit int32; their sum does not.
-  batch = {"confusion_matrix": np.array([[big, 7], [3, big]], np.int32),
-           "num_pixels": np.int32(big), "top5_correct": np.int32(big - 1)}
+  batch = {
+    "confusion_matrix": np.array([[big, 7], [3, big]], np.int32),
+    "num_pixels": np.int32(big),
+    "top5_correct": np.int32(big - 1),
+  }
   total = None
   for _ in range(3):
     total = add_counts(total, batch)

@@ -62,10 +62,13 @@ def no_step(monkeypatch):
   monkeypatch.setattr(loop, "StepRunner", step_runner)
 
 
-@pytest.mark.parametrize("backbone, named", [
-  (dict(norm="frozen_bn", freeze_at=0), "model.backbone.norm='frozen_bn'"),
-  (dict(norm="bn", freeze_at=2), "model.backbone.freeze_at=2"),
-])
+@pytest.mark.parametrize(
+  "backbone, named",
+  [
+    (dict(norm="frozen_bn", freeze_at=0), "model.backbone.norm='frozen_bn'"),
+    (dict(norm="bn", freeze_at=2), "model.backbone.freeze_at=2"),
+  ],
+)
 def test_fresh_run_without_init_from_fails_before_compiling(tmp_path, no_step, backbone, named):
   workdir = str(tmp_path / "run")
   with pytest.raises(ConfigError) as error:
@@ -102,8 +105,9 @@ def test_init_from_must_fill_every_frozen_variable(tmp_path, capsys):
   config = tiny_config(norm="frozen_bn", freeze_at=2)
   config.init_from = str(tmp_path / "gn")
   model, state = zero_state(config)
-  frozen = init_from.frozen_variables(model, {"params": state.params,
-                                              "batch_stats": state.batch_stats})
+  frozen = init_from.frozen_variables(
+    model, {"params": state.params, "batch_stats": state.batch_stats}
+  )
   # FrozenBatchNorm's vectors of every block; the stem's and res2's convs.
   assert "batch_stats/backbone/res5_1/norm2/var" in frozen
   assert "params/backbone/res2_1/conv2/kernel" in frozen
@@ -127,7 +131,8 @@ def test_init_from_must_fill_every_frozen_variable(tmp_path, capsys):
 
 
 def test_fresh_run_with_an_init_from_missing_frozen_variables_fails_before_compiling(
-    tmp_path, no_step):
+  tmp_path, no_step
+):
   source = tiny_config(norm="gn", freeze_at=0)
   save(str(tmp_path / "gn"), source, zero_state(source)[1])
   config = tiny_config(norm="frozen_bn", freeze_at=2)

@@ -23,17 +23,18 @@ def clean_coco_data(tmp_path_factory):
   return write_coco(tmp_path_factory.mktemp("clean_coco_data"), with_dropped=False)
 
 
-@pytest.mark.parametrize("category_ids", [tuple(range(1, 91)), (1, 2, 3, 4, 5, 6, 90),
-                                          (90, 3, 1)])
+@pytest.mark.parametrize("category_ids", [tuple(range(1, 91)), (1, 2, 3, 4, 5, 6, 90), (90, 3, 1)])
 def test_labels_train_and_evaluate_as_the_category_ids_map(clean_coco_data, category_ids):
   # The fixture's categories are 1, 3 and 90; the map has ids the file lacks, or another order.
-  config = make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir,
-                       category_ids=category_ids)
+  config = make_config(
+    "coco", (64, 64), data_dir=clean_coco_data.data_dir, category_ids=category_ids
+  )
   label_of = {c: i + 1 for i, c in enumerate(category_ids)}
 
   # Training data: a category's label is its position in category_ids, plus one.
-  batch = next(instance_pipeline.instance_train_dataset(config, local_batch_size=4)
-               .take(1).as_numpy_iterator())
+  batch = next(
+    instance_pipeline.instance_train_dataset(config, local_batch_size=4).take(1).as_numpy_iterator()
+  )
   labels = set(np.unique(batch["classes"][batch["valid"]]).tolist())
   assert labels and labels <= {label_of[c] for c in (1, 3, 90)}
 
@@ -57,15 +58,26 @@ def test_labels_train_and_evaluate_as_the_category_ids_map(clean_coco_data, cate
 
 
 def test_class_names_must_match_category_ids(clean_coco_data):
-  config = make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir,
-                       category_ids=(1, 3, 90), class_names=("background", "one", "three"))
+  config = make_config(
+    "coco",
+    (64, 64),
+    data_dir=clean_coco_data.data_dir,
+    category_ids=(1, 3, 90),
+    class_names=("background", "one", "three"),
+  )
   with pytest.raises(ConfigError, match="dataset.class_names has 3 names"):
     instance.categories(config)
   config.dataset.class_names = ("background", "a", "b", "c")
   assert instance.categories(config) == ((1, 3, 90), ("background", "a", "b", "c"))
   with pytest.raises(ConfigError, match="dataset.class_names has 5 names"):
-    instance.ground_truth(make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir,
-                                      class_names=("background", "a", "b", "c", "d")))
+    instance.ground_truth(
+      make_config(
+        "coco",
+        (64, 64),
+        data_dir=clean_coco_data.data_dir,
+        class_names=("background", "a", "b", "c", "d"),
+      )
+    )
 
 
 def test_imported_torchvision_model_predicts_coco_ids_without_annotation_file():
@@ -77,9 +89,10 @@ def test_imported_torchvision_model_predicts_coco_ids_without_annotation_file():
 
 
 def test_unlisted_annotated_category_is_an_error(clean_coco_data):
-  config = make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir,
-                       category_ids=(1, 3))
-  for build in (lambda: instance.ground_truth(config),
-                lambda: instance_pipeline.instance_train_dataset(config, local_batch_size=2)):
+  config = make_config("coco", (64, 64), data_dir=clean_coco_data.data_dir, category_ids=(1, 3))
+  for build in (
+    lambda: instance.ground_truth(config),
+    lambda: instance_pipeline.instance_train_dataset(config, local_batch_size=2),
+  ):
     with pytest.raises(ConfigError, match="dataset.category_ids"):
       build()

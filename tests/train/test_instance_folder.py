@@ -20,9 +20,16 @@ def config(tmp_path, monkeypatch):
   monkeypatch.setenv("SEGJAX_CACHE_DIR", str(tmp_path / "cache"))
   masks = write_pennfudan(tmp_path / "PennFudanPed", count=6)
   config = mask_rcnn_folder.get_config("1,tiny")
-  config.dataset.update(dict(
-    data_dir=str(tmp_path / "PennFudanPed"), images_dir="PNGImages", masks_dir="PedMasks",
-    mask_pattern="{stem}_mask.png", train_split="all[:4]", eval_split="all[4:]"))
+  config.dataset.update(
+    dict(
+      data_dir=str(tmp_path / "PennFudanPed"),
+      images_dir="PNGImages",
+      masks_dir="PedMasks",
+      mask_pattern="{stem}_mask.png",
+      train_split="all[:4]",
+      eval_split="all[4:]",
+    )
+  )
   return config, masks
 
 
@@ -46,8 +53,16 @@ def test_ground_truth_as_detections_scores_ap_1(config):
   config, _ = config
   gt, category_ids = instance.ground_truth(config)
   assert category_ids == (1,) and len(gt.imgs) == 2
-  results = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
-              "bbox": a["bbox"], "segmentation": a["segmentation"]} for a in gt.anns.values()]
+  results = [
+    {
+      "image_id": a["image_id"],
+      "category_id": a["category_id"],
+      "score": 1.0,
+      "bbox": a["bbox"],
+      "segmentation": a["segmentation"],
+    }
+    for a in gt.anns.values()
+  ]
   ap = coco_eval.evaluate_coco(gt, results)
   assert ap["box_AP"] == pytest.approx(1.0) and ap["mask_AP"] == pytest.approx(1.0)
 

@@ -131,21 +131,40 @@ def test_resume_after_sigterm_continues_exactly(trained, tmp_path, monkeypatch, 
   ref_params, ref_stats, ref_step = _final_params(config, reference_dir)
   assert step == ref_step == config.num_train_steps
   # Same data order and same updates as the uninterrupted run.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               (params, stats), (ref_params, ref_stats))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    (params, stats),
+    (ref_params, ref_stats),
+  )
 
 
 def _run(args, **kwargs):
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    **kwargs,
+  )
 
 
 def test_sigterm_saves_checkpoint_before_exit(tmp_path):
   workdir = str(tmp_path)
-  proc = _run(["train.py", "--config", "configs/unet_shapes.py:tiny", "--workdir", workdir,
-               "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
-               "--config.eval_every_steps=100000"])
+  proc = _run(
+    [
+      "train.py",
+      "--config",
+      "configs/unet_shapes.py:tiny",
+      "--workdir",
+      workdir,
+      "--config.num_train_steps=100000",
+      "--config.checkpoint_every_steps=100000",
+      "--config.eval_every_steps=100000",
+    ]
+  )
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
@@ -163,16 +182,29 @@ def test_sigterm_saves_checkpoint_before_exit(tmp_path):
 @pytest.mark.xdist_group("unet_trained")
 def test_evaluate_writes_metrics_and_visualizations(trained):
   config, workdir, eval_metrics = trained
-  proc = _run(["evaluate.py", "--config", "configs/unet_shapes.py:tiny", "--workdir", workdir,
-               "--num_visualizations", "3"])
+  proc = _run(
+    [
+      "evaluate.py",
+      "--config",
+      "configs/unet_shapes.py:tiny",
+      "--workdir",
+      workdir,
+      "--num_visualizations",
+      "3",
+    ]
+  )
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert "mean_iou" in out and "oneDNN" not in out
   metrics = json.load(open(os.path.join(workdir, "eval_metrics.json")))
   assert metrics["step"] == config.num_train_steps
   assert metrics["mean_iou"] == pytest.approx(eval_metrics["mean_iou"], abs=1e-6)
-  assert {"pixel_accuracy", "mean_class_accuracy", "frequency_weighted_iou",
-          "per_class_iou"} <= metrics.keys()
+  assert {
+    "pixel_accuracy",
+    "mean_class_accuracy",
+    "frequency_weighted_iou",
+    "per_class_iou",
+  } <= metrics.keys()
   pngs = sorted(os.listdir(os.path.join(workdir, "visualizations")))
   assert pngs == ["0000.png", "0001.png", "0002.png"]
   from PIL import Image
@@ -184,14 +216,18 @@ def test_evaluate_writes_metrics_and_visualizations(trained):
   assert tuple(images[config.num_train_steps]) == shape
 
 
-@pytest.mark.parametrize("override, expected", [
-  ("--config.nope=1", "Unknown config key 'nope'"),
-  ("--config.model.depthh=2", 'Did you mean "depth"'),
-  ("--config.batch_size=abc", "batch_size"),
-])
+@pytest.mark.parametrize(
+  "override, expected",
+  [
+    ("--config.nope=1", "Unknown config key 'nope'"),
+    ("--config.model.depthh=2", 'Did you mean "depth"'),
+    ("--config.batch_size=abc", "batch_size"),
+  ],
+)
 def test_bad_config_override_is_a_clear_error(tmp_path, override, expected):
-  proc = _run(["train.py", "--config", "configs/unet_shapes.py:tiny", "--workdir",
-               str(tmp_path), override])
+  proc = _run(
+    ["train.py", "--config", "configs/unet_shapes.py:tiny", "--workdir", str(tmp_path), override]
+  )
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert expected in out
@@ -204,8 +240,11 @@ def test_bfloat16_computes_in_bf16_with_float32_state(tmp_path):
   config.num_train_steps = 10
   model = loop.build_model(config)
   _, abstract = loop.initial_state(config, model, jax.make_mesh((1,), ("data",)))
-  assert {x.dtype for x in jax.tree.leaves((abstract.params, abstract.opt_state))
-          if hasattr(x, "dtype") and x.ndim} == {np.dtype("float32")}
+  assert {
+    x.dtype
+    for x in jax.tree.leaves((abstract.params, abstract.opt_state))
+    if hasattr(x, "dtype") and x.ndim
+  } == {np.dtype("float32")}
   sample = np.zeros((1, *config.image_size, 3), np.float32)
   variables = model.init(jax.random.key(0), sample, train=False)
   _, intermediates = model.apply(variables, sample, train=False, mutable=["intermediates"])

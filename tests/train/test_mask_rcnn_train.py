@@ -16,8 +16,9 @@ from segjax.data import instance_pipeline
 from segjax.train import evaluation, loop
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
-AP_KEYS = tuple(f"{p}_{n}" for p in ("box", "mask")
-                for n in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+AP_KEYS = tuple(
+  f"{p}_{n}" for p in ("box", "mask") for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+)
 # One worker trains the fixture once for all tests (pytest-xdist --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("mask_rcnn_train")
 
@@ -30,8 +31,7 @@ def trained(tmp_path_factory):
     config = mask_rcnn_shapes.get_config("tiny")
     workdir = str(tmp_path_factory.mktemp("mask_rcnn"))
     eval_metrics = loop.train_and_evaluate(config, workdir)
-    checkpoint_metrics = evaluation.evaluate_checkpoint(config, workdir,
-                                                         num_visualizations=2)
+    checkpoint_metrics = evaluation.evaluate_checkpoint(config, workdir, num_visualizations=2)
   finally:
     jax.config.update("jax_default_prng_impl", previous)
   return config, workdir, eval_metrics, checkpoint_metrics
@@ -84,7 +84,7 @@ def test_visualizations_show_image_truth_and_detections(trained):
   for i, name in enumerate(["0000.png", "0001.png"]):
     panel = np.asarray(Image.open(os.path.join(directory, name)))
     assert panel.shape == (visualize.TITLE_HEIGHT + h * scale, 3 * w * scale + 4, 3)
-    panel = panel[visualize.TITLE_HEIGHT:]  # Below the titles; panels 2 px apart.
+    panel = panel[visualize.TITLE_HEIGHT :]  # Below the titles; panels 2 px apart.
     image = np.repeat(np.repeat(visualize.denormalize(batch["image"][i]), scale, 0), scale, 1)
-    np.testing.assert_array_equal(panel[:, :w * scale], image)
-    assert not np.array_equal(panel[:, w * scale + 2:2 * w * scale + 2], image)  # Truth drawn.
+    np.testing.assert_array_equal(panel[:, : w * scale], image)
+    assert not np.array_equal(panel[:, w * scale + 2 : 2 * w * scale + 2], image)  # Truth drawn.

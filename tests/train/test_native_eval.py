@@ -34,7 +34,7 @@ def folder(tmp_path_factory):
     mask = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
     mask[rng.random((h, w)) < 0.1] = IGNORE
     # Image colour encodes the class, so that the model's predictions vary with it.
-    image = (mask[..., None] * np.array([60, 0, 90]) % 256 + rng.integers(0, 40, (h, w, 3)))
+    image = mask[..., None] * np.array([60, 0, 90]) % 256 + rng.integers(0, 40, (h, w, 3))
     Image.fromarray(image.astype(np.uint8)).save(data_dir / "validation" / "images" / f"{n}.png")
     Image.fromarray(mask).save(data_dir / "validation" / "masks" / f"{n}.png")
   config = unet_folder.get_config(str(NUM_CLASSES))
@@ -76,9 +76,14 @@ def test_whole_metrics_equal_a_numpy_reference_on_the_original_pngs(folder):
   assert evaluator.canvas == ((100, 132), (100, 132))
   expected = reference_confusion(config, model, variables, data_dir, evaluator.canvas[0])
   # Every labelled pixel of the PNGs counted once: none of the canvas's padding.
-  labelled = sum(int((np.asarray(Image.open(os.path.join(data_dir, "validation", "masks",
-                                                          f"{n}.png"))) != IGNORE).sum())
-                 for n in range(len(SIZES)))
+  labelled = sum(
+    int(
+      (
+        np.asarray(Image.open(os.path.join(data_dir, "validation", "masks", f"{n}.png"))) != IGNORE
+      ).sum()
+    )
+    for n in range(len(SIZES))
+  )
   assert expected.sum() == labelled
   reference = metrics.segmentation_metrics(expected)
   assert result["pixel_accuracy"] == pytest.approx(reference["pixel_accuracy"], abs=1e-9)
@@ -101,8 +106,9 @@ def test_slide_with_the_canvas_as_window_equals_whole(folder):
 def test_slide_and_tta_run_through_the_evaluator(folder):
   config, model, variables, _ = folder
   config = config.copy_and_resolve_references()
-  config.evaluation.update(mode="slide", crop_size=(32, 32), stride=(24, 24), flip=True,
-                           scales=(0.75, 1.0))
+  config.evaluation.update(
+    mode="slide", crop_size=(32, 32), stride=(24, 24), flip=True, scales=(0.75, 1.0)
+  )
   _, result = evaluate(config, model, variables)
   assert 0 < result["pixel_accuracy"] < 1 and np.isfinite(result["mean_iou"])
 
@@ -113,8 +119,11 @@ def test_padding_pixels_are_never_counted():
   mask = np.full((1, 8, 8), 1, np.int32)
   mask[0, :4, :6] = 0  # The image: 4x6 of class 0, predicted class 1 everywhere.
   scores = jnp.zeros((1, 8, 8, 2)).at[..., 1].set(1.0)
-  batch = {"mask": jnp.asarray(mask), "example_mask": jnp.asarray([True]),
-           "mask_size": jnp.asarray([[4, 6]], jnp.int32)}
+  batch = {
+    "mask": jnp.asarray(mask),
+    "example_mask": jnp.asarray([True]),
+    "mask_size": jnp.asarray([[4, 6]], jnp.int32),
+  }
   counts = semantic.eval_counts(scores, batch, num_classes=2)
   np.testing.assert_array_equal(counts["confusion_matrix"], [[0, 24], [0, 0]])
   assert int(counts["num_pixels"]) == 24 and int(counts["top5_correct"]) == 24
@@ -206,10 +215,19 @@ def test_two_devices_jit_and_pmap_evaluate_like_one(folder):
   config.evaluation.update(settings)
   expected = evaluate(config, model, variables)[1]["mean_iou"]
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  out = subprocess.run([sys.executable, "-c", TWO_DEVICES, data_dir, json.dumps(settings)],
-                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", TWO_DEVICES, data_dir, json.dumps(settings)],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stdout + out.stderr
   results = json.loads(out.stdout.split("RESULT", 1)[1])
   assert results["jit"] == pytest.approx(expected, abs=1e-6)
@@ -264,5 +282,4 @@ def test_mious_of_predicted_pngs_equal_the_evaluators(folder, tmp_path):
   confusion = total.astype(np.float64)
   iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
   assert result["mean_iou"] == pytest.approx(iou.mean(), abs=1e-12)
-  assert result["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(),
-                                                   abs=1e-12)
+  assert result["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(), abs=1e-12)

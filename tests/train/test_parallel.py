@@ -28,23 +28,44 @@ LOSS_RTOL = 1e-5
 def _launch(script, args, *, devices=1, process_id=None, num_processes=None, port=None):
   """`python script args` on `devices` simulated CPU devices, optionally as one process of
   several."""
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  }
   args = [sys.executable, script, *args]
   if process_id is not None:
-    args += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-             f"--process_id={process_id}"]
-  return subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+    args += [
+      f"--coordinator_address=localhost:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={process_id}",
+    ]
+  return subprocess.Popen(
+    args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+  )
 
 
 def _train(workdir, *, devices=1, extra=(), **process):
-  return _launch("train.py", [
-    "--config", "configs/unet_shapes.py:tiny", "--workdir", str(workdir),
-    f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
-    f"--config.eval_every_steps={STEPS}", f"--config.checkpoint_every_steps={STEPS}",
-    "--config.batch_size=8", "--config.eval_batch_size=8", "--config.optimizer=sgd",
-    "--config.learning_rate=0.01", *extra], devices=devices, **process)
+  return _launch(
+    "train.py",
+    [
+      "--config",
+      "configs/unet_shapes.py:tiny",
+      "--workdir",
+      str(workdir),
+      f"--config.num_train_steps={STEPS}",
+      "--config.log_every_steps=1",
+      f"--config.eval_every_steps={STEPS}",
+      f"--config.checkpoint_every_steps={STEPS}",
+      "--config.batch_size=8",
+      "--config.eval_batch_size=8",
+      "--config.optimizer=sgd",
+      "--config.learning_rate=0.01",
+      *extra,
+    ],
+    devices=devices,
+    **process,
+  )
 
 
 def _finish(proc):
@@ -56,8 +77,10 @@ def _finish(proc):
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  return ([r["loss"] for r in records if "loss" in r],
-          [r for r in records if "eval/mean_iou" in r][-1])
+  return (
+    [r["loss"] for r in records if "loss" in r],
+    [r for r in records if "eval/mean_iou" in r][-1],
+  )
 
 
 def _params(workdir):
@@ -78,8 +101,11 @@ def _assert_same_training(dir_a, dir_b):
   losses_b, eval_b = _losses(dir_b)
   assert len(losses_a) == len(losses_b) == STEPS
   np.testing.assert_allclose(losses_a, losses_b, rtol=LOSS_RTOL)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=1e-4),
-               _params(dir_a), _params(dir_b))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=1e-4),
+    _params(dir_a),
+    _params(dir_b),
+  )
   assert eval_a["eval/mean_iou"] == pytest.approx(eval_b["eval/mean_iou"], abs=1e-3)
 
 
@@ -105,8 +131,10 @@ def test_pmap_trains_like_jit(one_device_run, tmp_path):
 
 def test_batch_size_must_divide_over_devices(tmp_path):
   out, _ = _train(tmp_path, devices=3).communicate(timeout=300)
-  assert "config.batch_size=8 is the global batch and must be divisible by the number of " \
-         "devices, 3" in out
+  assert (
+    "config.batch_size=8 is the global batch and must be divisible by the number of "
+    "devices, 3" in out
+  )
 
 
 def _free_port():
@@ -117,8 +145,7 @@ def _free_port():
 
 def test_two_processes_train_together(tmp_path):
   port = _free_port()
-  procs = [_train(tmp_path, devices=1, process_id=i, num_processes=2, port=port)
-           for i in range(2)]
+  procs = [_train(tmp_path, devices=1, process_id=i, num_processes=2, port=port) for i in range(2)]
   # Each process asserts at the end that its parameters equal the other's (the loop's
   # `multihost_utils.assert_equal`), so both exiting cleanly means identical parameters.
   outs = [_finish(p) for p in procs]
@@ -128,14 +155,28 @@ def test_two_processes_train_together(tmp_path):
   # process's own data-iterator position.
   data_dir = os.path.join(tmp_path, "checkpoints", str(STEPS), "data")
   assert sorted(d for d in os.listdir(data_dir) if d.startswith("process_")) == [
-    "process_0-of-2", "process_1-of-2"]
+    "process_0-of-2",
+    "process_1-of-2",
+  ]
   losses, eval_2proc = _losses(tmp_path)
   assert len(losses) == STEPS and np.all(np.isfinite(losses))
   # The 2-process evaluation equals a 1-process evaluation of the same checkpoint.
   proc = subprocess.run(
-    [sys.executable, "evaluate.py", "--config", "configs/unet_shapes.py:tiny", "--workdir",
-     str(tmp_path), "--config.eval_batch_size=8"], cwd=REPO, text=True, capture_output=True,
-    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    [
+      sys.executable,
+      "evaluate.py",
+      "--config",
+      "configs/unet_shapes.py:tiny",
+      "--workdir",
+      str(tmp_path),
+      "--config.eval_batch_size=8",
+    ],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   with open(os.path.join(tmp_path, "eval_metrics.json")) as f:
     single = json.load(f)
@@ -145,12 +186,19 @@ def test_two_processes_train_together(tmp_path):
 
 def test_processes_read_disjoint_halves():
   config = unet_shapes.get_config("tiny")
-  shards = [list(pipeline.make_source(config.dataset, "train", process_index=i, process_count=2,
-                                      **config.dataset.train_kwargs).as_numpy_iterator())
-            for i in range(2)]
-  everything = list(pipeline.make_source(config.dataset, "train", process_index=0,
-                                         process_count=1, **config.dataset.train_kwargs)
-                    .as_numpy_iterator())
+  shards = [
+    list(
+      pipeline.make_source(
+        config.dataset, "train", process_index=i, process_count=2, **config.dataset.train_kwargs
+      ).as_numpy_iterator()
+    )
+    for i in range(2)
+  ]
+  everything = list(
+    pipeline.make_source(
+      config.dataset, "train", process_index=0, process_count=1, **config.dataset.train_kwargs
+    ).as_numpy_iterator()
+  )
   keys = [{e["image"].tobytes() for e in shard} for shard in shards]
   assert len(shards[0]) == len(shards[1]) == len(everything) // 2
   assert not keys[0] & keys[1]
@@ -158,18 +206,34 @@ def test_processes_read_disjoint_halves():
 
 
 MASK_RCNN_STEPS = 3
-MASK_RCNN_LOSSES = ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
-                    "loss_mask")
-MASK_RCNN_ARGS = ("--config", "configs/mask_rcnn_shapes.py:tiny", "--config.batch_size=8",
-                  "--config.optimizer=sgd")
+MASK_RCNN_LOSSES = ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
+MASK_RCNN_ARGS = (
+  "--config",
+  "configs/mask_rcnn_shapes.py:tiny",
+  "--config.batch_size=8",
+  "--config.optimizer=sgd",
+)
 
 
 def _mask_rcnn_records(workdir, devices, extra=()):
-  _finish(_launch("train.py", [
-    *MASK_RCNN_ARGS, "--workdir", str(workdir), f"--config.num_train_steps={MASK_RCNN_STEPS}",
-    "--config.log_every_steps=1", "--config.eval_every_steps=1000",
-    "--config.checkpoint_every_steps=1000", "--config.eval_batch_size=8",
-    "--config.learning_rate=0.01", *extra], devices=devices))
+  _finish(
+    _launch(
+      "train.py",
+      [
+        *MASK_RCNN_ARGS,
+        "--workdir",
+        str(workdir),
+        f"--config.num_train_steps={MASK_RCNN_STEPS}",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=1000",
+        "--config.checkpoint_every_steps=1000",
+        "--config.eval_batch_size=8",
+        "--config.learning_rate=0.01",
+        *extra,
+      ],
+      devices=devices,
+    )
+  )
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if "loss" in r]
 
@@ -201,8 +265,11 @@ def _first_step_device_losses(config, num_devices):
   init, _ = loop.initial_state(config, model, mesh)
   state = init()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  batch = next(instance_pipeline.instance_train_dataset(
-    config, local_batch_size=config.batch_size).as_numpy_iterator())
+  batch = next(
+    instance_pipeline.instance_train_dataset(
+      config, local_batch_size=config.batch_size
+    ).as_numpy_iterator()
+  )
   slices = jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), batch)
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), 0)  # Step 0.
   rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(num_devices))
@@ -235,19 +302,28 @@ def test_mask_rcnn_pmap_averages_device_losses(tmp_path):
 
 def _evaluate_mask_rcnn(workdir, num_processes):
   """(metrics, detections) that `evaluate.py` writes with `num_processes` processes."""
-  args = [*MASK_RCNN_ARGS, "--workdir", str(workdir), "--config.eval_batch_size=4",
-          # 5 images: process 0 gets 3 (two batches, one padded), process 1 gets 2.
-          "--config.dataset.eval_kwargs.num_examples=5"]
+  args = [
+    *MASK_RCNN_ARGS,
+    "--workdir",
+    str(workdir),
+    "--config.eval_batch_size=4",
+    # 5 images: process 0 gets 3 (two batches, one padded), process 1 gets 2.
+    "--config.dataset.eval_kwargs.num_examples=5",
+  ]
   if num_processes == 1:
     _finish(_launch("evaluate.py", args))
   else:
     port = _free_port()
-    procs = [_launch("evaluate.py", args, process_id=i, num_processes=num_processes, port=port)
-             for i in range(num_processes)]
+    procs = [
+      _launch("evaluate.py", args, process_id=i, num_processes=num_processes, port=port)
+      for i in range(num_processes)
+    ]
     for p in procs:
       _finish(p)
-  with open(os.path.join(workdir, "eval_metrics.json")) as f, open(
-      os.path.join(workdir, "detections.json")) as g:
+  with (
+    open(os.path.join(workdir, "eval_metrics.json")) as f,
+    open(os.path.join(workdir, "detections.json")) as g,
+  ):
     return json.load(f), json.load(g)
 
 
@@ -265,7 +341,7 @@ def test_two_processes_evaluate_mask_rcnn_like_one(mask_rcnn_one_device):
   for key in ("image_id", "category_id"):
     np.testing.assert_array_equal(column(detections_2, key), column(detections_1, key))
   # Per-device batches of 2 and 4 images round a few ulps differently.
-  np.testing.assert_allclose(column(detections_2, "score"), column(detections_1, "score"),
-                             atol=1e-5)
-  np.testing.assert_allclose(column(detections_2, "bbox"), column(detections_1, "bbox"),
-                             atol=1e-3)
+  np.testing.assert_allclose(
+    column(detections_2, "score"), column(detections_1, "score"), atol=1e-5
+  )
+  np.testing.assert_allclose(column(detections_2, "bbox"), column(detections_1, "bbox"), atol=1e-3)

@@ -10,8 +10,9 @@ from segjax.train import run_config
 
 
 # `--config.image_size=32` arrives as (32,).
-@pytest.mark.parametrize("value, expected", [((32,), (32, 32)), ((32, 48), (32, 48)),
-                                             ([16, 64], (16, 64))])
+@pytest.mark.parametrize(
+  "value, expected", [((32,), (32, 32)), ((32, 48), (32, 48)), ([16, 64], (16, 64))]
+)
 def test_image_size_of_one_int_means_a_square(value, expected):
   config = unet_shapes.get_config("tiny")
   config.image_size = value
@@ -20,12 +21,18 @@ def test_image_size_of_one_int_means_a_square(value, expected):
   assert config.dataset.train_kwargs.image_size == expected  # References follow.
 
 
-@pytest.mark.parametrize("value, message", [
-  ((32, 32, 3), r"image_size=\(32, 32, 3\): give \(height, width\)"),
-  ((0, 32), r"image_size=\(0, 32\)"),
-  ((30, 32), r"image_size=\(30, 32\) must be divisible by the model's stride 4 "
-             r"\(2\*\*model.depth\)"),
-])
+@pytest.mark.parametrize(
+  "value, message",
+  [
+    ((32, 32, 3), r"image_size=\(32, 32, 3\): give \(height, width\)"),
+    ((0, 32), r"image_size=\(0, 32\)"),
+    (
+      (30, 32),
+      r"image_size=\(30, 32\) must be divisible by the model's stride 4 "
+      r"\(2\*\*model.depth\)",
+    ),
+  ],
+)
 def test_bad_image_size_names_the_key(value, message):
   config = unet_shapes.get_config("tiny")
   config.image_size = value
@@ -57,11 +64,19 @@ def test_eval_batch_rounds_up_to_the_device_count(monkeypatch, capsys):
 
 def test_differences_name_changed_keys_outside_run_length():
   old = {"learning_rate": 0.003, "num_train_steps": 8, "model": {"depth": 2, "norm": "batch"}}
-  new = {"learning_rate": 0.1, "num_train_steps": 16, "model": {"depth": 3},
-         "extra": 1, "evaluation": {"mode": "slide"}}
+  new = {
+    "learning_rate": 0.1,
+    "num_train_steps": 16,
+    "model": {"depth": 3},
+    "extra": 1,
+    "evaluation": {"mode": "slide"},
+  }
   assert run_config.differences(old, new) == [
-    "extra: (absent) -> 1", "learning_rate: 0.003 -> 0.1", "model.depth: 2 -> 3",
-    "model.norm: 'batch' -> (absent)"]
+    "extra: (absent) -> 1",
+    "learning_rate: 0.003 -> 0.1",
+    "model.depth: 2 -> 3",
+    "model.norm: 'batch' -> (absent)",
+  ]
 
 
 def test_class_names_must_name_every_class_the_model_outputs():
@@ -73,6 +88,9 @@ def test_class_names_must_name_every_class_the_model_outputs():
   config = mask_rcnn_shapes.get_config("tiny")  # Background + 4 names, 4 foreground classes.
   run_config.check(config)
   config.model.roi_heads.num_classes = 5
-  with pytest.raises(ConfigError, match=r"5 names but model.roi_heads.num_classes "
-                                        r"\(foreground\) \+ 1 = 6 classes"):
+  with pytest.raises(
+    ConfigError,
+    match=r"5 names but model.roi_heads.num_classes "
+    r"\(foreground\) \+ 1 = 6 classes",
+  ):
     run_config.check(config)

@@ -43,8 +43,10 @@ def randomize_and_calibrate(model, body, images, rois=None):
     model.eval()
     if rois is not None:
       heads = model.roi_heads
-      for head, pool in ((heads.box_head, heads.box_roi_pool),
-                         (heads.mask_head, heads.mask_roi_pool)):
+      for head, pool in (
+        (heads.box_head, heads.box_roi_pool),
+        (heads.mask_head, heads.mask_roi_pool),
+      ):
         head.train()
         for x in images:
           head(pool(model.backbone(x), [torch.as_tensor(rois)], [tuple(x.shape[-2:])]))
@@ -70,8 +72,10 @@ def nhwc(t):
 def random_images(n, h, w, seed):
   import torch
 
-  return [torch.from_numpy(np.random.default_rng(seed + i).normal(size=(1, 3, h, w))
-                           .astype(np.float32)) for i in range(n)]
+  return [
+    torch.from_numpy(np.random.default_rng(seed + i).normal(size=(1, 3, h, w)).astype(np.float32))
+    for i in range(n)
+  ]
 
 
 @pytest.fixture(scope="session")  # Kept across modules: built once per worker.
@@ -105,10 +109,13 @@ def tv_mask_rcnn_v2(tmp_path_factory):
   import torchvision
 
   torch.manual_seed(0)
-  model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None,
-                                                                weights_backbone=None)
-  randomize_and_calibrate(model, model.backbone, random_images(2, 128, 160, seed=1),
-                          rois=random_rois(64, 128, 160, seed=2))
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
+  randomize_and_calibrate(
+    model,
+    model.backbone,
+    random_images(2, 128, 160, seed=1),
+    rois=random_rois(64, 128, 160, seed=2),
+  )
   path = str(tmp_path_factory.mktemp("tv_v2") / "maskrcnn_v2.pth")
   torch.save(model.state_dict(), path)
   return model, path

@@ -18,8 +18,11 @@ from tests.weights.conftest import MASK_RCNN
 pytest.importorskip("torch")  # Only where the `torch` extra is missing; CI installs it.
 
 pytestmark = pytest.mark.xdist_group("torchvision_import")
-PREDICTORS = ("params/roi_heads/box_head/cls_score", "params/roi_heads/box_head/bbox_pred",
-              "params/roi_heads/mask_head/predictor")
+PREDICTORS = (
+  "params/roi_heads/box_head/cls_score",
+  "params/roi_heads/box_head/bbox_pred",
+  "params/roi_heads/mask_head/predictor",
+)
 
 
 def small_config(init_dir):
@@ -38,9 +41,15 @@ def small_config(init_dir):
   config.checkpoint_every_steps = 20
   config.dataset.train_kwargs.num_examples = 16
   config.dataset.eval_kwargs.num_examples = 4
-  config.model.rpn.update(dict(pre_nms_topk_train=64, pre_nms_topk_test=32,
-                               post_nms_topk_train=48, post_nms_topk_test=24,
-                               batch_size_per_image=64))
+  config.model.rpn.update(
+    dict(
+      pre_nms_topk_train=64,
+      pre_nms_topk_test=32,
+      post_nms_topk_train=48,
+      post_nms_topk_test=24,
+      batch_size_per_image=64,
+    )
+  )
   config.model.roi_heads.update(dict(batch_size_per_image=32, detections_per_image=8))
   return config
 
@@ -50,12 +59,14 @@ def flat(tree):
 
 
 def start_params(flat_variables):
-  return traverse_util.unflatten_dict({tuple(k.split("/")[1:]): v for k, v in
-                                       flat_variables.items() if k.startswith("params/")})
+  return traverse_util.unflatten_dict(
+    {tuple(k.split("/")[1:]): v for k, v in flat_variables.items() if k.startswith("params/")}
+  )
 
 
-def test_fine_tuning_starts_from_the_import_and_trains(tmp_path, tv_mask_rcnn, imported_workdir,
-                                                       capsys, monkeypatch):
+def test_fine_tuning_starts_from_the_import_and_trains(
+  tmp_path, tv_mask_rcnn, imported_workdir, capsys, monkeypatch
+):
   import_dir, _ = imported_workdir
   config = small_config(import_dir)
   imported = flat(tvw.convert(tvw.read_state_dict(tv_mask_rcnn[1]), MASK_RCNN))
@@ -66,8 +77,9 @@ def test_fine_tuning_starts_from_the_import_and_trains(tmp_path, tv_mask_rcnn, i
   def load(config, state):
     seen["fresh"] = flat({"params": jax.tree.map(np.asarray, state.params)})
     state = load_pretrained(config, state)
-    seen["start"] = flat(jax.tree.map(np.asarray, {"params": state.params,
-                                                   "batch_stats": state.batch_stats}))
+    seen["start"] = flat(
+      jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    )
     return state
 
   load_pretrained = init_from.maybe_load_pretrained
@@ -95,8 +107,11 @@ def test_fine_tuning_starts_from_the_import_and_trains(tmp_path, tv_mask_rcnn, i
   # Frozen: the stem and res2 (freeze_at=2, as torchvision's trainable_backbone_layers=3).
   model = loop.build_model(config)
   frozen = {k for k, v in flat(frozen_params(model, start_params(start))).items() if v}
-  assert frozen == {k.removeprefix("params/") for k in start
-                    if k.startswith(("params/backbone/stem", "params/backbone/res2_"))}
+  assert frozen == {
+    k.removeprefix("params/")
+    for k in start
+    if k.startswith(("params/backbone/stem", "params/backbone/res2_"))
+  }
 
   # Frozen parameters got neither gradients nor weight decay; trained ones moved.
   trained, step = evaluation.restore_variables(config, workdir, model, parallel.make_mesh())
@@ -104,8 +119,9 @@ def test_fine_tuning_starts_from_the_import_and_trains(tmp_path, tv_mask_rcnn, i
   trained = flat(jax.tree.map(np.asarray, trained))
   for name in frozen:
     np.testing.assert_array_equal(trained[f"params/{name}"], imported[f"params/{name}"])
-  assert not np.array_equal(trained["params/backbone/res3_0/conv1/kernel"],
-                            imported["params/backbone/res3_0/conv1/kernel"])
+  assert not np.array_equal(
+    trained["params/backbone/res3_0/conv1/kernel"], imported["params/backbone/res3_0/conv1/kernel"]
+  )
 
   # A workdir's own checkpoint wins: resuming does not reload init_from.
   config.num_train_steps = 20
@@ -128,22 +144,41 @@ def test_frozen_parameters_get_no_weight_decay_and_the_state_keeps_its_structure
   from segjax.train import state as state_lib
 
   model = types.SimpleNamespace(backbone=types.SimpleNamespace(freeze_at=2))
-  params = {"backbone": {name: {"kernel": np.ones((2, 2), np.float32)}
-                         for name in ("stem_conv", "res2_0", "res2_1", "res3_0", "res5_2")},
-            "fpn": {"lateral_2": {"kernel": np.ones((3,), np.float32)}}}
+  params = {
+    "backbone": {
+      name: {"kernel": np.ones((2, 2), np.float32)}
+      for name in ("stem_conv", "res2_0", "res2_1", "res3_0", "res5_2")
+    },
+    "fpn": {"lateral_2": {"kernel": np.ones((3,), np.float32)}},
+  }
   frozen = flat(state_lib.frozen_params(model, params))
   assert {k for k, v in frozen.items() if v} == {
-    "backbone/stem_conv/kernel", "backbone/res2_0/kernel", "backbone/res2_1/kernel"}
-  config = ml_collections.ConfigDict(dict(
-    optimizer=optimizer, learning_rate=0.1, weight_decay=0.5, schedule="constant",
-    warmup_steps=0, num_train_steps=10, grad_clip_norm=1.0))
-  tx = state_lib.make_optimizer(config, decay_mask=lambda p: jax.tree.map(
-    lambda f: not f, state_lib.frozen_params(model, p)))
+    "backbone/stem_conv/kernel",
+    "backbone/res2_0/kernel",
+    "backbone/res2_1/kernel",
+  }
+  config = ml_collections.ConfigDict(
+    dict(
+      optimizer=optimizer,
+      learning_rate=0.1,
+      weight_decay=0.5,
+      schedule="constant",
+      warmup_steps=0,
+      num_train_steps=10,
+      grad_clip_norm=1.0,
+    )
+  )
+  tx = state_lib.make_optimizer(
+    config, decay_mask=lambda p: jax.tree.map(lambda f: not f, state_lib.frozen_params(model, p))
+  )
   # The unmasked optimizer, as before frozen parameters were excluded from weight decay:
   # checkpoints written with it must still restore, so the state's structure is the same.
   schedule = state_lib.learning_rate_schedule(config)
-  plain = (optax.adamw(schedule, weight_decay=0.5) if optimizer == "adamw" else
-           optax.chain(optax.add_decayed_weights(0.5), optax.sgd(schedule, momentum=0.9)))
+  plain = (
+    optax.adamw(schedule, weight_decay=0.5)
+    if optimizer == "adamw"
+    else optax.chain(optax.add_decayed_weights(0.5), optax.sgd(schedule, momentum=0.9))
+  )
   plain = optax.chain(optax.clip_by_global_norm(1.0), plain)
   assert jax.tree.structure(plain.init(params)) == jax.tree.structure(tx.init(params))
   zero = jax.tree.map(np.zeros_like, params)

@@ -67,10 +67,17 @@ def outputs(tv_mask_rcnn, imported):
     feats, aux = m.features(image, train=False)
     return aux, feats, m.rpn(feats)
 
-  aux, feats, (obj, dl) = jax.jit(lambda v, i: model.apply(v, i, method=features))(
-    variables, image)
-  return dict(stages=stages, pyramid=pyramid, objectness=objectness, deltas=deltas, aux=aux,
-              feats=feats, obj=obj, dl=dl)
+  aux, feats, (obj, dl) = jax.jit(lambda v, i: model.apply(v, i, method=features))(variables, image)
+  return dict(
+    stages=stages,
+    pyramid=pyramid,
+    objectness=objectness,
+    deltas=deltas,
+    aux=aux,
+    feats=feats,
+    obj=obj,
+    dl=dl,
+  )
 
 
 def test_mask_rcnn_maps_every_tensor_one_to_one(tv_mask_rcnn, imported):
@@ -85,7 +92,8 @@ def test_mask_rcnn_maps_every_tensor_one_to_one(tv_mask_rcnn, imported):
   assert config.model.roi_heads.num_classes == 90
   np.testing.assert_array_equal(
     variables["batch_stats"]["backbone"]["res3_1"]["norm2"]["var"],
-    state_dict["backbone.body.layer2.1.bn2.running_var"].numpy())
+    state_dict["backbone.body.layer2.1.bn2.running_var"].numpy(),
+  )
 
 
 def test_backbone_stages_match(outputs):
@@ -132,17 +140,20 @@ def test_box_and_mask_heads_match_on_the_same_rois(tv_mask_rcnn, imported, outpu
     masks = tv_model.roi_heads.mask_predictor(tv_model.roi_heads.mask_head(mask_pooled))
   params = variables["params"]["roi_heads"]
   sj_logits, sj_deltas = BoxHead(num_classes=90).apply(
-    {"params": params["box_head"]}, jnp.asarray(nhwc(pooled)))
+    {"params": params["box_head"]}, jnp.asarray(nhwc(pooled))
+  )
   assert_close(sj_logits, logits.numpy())
   assert_close(sj_deltas.reshape(len(boxes), -1), deltas.numpy())
-  sj_masks = MaskHead(num_classes=90).apply({"params": params["mask_head"]},
-                                            jnp.asarray(nhwc(mask_pooled)))
+  sj_masks = MaskHead(num_classes=90).apply(
+    {"params": params["mask_head"]}, jnp.asarray(nhwc(mask_pooled))
+  )
   assert_close(sj_masks, nhwc(masks))
 
   maps = {k: v[0] for k, v in outputs["feats"].items() if k != "p6"}
   for size, ref in ((7, pooled), (14, mask_pooled)):
-    sj_pooled = ops.multilevel_roi_align(maps, jnp.asarray(boxes), (size, size),
-                                         sampling_ratio=2, aligned=False)
+    sj_pooled = ops.multilevel_roi_align(
+      maps, jnp.asarray(boxes), (size, size), sampling_ratio=2, aligned=False
+    )
     assert_close(sj_pooled, nhwc(ref))
 
 
@@ -174,8 +185,9 @@ def resnet18_state_dict():
   return {k: v.numpy() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
 
 
-def test_file_formats_and_legacy_names_give_the_same_variables(tmp_path, resnet18_state_dict,
-                                                               tv_mask_rcnn):
+def test_file_formats_and_legacy_names_give_the_same_variables(
+  tmp_path, resnet18_state_dict, tv_mask_rcnn
+):
   from safetensors.numpy import save_file
 
   sd = resnet18_state_dict
@@ -193,18 +205,21 @@ def test_file_formats_and_legacy_names_give_the_same_variables(tmp_path, resnet1
   for key, value in new.items():
     key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
     key = key.replace("inner_blocks.0.0.", "inner_blocks.0.").replace(
-      "layer_blocks.3.0.", "layer_blocks.3.")
+      "layer_blocks.3.0.", "layer_blocks.3."
+    )
     for i in range(4):
       key = key.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
     old["module." + key] = value
   assert len(set(old) & {"module." + k for k in new}) < len(new) - 10
-  jax.tree.map(np.testing.assert_array_equal, tvw.convert(old, MASK_RCNN),
-               tvw.convert(new, MASK_RCNN))
+  jax.tree.map(
+    np.testing.assert_array_equal, tvw.convert(old, MASK_RCNN), tvw.convert(new, MASK_RCNN)
+  )
 
 
 def test_classifier_head_is_dropped_and_reported(resnet18_state_dict):
   assert tvw.dropped_keys(resnet18_state_dict, "resnet18") == [
-    k for k in sorted(resnet18_state_dict) if k.startswith("fc.") or "num_batches" in k]
+    k for k in sorted(resnet18_state_dict) if k.startswith("fc.") or "num_batches" in k
+  ]
   assert "fc.weight" in tvw.dropped_keys(resnet18_state_dict, "resnet18")
   # A ResNet-34 file is not a ResNet-18: every surplus key is named.
   with pytest.raises(ValueError, match=r"map nowhere: \['layer1\.2\.bn1\.bias'"):
@@ -216,11 +231,17 @@ def test_conversion_errors_name_the_keys(tv_mask_rcnn):
   sd = tvw.read_state_dict(path)
   broken = {k: v for k, v in sd.items() if k != "roi_heads.box_head.fc7.bias"}
   broken["roi_heads.extra.weight"] = np.zeros(3, np.float32)
-  with pytest.raises(ValueError, match=r"missing from the file: \['roi_heads\.box_head\.fc7\.bias"
-                     r".*map nowhere: \['roi_heads\.extra\.weight'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing from the file: \['roi_heads\.box_head\.fc7\.bias"
+    r".*map nowhere: \['roi_heads\.extra\.weight'\]",
+  ):
     tvw.convert(broken, MASK_RCNN)
-  with pytest.raises(ValueError, match=r"num_classes.*cls_score\.weight \(91, 1024\) -> "
-                     r"params/roi_heads/box_head/cls_score/kernel \(1024, 5\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"num_classes.*cls_score\.weight \(91, 1024\) -> "
+    r"params/roi_heads/box_head/cls_score/kernel \(1024, 5\)",
+  ):
     tvw.convert(sd, MASK_RCNN, num_classes=4)
   with pytest.raises(ValueError, match="Unknown arch"):
     tvw.convert(sd, "maskrcnn_resnet101_fpn")
@@ -239,9 +260,16 @@ def test_model_config_records_torchvision_labels():
 
   model = create_model(config.model)
   assert (model.rpn.rounded_anchors, model.rpn.strides_from_image, model.rpn.min_size) == (
-    True, True, 1e-3)
-  assert (model.roi_heads.aligned, model.roi_heads.sampling_ratio, model.roi_heads.min_box_size,
-          model.roi_heads.mask_paste) == (False, 2, 1e-2, "torchvision")
+    True,
+    True,
+    1e-3,
+  )
+  assert (
+    model.roi_heads.aligned,
+    model.roi_heads.sampling_ratio,
+    model.roi_heads.min_box_size,
+    model.roi_heads.mask_paste,
+  ) == (False, 2, 1e-2, "torchvision")
   assert model.roi_heads.num_classes == 90
   with pytest.raises(ValueError, match="Unknown conventions 'caffe2'"):
     create_model({**config.model.to_dict(), "conventions": "caffe2"})
@@ -258,8 +286,9 @@ def test_import_writes_a_workdir_that_evaluation_reads(tv_mask_rcnn, imported, i
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["roi_heads"]["num_classes"] == 90
   config = tvw.model_config(MASK_RCNN)
-  restored, step = evaluation.restore_variables(config, workdir, loop.build_model(config),
-                                                parallel.make_mesh())
+  restored, step = evaluation.restore_variables(
+    config, workdir, loop.build_model(config), parallel.make_mesh()
+  )
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, restored, variables)
   with pytest.raises(FileExistsError, match="already has a checkpoint"):
@@ -270,12 +299,24 @@ def test_command_imports_an_npz_without_torch(tmp_path, resnet18_state_dict):
   np.savez(tmp_path / "r18.npz", **resnet18_state_dict)
   workdir = tmp_path / "r18"
   # Blocks `import torch` in the child: .npz files need no torch.
-  code = ("import sys; sys.modules['torch'] = None; import runpy; "
-          "runpy.run_module('segjax.weights.torchvision', run_name='__main__')")
+  code = (
+    "import sys; sys.modules['torch'] = None; import runpy; "
+    "runpy.run_module('segjax.weights.torchvision', run_name='__main__')"
+  )
   result = subprocess.run(
-    [sys.executable, "-c", code, "--arch=resnet18", f"--input={tmp_path / 'r18.npz'}",
-     f"--workdir={workdir}"], capture_output=True, text=True, timeout=300,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-c",
+      code,
+      "--arch=resnet18",
+      f"--input={tmp_path / 'r18.npz'}",
+      f"--workdir={workdir}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Imported 100 variables of resnet18" in result.stdout
   assert "fc.weight" in result.stdout
@@ -314,8 +355,9 @@ def test_box_and_mask_heads_match_from_the_features(tv_mask_rcnn, imported, outp
   def forward(m, features, b):
     return m.roi_heads._forward_box(features, b), m.roi_heads._forward_mask(features, b)
 
-  (sj_logits, sj_deltas), sj_masks = model.apply(variables, outputs["feats"],
-                                                 jnp.asarray(boxes)[None], method=forward)
+  (sj_logits, sj_deltas), sj_masks = model.apply(
+    variables, outputs["feats"], jnp.asarray(boxes)[None], method=forward
+  )
   assert_close(sj_logits[0], logits.numpy())
   assert_close(sj_deltas[0].reshape(len(boxes), -1), deltas.numpy())
   assert_close(sj_masks[0], nhwc(masks))
@@ -327,14 +369,14 @@ def test_rpn_proposals_match(tv_mask_rcnn, imported, outputs):
   tv_model, _ = tv_mask_rcnn
   model, variables, _ = imported
   with torch.no_grad():
-    proposals, _ = tv_model.rpn(ImageList(torch.zeros(1, 3, H, W), [(H, W)]),
-                                outputs["pyramid"])
+    proposals, _ = tv_model.rpn(ImageList(torch.zeros(1, 3, H, W), [(H, W)]), outputs["pyramid"])
   ref = proposals[0].numpy()
 
   def propose(m, features):
     objectness, deltas = m.rpn(features)
-    return m.rpn.proposals(objectness, deltas, m.rpn.anchors(features, (H, W)),
-                           jnp.asarray([[H, W]]), train=False)
+    return m.rpn.proposals(
+      objectness, deltas, m.rpn.anchors(features, (H, W)), jnp.asarray([[H, W]]), train=False
+    )
 
   got = model.apply(variables, outputs["feats"], method=propose)
   n = int(got["valid"][0].sum())
@@ -354,23 +396,37 @@ def test_postprocess_matches_torchvision_with_small_box_filtering(tv_mask_rcnn):
   deltas = (rng.normal(size=(64, 91 * 4)) * 0.5).astype(np.float32)
   with torch.no_grad():
     boxes, scores, labels = tv_model.roi_heads.postprocess_detections(
-      torch.from_numpy(logits), torch.from_numpy(deltas), [torch.from_numpy(proposals)],
-      [(H, W)])
-  got = roi_heads.postprocess(jnp.asarray(logits), jnp.asarray(deltas).reshape(64, 91, 4),
-                              jnp.asarray(proposals), jnp.ones(64, bool),
-                              jnp.asarray([H, W]), min_size=1e-2)
+      torch.from_numpy(logits), torch.from_numpy(deltas), [torch.from_numpy(proposals)], [(H, W)]
+    )
+  got = roi_heads.postprocess(
+    jnp.asarray(logits),
+    jnp.asarray(deltas).reshape(64, 91, 4),
+    jnp.asarray(proposals),
+    jnp.ones(64, bool),
+    jnp.asarray([H, W]),
+    min_size=1e-2,
+  )
   n = int(got["valid"].sum())
   assert n == len(scores[0]) > 20
   assert_close(got["boxes"][:n], boxes[0].numpy())
   assert_close(got["scores"][:n], scores[0].numpy())
   np.testing.assert_array_equal(got["classes"][:n], labels[0].numpy())
-  tiny = roi_heads.postprocess(jnp.asarray(logits[:8]), jnp.asarray(deltas[:8]).reshape(8, 91, 4),
-                               jnp.asarray(proposals[:8]), jnp.ones(8, bool),
-                               jnp.asarray([H, W]), min_size=1e-2)
+  tiny = roi_heads.postprocess(
+    jnp.asarray(logits[:8]),
+    jnp.asarray(deltas[:8]).reshape(8, 91, 4),
+    jnp.asarray(proposals[:8]),
+    jnp.ones(8, bool),
+    jnp.asarray([H, W]),
+    min_size=1e-2,
+  )
   assert not tiny["valid"].any()
-  assert roi_heads.postprocess(jnp.asarray(logits[:8]), jnp.asarray(deltas[:8]).reshape(8, 91, 4),
-                               jnp.asarray(proposals[:8]), jnp.ones(8, bool),
-                               jnp.asarray([H, W]))["valid"].any()  # Kept without min_size.
+  assert roi_heads.postprocess(
+    jnp.asarray(logits[:8]),
+    jnp.asarray(deltas[:8]).reshape(8, 91, 4),
+    jnp.asarray(proposals[:8]),
+    jnp.ones(8, bool),
+    jnp.asarray([H, W]),
+  )["valid"].any()  # Kept without min_size.
 
 
 def test_torchvision_mask_pasting():
@@ -383,13 +439,15 @@ def test_torchvision_mask_pasting():
   boxes = np.concatenate([xy, xy + rng.uniform(0.3, 50, size=(200, 2))], axis=1)
   boxes = np.minimum(boxes, [w, h, w, h]).astype(np.float32)  # Detections are clipped.
   boxes[:2] = [[5.2, 6.7, 5.25, 6.9], [0, 0, w, h]]
-  ref = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (h, w),
-                             padding=1)[:, 0].numpy()
+  ref = paste_masks_in_image(
+    torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (h, w), padding=1
+  )[:, 0].numpy()
   got = ops.masks.paste_mask_probs_torchvision(jnp.asarray(masks), jnp.asarray(boxes), (h, w))
   np.testing.assert_allclose(got, ref, atol=1e-5)
   np.testing.assert_array_equal(
     ops.paste_masks(jnp.asarray(masks), jnp.asarray(boxes), (h, w), convention="torchvision"),
-    ref >= 0.5)
+    ref >= 0.5,
+  )
 
 
 def test_end_to_end_detections_match(tv_mask_rcnn, imported):
@@ -407,12 +465,12 @@ def test_end_to_end_detections_match(tv_mask_rcnn, imported):
     tv_model.roi_heads.box_predictor.cls_score.bias *= 4.0
   head = variables["params"]["roi_heads"]["box_head"]["cls_score"]
   variables = jax.tree.map(lambda x: x, variables)
-  variables["params"]["roi_heads"]["box_head"]["cls_score"] = jax.tree.map(
-    lambda x: x * 4.0, head)
+  variables["params"]["roi_heads"]["box_head"]["cls_score"] = jax.tree.map(lambda x: x * 4.0, head)
   h, w = 224, 288  # P6: stride 56 x 57 in torchvision's anchors.
   # Images already normalized and sized: torchvision's transform then changes nothing.
-  tv_model.transform = GeneralizedRCNNTransform(min_size=h, max_size=w, image_mean=[0.0] * 3,
-                                                image_std=[1.0] * 3).eval()
+  tv_model.transform = GeneralizedRCNNTransform(
+    min_size=h, max_size=w, image_mean=[0.0] * 3, image_std=[1.0] * 3
+  ).eval()
   image = np.random.default_rng(11).normal(size=(1, h, w, 3)).astype(np.float32)
   with torch.no_grad():
     (ref,) = tv_model([torch.from_numpy(image[0].transpose(2, 0, 1).copy())])

@@ -33,12 +33,18 @@ def torch_resize(image, min_size, max_size):
   return _resize_image_and_masks(x, min_size, max_size)[0].numpy().transpose(1, 2, 0)
 
 
-@pytest.mark.parametrize("h, w, min_size, max_size", [
-  (352, 416, 800, 1333),  # Up 2.27x: 800 x 945.
-  (480, 640, 800, 1333), (97, 150, 800, 1333),  # 97 * (800 / 97) < 800 in float64: 799 rows.
-  (1000, 1500, 800, 1333),  # Down: 800 x 1200.
-  (1200, 37, 800, 1333),  # Capped by the longer side: 1333 x 41.
-  (33, 17, 20, 30), (31, 45, 19, 41)])  # Odd sizes, down.
+@pytest.mark.parametrize(
+  "h, w, min_size, max_size",
+  [
+    (352, 416, 800, 1333),  # Up 2.27x: 800 x 945.
+    (480, 640, 800, 1333),
+    (97, 150, 800, 1333),  # 97 * (800 / 97) < 800 in float64: 799 rows.
+    (1000, 1500, 800, 1333),  # Down: 800 x 1200.
+    (1200, 37, 800, 1333),  # Capped by the longer side: 1333 x 41.
+    (33, 17, 20, 30),
+    (31, 45, 19, 41),
+  ],
+)  # Odd sizes, down.
 def test_resize_matches_torchvision(h, w, min_size, max_size):
   image = np.random.default_rng(h * w).uniform(0, 255, (h, w, 3)).astype(np.float32)
   ref = torch_resize(image, min_size, max_size)
@@ -46,15 +52,23 @@ def test_resize_matches_torchvision(h, w, min_size, max_size):
   assert (int(new_h), int(new_w)) == ref.shape[:2]
   assert float(scale) == pytest.approx(min(min_size / min(h, w), max_size / max(h, w)))
   out = instance_ops.resize_shorter_longer(
-    {"image": image, "boxes": np.zeros((0, 4), np.float32),
-     "instance_masks": np.zeros((0, h, w), np.uint8)}, min_size, max_size, "torchvision")
+    {
+      "image": image,
+      "boxes": np.zeros((0, 4), np.float32),
+      "instance_masks": np.zeros((0, h, w), np.uint8),
+    },
+    min_size,
+    max_size,
+    "torchvision",
+  )
   assert out["image"].dtype == tf.float32
   np.testing.assert_array_equal(out["image_size"], ref.shape[:2])
   np.testing.assert_allclose(out["image"], ref, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("size, out", [((37, 53), (64, 29)), ((64, 29), (37, 53)),
-                                       ((10, 10), (10, 10)), ((5, 80), (1, 3))])
+@pytest.mark.parametrize(
+  "size, out", [((37, 53), (64, 29)), ((64, 29), (37, 53)), ((10, 10), (10, 10)), ((5, 80), (1, 3))]
+)
 @pytest.mark.parametrize("in_dataset", [False, True])
 def test_bilinear_resize_matches_torch_interpolate(size, out, in_dataset):
   """Any output size, eagerly and in tf.data: torch's `F.interpolate(scale_factor=...,
@@ -63,11 +77,16 @@ def test_bilinear_resize_matches_torch_interpolate(size, out, in_dataset):
   factors = [(o + 0.5) / s for o, s in zip(out, size)]  # Floors to `out`.
   assert [math.floor(s * f) for s, f in zip(size, factors)] == list(out)
   ref = torch.nn.functional.interpolate(
-    torch.from_numpy(image.transpose(2, 0, 1).copy())[None], scale_factor=factors,
-    mode="bilinear", recompute_scale_factor=True, align_corners=False)[0].numpy()
+    torch.from_numpy(image.transpose(2, 0, 1).copy())[None],
+    scale_factor=factors,
+    mode="bilinear",
+    recompute_scale_factor=True,
+    align_corners=False,
+  )[0].numpy()
   if in_dataset:
     ds = tf.data.Dataset.from_tensors(image).map(
-      lambda x: instance_ops.resize_bilinear_torch(x, tf.constant(out)))
+      lambda x: instance_ops.resize_bilinear_torch(x, tf.constant(out))
+    )
     got = next(ds.as_numpy_iterator())
   else:
     got = instance_ops.resize_bilinear_torch(image, out).numpy()
@@ -99,9 +118,14 @@ def test_preprocessing_gives_torchvisions_input():
   expected = ref.tensors.numpy().transpose(0, 2, 3, 1)
   assert got.shape == expected.shape == (1, 800, 960, 3)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # ~2 std units: float32 ulps.
-  features = {"image": image, "boxes": np.zeros((0, 4), np.float32),
-              "classes": np.zeros(0, np.int32), "instance_masks": np.zeros((0, 352, 416), np.uint8),
-              "valid": np.zeros(0, bool), "is_crowd": np.zeros(0, bool)}
+  features = {
+    "image": image,
+    "boxes": np.zeros((0, 4), np.float32),
+    "classes": np.zeros(0, np.int32),
+    "instance_masks": np.zeros((0, 352, 416), np.uint8),
+    "valid": np.zeros(0, bool),
+    "is_crowd": np.zeros(0, bool),
+  }
   batch = instance_pipeline._prepare(features, None, config=config, keys=("image", "image_size"))
   assert batch["image"].shape == (*config.image_size, 3)
   np.testing.assert_array_equal(batch["image_size"], [800, 945])
@@ -128,16 +152,28 @@ def test_predictor_on_an_imported_workdir_returns_torchvisions_detections(sharpe
   tv_model, path = sharpened
   workdir = tmp_path / "imported"
   result = subprocess.run(
-    [sys.executable, "-m", "segjax.weights.torchvision", f"--arch={MASK_RCNN}",
-     f"--input={path}", f"--workdir={workdir}"], capture_output=True, text=True, timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "segjax.weights.torchvision",
+      f"--arch={MASK_RCNN}",
+      f"--input={path}",
+      f"--workdir={workdir}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   image = np.random.default_rng(5).integers(0, 256, (352, 416, 3), dtype=np.uint8)
   with torch.no_grad():
     (ref,) = tv_model([torch.from_numpy(image.transpose(2, 0, 1).copy()).float() / 255])
   predictor = Predictor.from_workdir(str(workdir), score_threshold=0.0)
   assert predictor.padded_size(predictor.task.preprocess(predictor.config, image)[0].shape) == (
-    800, 960)
+    800,
+    960,
+  )
   got = predictor(image)
   n = len(ref["scores"])
   assert len(got["scores"]) == n > 20  # torchvision keeps at most 100.

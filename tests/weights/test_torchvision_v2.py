@@ -60,11 +60,15 @@ def outputs(tv_mask_rcnn_v2, imported):
   with torch.no_grad():
     tv_model.roi_heads.box_predictor.cls_score.weight *= SCALE
     tv_model.roi_heads.box_predictor.cls_score.bias *= SCALE
-  tv_model.transform = GeneralizedRCNNTransform(min_size=H, max_size=W, image_mean=[0.0] * 3,
-                                                image_std=[1.0] * 3).eval()
+  tv_model.transform = GeneralizedRCNNTransform(
+    min_size=H, max_size=W, image_mean=[0.0] * 3, image_std=[1.0] * 3
+  ).eval()
   tv = {}
-  for name, module in (("stages", tv_model.backbone.body), ("pyramid", tv_model.backbone),
-                       ("rpn_head", tv_model.rpn.head)):
+  for name, module in (
+    ("stages", tv_model.backbone.body),
+    ("pyramid", tv_model.backbone),
+    ("rpn_head", tv_model.rpn.head),
+  ):
     module.register_forward_hook(lambda m, i, out, name=name: tv.__setitem__(name, out))
   filter_proposals = tv_model.rpn.filter_proposals
   tv_model.rpn.filter_proposals = lambda *a: tv.setdefault("proposals", filter_proposals(*a))
@@ -77,7 +81,8 @@ def outputs(tv_mask_rcnn_v2, imported):
   head["cls_score"] = jax.tree.map(lambda x: x * SCALE, head["cls_score"])
   detections, aux = jax.jit(lambda v, x: model.apply(v, x))(variables, image)
   obj, dl = jax.jit(lambda v, f: model.apply(v, f, method=lambda m, f: m.rpn(f)))(
-    variables, {f"p{level}": aux[f"p{level}"] for level in range(2, 7)})
+    variables, {f"p{level}": aux[f"p{level}"] for level in range(2, 7)}
+  )
   return dict(tv=tv, tv_model=tv_model, detections=detections, aux=aux, obj=obj, dl=dl)
 
 
@@ -95,19 +100,22 @@ def test_v2_maps_every_tensor_one_to_one(tv_mask_rcnn_v2, imported):
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   assert size(variables["params"]) == sum(p.numel() for p in tv_model.parameters()) == 46_359_409
   params, stats = variables["params"], variables["batch_stats"]
-  for ours, key in ((stats["fpn"]["lateral_3_norm"]["var"],
-                     "backbone.fpn.inner_blocks.1.1.running_var"),
-                    (params["fpn"]["output_5_norm"]["scale"], "backbone.fpn.layer_blocks.3.1.weight"),
-                    (stats["backbone"]["res4_2"]["norm1"]["mean"],
-                     "backbone.body.layer3.2.bn1.running_mean"),
-                    (params["roi_heads"]["box_head"]["conv4_norm"]["bias"],
-                     "roi_heads.box_head.3.1.bias"),
-                    (stats["roi_heads"]["mask_head"]["mask_fcn2_norm"]["mean"],
-                     "roi_heads.mask_head.1.1.running_mean"),
-                    (params["rpn"]["conv2"]["bias"], "rpn.head.conv.1.0.bias")):
+  for ours, key in (
+    (stats["fpn"]["lateral_3_norm"]["var"], "backbone.fpn.inner_blocks.1.1.running_var"),
+    (params["fpn"]["output_5_norm"]["scale"], "backbone.fpn.layer_blocks.3.1.weight"),
+    (stats["backbone"]["res4_2"]["norm1"]["mean"], "backbone.body.layer3.2.bn1.running_mean"),
+    (params["roi_heads"]["box_head"]["conv4_norm"]["bias"], "roi_heads.box_head.3.1.bias"),
+    (
+      stats["roi_heads"]["mask_head"]["mask_fcn2_norm"]["mean"],
+      "roi_heads.mask_head.1.1.running_mean",
+    ),
+    (params["rpn"]["conv2"]["bias"], "rpn.head.conv.1.0.bias"),
+  ):
     np.testing.assert_array_equal(ours, state_dict[key].numpy())
-  assert "bias" not in params["fpn"]["lateral_2"] and "bias" not in params["roi_heads"][
-    "mask_head"]["mask_fcn1"]
+  assert (
+    "bias" not in params["fpn"]["lateral_2"]
+    and "bias" not in params["roi_heads"]["mask_head"]["mask_fcn1"]
+  )
   assert params["roi_heads"]["box_head"]["fc1"]["kernel"].shape == (7 * 7 * 256, 1024)
   assert config.model.roi_heads.num_classes == 90
 
@@ -147,8 +155,13 @@ def test_v2_proposals_match(outputs):
   got_scores = jax.nn.sigmoid(got["scores"][0, :n])
   assert_close(got_scores, ref_scores.numpy())  # Sorted both: the same whatever the order.
   # The best 200 proposals in the same order, but for near-ties (scores 1e-7 apart).
-  order = near_tie_order(got["boxes"][0, :220], ref_boxes[:220].numpy(), got_scores[:220],
-                         ref_scores[:220].numpy(), tie=1e-6)[:200]
+  order = near_tie_order(
+    got["boxes"][0, :220],
+    ref_boxes[:220].numpy(),
+    got_scores[:220],
+    ref_scores[:220].numpy(),
+    tie=1e-6,
+  )[:200]
   assert np.mean(order == np.arange(200)) > 0.9
   assert_close(got["boxes"][0, order], ref_boxes[:200].numpy())
 
@@ -167,8 +180,9 @@ def test_v2_box_and_mask_heads_match_on_the_same_rois(imported, outputs):
   sj_logits, sj_deltas = box.apply(tree("box_head"), jnp.asarray(nhwc(pooled)))
   assert_close(sj_logits * SCALE, logits.numpy())  # torchvision's cls_score is sharpened.
   assert_close(sj_deltas.reshape(len(boxes[0]), -1), deltas.numpy())
-  sj_masks = MaskHead(num_classes=90, norm="bn").apply(tree("mask_head"),
-                                                       jnp.asarray(nhwc(mask_pooled)))
+  sj_masks = MaskHead(num_classes=90, norm="bn").apply(
+    tree("mask_head"), jnp.asarray(nhwc(mask_pooled))
+  )
   assert_close(sj_masks, nhwc(masks))
 
 
@@ -176,8 +190,9 @@ def test_v2_end_to_end_detections_match(outputs):
   ref, det = outputs["tv"]["detections"], outputs["detections"]
   n = int(det["valid"][0].sum())
   assert n == len(ref["scores"]) > 10
-  order = near_tie_order(det["boxes"][0, :n], ref["boxes"].numpy(), det["scores"][0, :n],
-                         ref["scores"].numpy())
+  order = near_tie_order(
+    det["boxes"][0, :n], ref["boxes"].numpy(), det["scores"][0, :n], ref["scores"].numpy()
+  )
   np.testing.assert_array_equal(det["classes"][0, order], ref["labels"].numpy())
   np.testing.assert_allclose(det["scores"][0, order], ref["scores"].numpy(), atol=1e-3)
   np.testing.assert_allclose(det["boxes"][0, order], ref["boxes"].numpy(), atol=0.05)
@@ -205,12 +220,18 @@ def test_v2_model_config_and_arch_mismatch(tv_mask_rcnn, tv_mask_rcnn_v2):
   # A file of one arch read as the other: every missing and surplus key named, and a hint.
   v2_file = tvw.read_state_dict(tv_mask_rcnn_v2[1])
   assert tvw.detection_arch_of(v2_file) == MASK_RCNN_V2
-  with pytest.raises(ValueError, match=r"keys are those of 'maskrcnn_resnet50_fpn_v2'.*"
-                     r"missing from the file: \[.*'roi_heads\.box_head\.fc6\.weight"):
+  with pytest.raises(
+    ValueError,
+    match=r"keys are those of 'maskrcnn_resnet50_fpn_v2'.*"
+    r"missing from the file: \[.*'roi_heads\.box_head\.fc6\.weight",
+  ):
     tvw.convert(v2_file, MASK_RCNN)
   v1_file = {k: v.numpy() for k, v in tv_mask_rcnn[0].state_dict().items()}
-  with pytest.raises(ValueError, match=r"keys are those of 'maskrcnn_resnet50_fpn'\).*"
-                     r"'backbone\.fpn\.inner_blocks\.0\.1\.running_mean"):
+  with pytest.raises(
+    ValueError,
+    match=r"keys are those of 'maskrcnn_resnet50_fpn'\).*"
+    r"'backbone\.fpn\.inner_blocks\.0\.1\.running_mean",
+  ):
     tvw.convert(v1_file, MASK_RCNN_V2)
 
 
@@ -222,7 +243,8 @@ def test_v2_import_writes_a_workdir_that_evaluation_reads(tmp_path, tv_mask_rcnn
   summary = tvw.import_weights(MASK_RCNN_V2, tv_mask_rcnn_v2[1], workdir)
   assert (summary["imported_leaves"], summary["fresh_leaves"]) == (363, 0)
   assert len(summary["dropped_keys"]) == 69
-  restored, step = evaluation.restore_variables(config, workdir, loop.build_model(config),
-                                                parallel.make_mesh())
+  restored, step = evaluation.restore_variables(
+    config, workdir, loop.build_model(config), parallel.make_mesh()
+  )
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, restored, variables)

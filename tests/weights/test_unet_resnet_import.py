@@ -49,8 +49,9 @@ def train(config, workdir, monkeypatch):
 
   def load(config, state):
     state = load_pretrained(config, state)
-    seen["start"] = flat(jax.tree.map(np.asarray, {"params": state.params,
-                                                   "batch_stats": state.batch_stats}))
+    seen["start"] = flat(
+      jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    )
     return state
 
   load_pretrained = init_from.maybe_load_pretrained
@@ -64,8 +65,9 @@ def train(config, workdir, monkeypatch):
   return metrics, seen["start"]
 
 
-def test_unet_starts_from_the_imported_resnet18_and_trains(tmp_path, resnet18_import, capsys,
-                                                           monkeypatch):
+def test_unet_starts_from_the_imported_resnet18_and_trains(
+  tmp_path, resnet18_import, capsys, monkeypatch
+):
   """configs/unet_resnet_shapes.py (frozen batch norm) for 3 steps. A trainable BatchNorm's
   scale and bias come from the other collection: test_norm_scale_and_bias_load_across_...."""
   path, import_dir = resnet18_import
@@ -83,8 +85,14 @@ def test_unet_starts_from_the_imported_resnet18_and_trains(tmp_path, resnet18_im
 
   # Before step 1 the encoder holds the imported tensors; a trainable BatchNorm ("bn") takes
   # its scale and bias from FrozenBatchNorm's "batch_stats" into "params".
-  moved = lambda k: k.replace("batch_stats/", "params/") if norm == "bn" and k.endswith(  # noqa: E731
-    ("/scale", "/bias")) else k
+  moved = lambda k: (
+    k.replace("batch_stats/", "params/")
+    if norm == "bn"
+    and k.endswith(  # noqa: E731
+      ("/scale", "/bias")
+    )
+    else k
+  )
   assert {k for k in start if "/backbone/" in k} == {moved(k) for k in imported}
   for name, value in imported.items():
     np.testing.assert_array_equal(start[moved(name)], value, name)
@@ -96,10 +104,12 @@ def test_unet_starts_from_the_imported_resnet18_and_trains(tmp_path, resnet18_im
   assert 0 <= metrics["mean_iou"] <= 1
 
 
-@pytest.mark.skipif(not os.environ.get("SEGJAX_LONG_TESTS"),
-                    reason="trains for minutes: set SEGJAX_LONG_TESTS=1")
-def test_unet_with_imported_resnet18_trains_on_shapes_to_085_miou(tmp_path, resnet18_import,
-                                                                  monkeypatch):
+@pytest.mark.skipif(
+  not os.environ.get("SEGJAX_LONG_TESTS"), reason="trains for minutes: set SEGJAX_LONG_TESTS=1"
+)
+def test_unet_with_imported_resnet18_trains_on_shapes_to_085_miou(
+  tmp_path, resnet18_import, monkeypatch
+):
   config = unet_resnet_shapes.get_config()
   config.init_from = resnet18_import[1]
   metrics, _ = train(config, str(tmp_path / "unet"), monkeypatch)
@@ -120,19 +130,29 @@ def test_norm_scale_and_bias_load_across_frozen_and_trainable_layouts(resnet18_i
   imported = flat(tvw.convert(tvw.read_state_dict(path), "resnet18"))
   z = lambda: jnp.zeros((64,))  # noqa: E731
   state = State(
-    params={"backbone": {"stem_norm": {"scale": z(), "bias": z()},  # "bn"
-                         "res2_0": {"norm1": {"scale": z(), "bias": z()}}}},  # "gn"
-    batch_stats={"backbone": {"stem_norm": {"mean": z(), "var": z()},
-                              "res2_0": {"norm2": {k: z() for k in ("scale", "bias", "mean",
-                                                                    "var")}}}})  # "frozen_bn"
+    params={
+      "backbone": {
+        "stem_norm": {"scale": z(), "bias": z()},  # "bn"
+        "res2_0": {"norm1": {"scale": z(), "bias": z()}},
+      }
+    },  # "gn"
+    batch_stats={
+      "backbone": {
+        "stem_norm": {"mean": z(), "var": z()},
+        "res2_0": {"norm2": {k: z() for k in ("scale", "bias", "mean", "var")}},
+      }
+    },
+  )  # "frozen_bn"
   state, summary = init_from.load_pretrained(import_dir, state)
   bn, frozen = "backbone/stem_norm", "backbone/res2_0/norm2"
   assert sorted(summary["loaded"]) == sorted(
-    [f"params/{bn}/scale", f"params/{bn}/bias", f"batch_stats/{bn}/mean",
-     f"batch_stats/{bn}/var"] + [f"batch_stats/{frozen}/{k}" for k in ("scale", "bias", "mean",
-                                                                       "var")])
+    [f"params/{bn}/scale", f"params/{bn}/bias", f"batch_stats/{bn}/mean", f"batch_stats/{bn}/var"]
+    + [f"batch_stats/{frozen}/{k}" for k in ("scale", "bias", "mean", "var")]
+  )
   assert sorted(summary["only_in_model"]) == [
-    "params/backbone/res2_0/norm1/bias", "params/backbone/res2_0/norm1/scale"]
+    "params/backbone/res2_0/norm1/bias",
+    "params/backbone/res2_0/norm1/scale",
+  ]
   skipped = set(summary["only_in_checkpoint"])
   assert f"batch_stats/{bn}/scale" not in skipped
   assert "batch_stats/backbone/res2_0/norm1/scale" in skipped
