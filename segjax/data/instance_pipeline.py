@@ -24,10 +24,10 @@ Config keys read:
   config.image_size: (H, W) padded size, multiples of 32 (the FPN's largest stride).
   config.seed: shuffling and augmentation seed.
   config.augment.flip: random horizontal flip in training.
-  config.dataset.name: "shapes" (segjax.data.shapes, with instances), "coco"
-    (segjax.data.coco) or "instance_folder" (segjax.data.instance_folder: PNG masks of
-    instance ids, converted to COCO JSON, then read as "coco"; its keys images_dir,
-    masks_dir, mask_pattern, classes_dir, classes_file, class_names).
+  config.dataset.name: a source of `segjax.data.instance_sources`: "shapes" (with
+    instances), "coco" or "instance_folder" (PNG masks of instance ids, converted to COCO
+    JSON, then read as "coco"; its keys images_dir, masks_dir, mask_pattern, classes_dir,
+    classes_file, class_names).
   config.dataset.data_dir, .train_split, .eval_split: where the source reads.
   config.dataset.max_instances: K. config.dataset.overflow: "truncate" | "skip" | "error"
     for images with more instances (coco only; evaluation never skips: "skip" truncates).
@@ -44,98 +44,15 @@ Config keys read:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ml_collections
 import tensorflow as tf
 
-from segjax.data import instance_folder, instance_ops
-from segjax.data.coco import coco_instances, default_annotation_file
+from segjax.data import instance_ops, instance_sources
 from segjax.data.pipeline import dataset_options, numbered, padded_batches
-from segjax.data.shapes import shapes
 from segjax.errors import ConfigError
 
 TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
 EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
-
-
-def shapes_instances(
-  split: str,
-  *,
-  data_dir: str | None,
-  process_index: int = 0,
-  process_count: int = 1,
-  max_instances: int = 8,
-  overflow: str = "truncate",
-  shuffle_seed: int | None = None,
-  shuffle_buffer: int = 1000,
-  category_ids=None,
-  **kwargs,
-) -> tf.data.Dataset:
-  """The shapes set in the instance source contract of `segjax.data.coco`.
-
-  `image_id` is the example index in the split, so `segjax.coco_eval.shapes_to_coco` builds
-  the matching ground truth. Shapes never overflow (`max_shapes <= max_instances` is checked).
-  Its labels are its class indices: `category_ids` must be unset.
-  """
-  del overflow
-  if category_ids is not None:
-    raise ConfigError(
-      "dataset.category_ids maps labels to the categories of COCO-format data; "
-      "the shapes set labels its classes 1..C itself: unset it."
-    )
-  ds = shapes(
-    split,
-    data_dir=data_dir,
-    process_index=process_index,
-    process_count=process_count,
-    max_instances=max_instances,
-    with_instances=True,
-    **kwargs,
-  )
-
-  @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
-  def to_instances(i, features):
-    # shapes gives process p the examples p, p + n, p + 2n, ... (its docstring).
-    image_id = tf.cast(process_index + i * process_count, tf.int64)
-    return {
-      **{k: features[k] for k in instance_ops.INSTANCE_KEYS if k in features},
-      "image": features["image"],
-      "is_crowd": tf.zeros_like(features["valid"]),
-      "image_id": image_id,
-    }
-
-  ds = ds.enumerate().map(to_instances)
-  if shuffle_seed is not None:
-    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed)
-  return ds
-
-
-INSTANCE_SOURCES: dict[str, Callable[..., tf.data.Dataset]] = {
-  "shapes": shapes_instances,
-  "coco": coco_instances,
-  "instance_folder": instance_folder.instance_folder,
-}
-# Sources read from a COCO instances JSON, which evaluation scores against.
-COCO_FORMAT_SOURCES = ("coco", "instance_folder")
-
-
-def eval_annotation_file(config: ml_collections.ConfigDict) -> str:
-  """The COCO JSON of the eval split of a `COCO_FORMAT_SOURCES` data set: COCO's
-  `eval_kwargs.annotation_file` or `data_dir/annotations/instances_<split>.json`; an instance
-  folder's split converted (`segjax.data.instance_folder.annotation_file`)."""
-  dataset = config.dataset
-  if dataset.name == "instance_folder":
-    return instance_folder.annotation_file(
-      dataset.data_dir, dataset.eval_split, **instance_folder.conversion_kwargs(dataset)
-    )
-  if dataset.name == "coco":
-    return dict(dataset.get("eval_kwargs", {})).get("annotation_file") or (
-      default_annotation_file(dataset.data_dir, dataset.eval_split)
-    )
-  raise ConfigError(
-    f"dataset.name {dataset.name!r} is not COCO-format data; those are {COCO_FORMAT_SOURCES}."
-  )
 
 
 def make_instance_source(
@@ -148,20 +65,11 @@ def make_instance_source(
   shuffle_seed: int | None = None,
   **kwargs,
 ) -> tf.data.Dataset:
-  """This process's share of `split` from the source named by `config.dataset.name`."""
+  """This process's share of `split` from the source named by `config.dataset.name`
+  (`segjax.data.instance_sources`)."""
   dataset = config.dataset
-  if dataset.name not in INSTANCE_SOURCES:
-    raise ConfigError(
-      f"Unknown dataset.name {dataset.name!r} for instance segmentation; "
-      f"known: {sorted(INSTANCE_SOURCES)}."
-    )
-  if dataset.name == "shapes":  # Only shapes keeps decoded examples in its shuffle buffer.
-    kwargs["shuffle_buffer"] = dataset.get("shuffle_buffer", 1000)
-  if dataset.get("category_ids") is not None:  # Label -> category id (segjax.data.coco).
-    kwargs["category_ids"] = tuple(dataset.category_ids)
-  if dataset.name == "instance_folder":  # Its layout and classes (segjax.data.to_coco).
-    kwargs.update(instance_folder.conversion_kwargs(dataset))
-  return INSTANCE_SOURCES[dataset.name](
+  source = instance_sources.get(config)
+  return source.dataset(
     split,
     data_dir=dataset.get("data_dir"),
     process_index=process_index,
@@ -169,6 +77,7 @@ def make_instance_source(
     max_instances=dataset.max_instances,
     overflow=overflow,
     shuffle_seed=shuffle_seed,
+    **source.source_kwargs(dataset),
     **kwargs,
   )
 

@@ -3,9 +3,9 @@
 The evaluator runs the jitted `segjax.models.mask_rcnn.predict` over the instance eval split
 (`segjax.data.instance_pipeline.instance_eval_dataset`), writes the detections in the COCO
 results format in original image coordinates (`segjax.coco_eval.detections_to_coco_json`)
-and scores them with pycocotools' COCOeval against the split's ground truth: the COCO JSON
-for datasets "coco" and "instance_folder" (`instance_pipeline.eval_annotation_file`),
-`segjax.coco_eval.shapes_to_coco` for "shapes". With several processes,
+and scores them with pycocotools' COCOeval against the split's ground truth, which the data
+set's source gives (`segjax.data.instance_sources`: the COCO JSON for "coco" and
+"instance_folder", `segjax.coco_eval.shapes_to_coco` for "shapes"). With several processes,
 each converts the detections of its share and all gather the results before scoring.
 
 The prediction functions at the end serve `segjax.predict` on new images with the same
@@ -27,9 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from segjax import coco_eval, models, ops, visualize
-from segjax.data import coco, instance_ops, instance_pipeline
+from segjax.data import instance_ops, instance_pipeline, instance_sources
 from segjax.data.iteration import numpy_batches
-from segjax.errors import ConfigError
 from segjax.models import mask_rcnn
 from segjax.train import parallel
 
@@ -48,46 +47,11 @@ def bind_loss(config: ml_collections.ConfigDict, model):
   return functools.partial(loss_fn, model=model)
 
 
-def _coco_info(config: ml_collections.ConfigDict) -> coco.CocoInfo:
-  """The eval split's annotation file, its labels mapped by `dataset.category_ids` when set."""
-  dataset = config.dataset
-  annotation_file = instance_pipeline.eval_annotation_file(config)
-  category_ids = dataset.get("category_ids")
-  info = coco.load_coco(annotation_file, None if category_ids is None else tuple(category_ids))
-  if dataset.get("class_names"):
-    _check_class_names(
-      dataset.class_names,
-      info.num_classes,
-      f"dataset.category_ids or {annotation_file}'s categories",
-    )
-  return info
-
-
-def _check_class_names(names, num_classes: int, source: str) -> None:
-  if len(names) != num_classes:
-    raise ConfigError(
-      f"dataset.class_names has {len(names)} names (background first) for "
-      f"{num_classes - 1} labels ({source}): give {num_classes}."
-    )
-
-
 def ground_truth(config: ml_collections.ConfigDict):
-  """(pycocotools COCO, category_ids) of the eval split: label l is `category_ids[l - 1]`.
-
-  For COCO, `dataset.category_ids` when set (the labels of the model, e.g. torchvision's 91),
-  else the annotation file's categories, sorted; the ground truth is the file as it is."""
-  dataset = config.dataset
-  kwargs = dict(dataset.get("eval_kwargs", {}))
-  if dataset.name == "shapes":
-    gt = coco_eval.shapes_to_coco(dataset.eval_split, max_instances=dataset.max_instances, **kwargs)
-    return gt, tuple(sorted(gt.getCatIds()))
-  if dataset.name in instance_pipeline.COCO_FORMAT_SOURCES:
-    info = _coco_info(config)
-    return info.coco, info.category_ids
-  raise ValueError(
-    f"No ground truth for dataset.name {dataset.name!r}; known: shapes, "
-    f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}."
-  )
+  """(pycocotools COCO, category_ids) of the eval split: label l is `category_ids[l - 1]`
+  (`segjax.data.instance_sources`; for COCO, `dataset.category_ids` when set, e.g.
+  torchvision's 91, else the annotation file's categories, sorted)."""
+  return instance_sources.get(config).ground_truth(config)
 
 
 class Evaluator:
@@ -175,27 +139,9 @@ def stride(config: ml_collections.ConfigDict) -> int:
 
 def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tuple[str, ...]]:
   """(category_ids, class_names): label l is category `category_ids[l - 1]` (as `ground_truth`
-  maps it), named `class_names[l]` (`class_names[0]` the background). Shapes needs no ground
-  truth for it (its category ids are its class ids); COCO takes `dataset.category_ids` and
-  `dataset.class_names` when both are set (torchvision's imported models: no annotation file
-  needed to predict), else reads the eval annotation file."""
-  dataset = config.dataset
-  if dataset.name == "shapes":
-    from segjax.data.shapes import CLASS_NAMES
-
-    names = tuple(dataset.get("class_names") or CLASS_NAMES)
-    return tuple(range(1, len(names))), names
-  if dataset.name in instance_pipeline.COCO_FORMAT_SOURCES:
-    ids, names = dataset.get("category_ids"), dataset.get("class_names")
-    if ids and names:
-      _check_class_names(names, len(ids) + 1, "dataset.category_ids")
-      return tuple(int(c) for c in ids), tuple(names)
-    info = _coco_info(config)
-    return info.category_ids, tuple(dataset.get("class_names") or info.class_names)
-  raise ValueError(
-    f"No categories for dataset.name {dataset.name!r}; known: shapes, "
-    f"{', '.join(instance_pipeline.COCO_FORMAT_SOURCES)}."
-  )
+  maps it), named `class_names[l]` (`class_names[0]` the background); the source's
+  (`segjax.data.instance_sources`)."""
+  return instance_sources.get(config).categories(config)
 
 
 def _conventions(config: ml_collections.ConfigDict) -> str:
