@@ -204,6 +204,23 @@ def _nan_metrics(prefix: str) -> dict:
   return {f"{prefix}_{name}": float("nan") for name in AP_NAMES}
 
 
+# COCOeval's area ranges of AP, AP50, AP75, APs, APm, APl (bounds inclusive, as COCOeval).
+_AREA_RANGES = ((0, 1e10),) * 3 + ((0, 32**2), (32**2, 96**2), (96**2, 1e10))
+
+
+def _metrics_without_results(gt: COCO, image_ids, prefix: str) -> dict:
+  """What COCOeval reports when nothing is detected: 0 where the evaluated images have
+  (non-crowd) ground truth in the area range, NaN where they have none."""
+  images = set(gt.getImgIds() if image_ids is None else (int(i) for i in image_ids))
+  areas = [
+    a["area"] for a in gt.dataset["annotations"] if a["image_id"] in images and not a["iscrowd"]
+  ]
+  return {
+    f"{prefix}_{name}": 0.0 if any(lo <= a <= hi for a in areas) else float("nan")
+    for name, (lo, hi) in zip(AP_NAMES, _AREA_RANGES)
+  }
+
+
 def evaluate_coco(
   gt: COCO | str, results: list[dict] | str, *, image_ids=None, verbose: bool = False
 ) -> dict[str, float]:
@@ -219,7 +236,7 @@ def evaluate_coco(
   Returns:
     {"box_AP", ..., "box_APl", "mask_AP", ..., "mask_APl"}: fractions in [0, 1], NaN where
     there is no ground truth; the mask keys are NaN when no result has a segmentation. No
-    results at all give zeros.
+    results at all give zeros for box and mask (NaN where there is no ground truth).
   """
   if isinstance(gt, str):
     with contextlib.redirect_stdout(io.StringIO()):
@@ -229,11 +246,11 @@ def evaluate_coco(
       results = json.load(f)
   metrics = {}
   for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
+    if not results:
+      metrics.update(_metrics_without_results(gt, image_ids, prefix))
+      continue
     if iou_type == "segm" and not any("segmentation" in r for r in results):
       metrics.update(_nan_metrics(prefix))
-      continue
-    if not results:
-      metrics.update({f"{prefix}_{name}": 0.0 for name in AP_NAMES})
       continue
     # loadRes mutates the dicts; for masks it must not see boxes, or it takes box areas for
     # the small/medium/large ranges (detectron2 `_evaluate_predictions_on_coco`).

@@ -173,8 +173,16 @@ def test_shapes_ground_truth_scores_ap_one():
 def test_empty_and_box_only_results(coco_data):
   gt = coco.load_coco(coco_data.annotation_file).coco
   empty = coco_eval.evaluate_coco(gt, [])
-  assert all(empty[f"box_{n}"] == 0.0 for n in coco_eval.AP_NAMES)
-  assert all(math.isnan(empty[f"mask_{n}"]) for n in coco_eval.AP_NAMES)
+  # Nothing detected scores as one detection that matches nothing: 0 where the images have
+  # ground truth in the size range, NaN where they have none; masks as boxes.
+  junk = {"image_id": 42, "category_id": 3, "bbox": [0.0, 0.0, 1.0, 1.0], "score": 1.0}
+  junk["segmentation"] = coco_eval.encode_mask(np.pad(np.ones((1, 1), np.uint8), ((0, 9), (0, 9))))
+  missed = coco_eval.evaluate_coco(gt, [junk])
+  np.testing.assert_equal(empty, missed)
+  assert empty["box_AP"] == 0.0 and empty["mask_AP"] == 0.0
+  for image_ids in ([42], []):
+    subset = coco_eval.evaluate_coco(gt, [], image_ids=image_ids)
+    np.testing.assert_equal(subset, coco_eval.evaluate_coco(gt, [junk], image_ids=image_ids))
   ann = gt.loadAnns([421])[0]
   box_only = coco_eval.evaluate_coco(
     gt, [{"image_id": 42, "category_id": 3, "bbox": ann["bbox"], "score": 1.0}]
