@@ -3,6 +3,14 @@
   python benchmarks/mask_rcnn.py --model all
   python benchmarks/mask_rcnn.py --model toy [--batch_sizes 8] [--image_size 64] [--repeats 10]
   python benchmarks/mask_rcnn.py --model r50 [--batch_sizes 1,2] [--image_size 800] [--repeats 2]
+  python benchmarks/mask_rcnn.py --model r50 --batch_sizes 2 --image_size 512 --gt_per_image 5 \
+    --variants previous,current --train_only --repeats 3
+
+`--variants` compiles one step per named model variant (`VARIANTS`: config overrides, e.g. the
+previous implementation of a rewritten op) and times them interleaved (A B A B ...), printing
+each one's median, its ratio to the first, its compile time and its executable's memory
+(arguments + outputs + temporaries, XLA's `memory_analysis`), with the load average; the
+process's peak RSS comes last (all variants together).
 
 Two models: "r50", torchvision's `maskrcnn_resnet50_fpn` (91 classes: K = 90 plus background,
 frozen batch norm, stem and res2 frozen, detectron2 1x heads and proposal counts, SGD) at
@@ -20,6 +28,10 @@ repeats.
 from segjax import cli  # noqa: I001  (first: sets TensorFlow's log level before TF loads)
 
 import functools
+import os
+import resource
+import statistics
+import time
 
 import jax
 import ml_collections
@@ -33,6 +45,23 @@ flags.DEFINE_list("batch_sizes", None, "Batch sizes; default 1,2 for r50 and 8 f
 flags.DEFINE_integer("image_size", None, "Square image side; default 800 for r50, 64 for toy.")
 flags.DEFINE_integer("repeats", None, "Timed steps (median reported); default 2 r50, 10 toy.")
 flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+flags.DEFINE_list("variants", ["current"], "Model variants (VARIANTS keys), timed interleaved.")
+flags.DEFINE_integer("gt_per_image", None, "Ground truths per image; default 1 to ~G/2 random.")
+flags.DEFINE_bool("train_only", False, "Skip the inference step.")
+
+# Model config overrides (merged into the model settings) naming an implementation choice, so
+# that before and after are measured in one run. "previous" is the tree before the rewrites.
+VARIANTS = {
+  "current": {},
+  "previous": {
+    "rpn": {"nms_block_size": 0},
+    "roi_heads": {"adaptive_layout": "pairs", "nms_block_size": 0},
+  },
+  "serial_nms": {"rpn": {"nms_block_size": 0}, "roi_heads": {"nms_block_size": 0}},
+  "pairs": {"roi_heads": {"adaptive_layout": "pairs"}},
+  "mask32": {"roi_heads": {"mask_batch_size_per_image": 32}},
+  "mask64": {"roi_heads": {"mask_batch_size_per_image": 64}},
+}
 
 # Per model: the model config for `create_model`, the optimizer keys of
 # `create_train_state`, ground-truth slots G, and the defaults of the flags above.
@@ -78,27 +107,12 @@ SETTINGS = {
 }
 
 
-def _time_steps(train, predict, state, batch, key, repeats, warmup):
-  """`((train_s, compile_s), (predict_s, compile_s))`: median step times and compile times."""
-  train_compiled, train_compile = compile_timed(train, state, batch, key)
-
-  def train_once():
-    nonlocal state
-    state, metrics = train_compiled(state, batch, key)
-    jax.block_until_ready(metrics)
-
-  train_s = median_seconds(train_once, repeats, warmup)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  predict_compiled, predict_compile = compile_timed(predict, variables, batch)
-  predict_s = median_seconds(
-    lambda: jax.block_until_ready(predict_compiled(variables, batch)), repeats, warmup
-  )
-  return (train_s, train_compile), (predict_s, predict_compile)
-
-
-def synthetic_batch(b: int, size: int, g: int, num_classes: int, seed: int = 0) -> dict:
-  """A batch per the `mask_rcnn` contract: 1 to ~G/2 (at most G-1) random boxes per image,
-  sides 1/16 to 1/2 of the image, masks filled inside them, the remaining rows padding."""
+def synthetic_batch(
+  b: int, size: int, g: int, num_classes: int, seed: int = 0, per_image: int | None = None
+) -> dict:
+  """A batch per the `mask_rcnn` contract: 1 to ~G/2 (at most G-1) random boxes per image, or
+  `per_image` of them, sides 1/16 to 1/2 of the image, masks filled inside them, the remaining
+  rows padding."""
   rng = np.random.default_rng(seed)
   image = rng.normal(scale=0.1, size=(b, size, size, 3)).astype(np.float32)
   boxes = np.zeros((b, g, 4), np.float32)
@@ -106,7 +120,8 @@ def synthetic_batch(b: int, size: int, g: int, num_classes: int, seed: int = 0) 
   masks = np.zeros((b, g, size, size), np.uint8)
   valid = np.zeros((b, g), bool)
   for i in range(b):
-    for j in range(rng.integers(1, max(2, g // 2) + 1) if g > 1 else 1):
+    count = per_image or (rng.integers(1, max(2, g // 2) + 1) if g > 1 else 1)
+    for j in range(min(count, g)):
       w, h = rng.integers(size // 16, size // 2 + 1, 2)
       x1, y1 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
       boxes[i, j] = (x1, y1, x1 + w, y1 + h)
@@ -124,22 +139,42 @@ def synthetic_batch(b: int, size: int, g: int, num_classes: int, seed: int = 0) 
   }
 
 
+def _merge(base: dict, overrides: dict) -> dict:
+  out = dict(base)
+  for key, value in overrides.items():
+    out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+  return out
+
+
+def _memory_gb(compiled) -> float:
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 1e9
+
+
 def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> None:
   from segjax.models import create_model, mask_rcnn
   from segjax.train import state as state_lib
   from segjax.train import steps
 
+  f = flags.FLAGS
   settings = SETTINGS[name]
-  model = create_model(ml_collections.ConfigDict(settings["model"]))
+  models = {
+    v: create_model(ml_collections.ConfigDict(_merge(settings["model"], VARIANTS[v])))
+    for v in f.variants
+  }
+  model = models[f.variants[0]]
   config = ml_collections.ConfigDict(
     dict(**settings["optimizer"], schedule="constant", warmup_steps=10, num_train_steps=1000)
   )
   g, k = settings["max_instances"], model.roi_heads.num_classes
   note = "" if name != "r50" or size == 800 else " (reduced from torchvision's 800x800 for a CPU)"
+  gt = f"{f.gt_per_image} per image" if f.gt_per_image else "1 to G/2 per image"
   print(
     f"Mask R-CNN {settings['title']}: image {size}x{size}{note}, G={g} ground-truth "
-    f"slots, {config.optimizer}, backbone dtype {np.dtype(model.backbone.dtype).name}, "
-    f"on {jax.device_count()} x {jax.devices()[0].device_kind}",
+    f"slots ({gt}), {config.optimizer}, backbone dtype {np.dtype(model.backbone.dtype).name}, "
+    f"on {jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs",
     flush=True,
   )
 
@@ -147,27 +182,52 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
   # Parameter shapes do not depend on the image size: initialize on a small image.
   init = jax.jit(functools.partial(state_lib.create_train_state, model, config))
   fresh_state = init(key, np.zeros((1, 64, 64, 3), np.float32))
-  train = jax.jit(
-    functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)),
-    donate_argnums=0,
-  )
-  predict = jax.jit(functools.partial(mask_rcnn.predict, model=model))
   for b in batch_sizes:
-    batch = jax.device_put(synthetic_batch(b, size, g, k))
-    state = jax.tree.map(lambda x: x.copy(), fresh_state)  # The step donates it.
-    (train_s, train_compile), (predict_s, predict_compile) = _time_steps(
-      train, predict, state, batch, key, repeats, warmup
-    )
-    print(
-      f"  batch {b}: train     {1e3 * train_s:9.1f} ms/step   ({b / train_s:7.2f} images/s, "
-      f"median of {repeats}; compile {train_compile:.1f} s)",
-      flush=True,
-    )
-    print(
-      f"  batch {b}: inference {1e3 * predict_s / b:9.1f} ms/image  (step "
-      f"{1e3 * predict_s:.1f} ms, median of {repeats}; compile {predict_compile:.1f} s)",
-      flush=True,
-    )
+    batch = jax.device_put(synthetic_batch(b, size, g, k, per_image=f.gt_per_image))
+    steps_by_variant, compiles, states, memory = {}, {}, {}, {}
+    for v, m in models.items():
+      train = jax.jit(
+        functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=m)),
+        donate_argnums=0,
+      )
+      states[v] = jax.tree.map(lambda x: x.copy(), fresh_state)  # The step donates it.
+      steps_by_variant[v], compiles[v] = compile_timed(train, states[v], batch, key)
+      memory[v] = _memory_gb(steps_by_variant[v])
+    times = {v: [] for v in models}
+    fg = {}
+    for round_ in range(warmup + repeats):
+      for v in models:  # interleaved: A B A B ...
+        start = time.perf_counter()
+        states[v], metrics = steps_by_variant[v](states[v], batch, key)
+        jax.block_until_ready(metrics)
+        if round_ >= warmup:
+          times[v].append(time.perf_counter() - start)
+        fg[v] = float(metrics["num_fg_rois"])
+    first = statistics.median(times[f.variants[0]])
+    for v in models:
+      train_s = statistics.median(times[v])
+      print(
+        f"  batch {b} {v:>9}: train {1e3 * train_s:9.1f} ms/step ({b / train_s:6.2f} images/s, "
+        f"median of {repeats}, x{train_s / first:.2f} of {f.variants[0]}; compile "
+        f"{compiles[v]:.1f} s; executable memory {memory[v]:.2f} GB; "
+        f"{fg[v]:.0f} foreground ROIs/image; load {os.getloadavg()[0]:.1f})",
+        flush=True,
+      )
+    if f.train_only:
+      continue
+    for v, m in models.items():
+      predict = jax.jit(functools.partial(mask_rcnn.predict, model=m))
+      variables = {"params": states[v].params, "batch_stats": states[v].batch_stats}
+      predict_compiled, predict_compile = compile_timed(predict, variables, batch)
+      run = functools.partial(predict_compiled, variables, batch)
+      predict_s = median_seconds(lambda run=run: jax.block_until_ready(run()), repeats, warmup)
+      print(
+        f"  batch {b} {v:>9}: inference {1e3 * predict_s / b:9.1f} ms/image (step "
+        f"{1e3 * predict_s:.1f} ms, median of {repeats}; compile {predict_compile:.1f} s)",
+        flush=True,
+      )
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+  print(f"  peak RSS of the process (all variants): {peak:.2f} GB", flush=True)
 
 
 def main(argv):

@@ -4,10 +4,14 @@
 
 Prints, per case, the compile time (lower + compile) and the median of `repeats` runs of the
 compiled function. Shapes follow detectron2's COCO setting: an 800 x 1344 (padded) image,
-FPN P2-P5 with 256 channels, 512 ROIs, 267k anchors, 1000 or 5000 boxes into NMS.
+FPN P2-P5 with 256 channels, 512 ROIs, 267k anchors, 1000 or 5000 boxes into NMS. Where an
+op has a previous implementation still selectable (ROIAlign's "pairs" layout, the serial NMS),
+both run interleaved (A B A B ...) and the ratio to the previous one is printed, with the load.
 """
 
 import argparse
+import functools
+import os
 import time
 
 import jax
@@ -34,6 +38,32 @@ def measure(name, fn, *args, repeats):
   )
 
 
+def measure_ab(name, fns, *args, repeats):
+  """Compiles each of `fns` (a dict, the previous implementation first), then times them
+  interleaved; prints medians and each one's ratio to the first."""
+  compiled, compile_s = {}, {}
+  for key, fn in fns.items():
+    start = time.perf_counter()
+    compiled[key] = jax.jit(fn).lower(*args).compile()
+    compile_s[key] = time.perf_counter() - start
+    jax.block_until_ready(compiled[key](*args))  # warm-up
+  times = {key: [] for key in fns}
+  for _ in range(repeats):
+    for key in fns:
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[key](*args))
+      times[key].append(time.perf_counter() - start)
+  first = np.median(next(iter(times.values())))
+  print(f"{name} (load {os.getloadavg()[0]:.1f})", flush=True)
+  for key in fns:
+    median = np.median(times[key])
+    print(
+      f"  {key:<56} compile {compile_s[key]:7.2f} s   median {median * 1e3:9.1f} ms"
+      f"   x{median / first:.2f}",
+      flush=True,
+    )
+
+
 def random_boxes(rng, n, min_size, max_size):
   wh = rng.uniform(min_size, max_size, (n, 2))
   xy = rng.uniform(0, 1, (n, 2)) * (np.array(IMAGE[::-1]) - wh)
@@ -50,18 +80,25 @@ def bench_roi_align(rng, repeats):
   levels = np.bincount(np.asarray(ops.assign_boxes_to_levels(rois)), minlength=6)[2:]
   print(f"ROIAlign: 512 ROIs over P2-P5 (ROIs per level {levels.tolist()}), 256 channels")
   for size in ((7, 7), (14, 14)):
-    for sr in (0, 2):
-      pool = lambda f, b, size=size, sr=sr: ops.multilevel_roi_align(f, b, size, sr)
-      measure(
-        f"  multilevel_roi_align {size} sampling_ratio={sr}", pool, maps, rois, repeats=repeats
+    pool = lambda f, b, size=size, sr=2: ops.multilevel_roi_align(f, b, size, sr)
+    measure(f"  multilevel_roi_align {size} sampling_ratio=2", pool, maps, rois, repeats=repeats)
+    layouts = {
+      f"adaptive_layout={layout!r}": lambda f, b, size=size, layout=layout: (
+        ops.multilevel_roi_align(f, b, size, 0, adaptive_layout=layout)
       )
-  grad = jax.grad(lambda f, b: jnp.sum(ops.multilevel_roi_align(f, b, (7, 7), 0) ** 2))
-  measure(
-    "  gradient wrt features, (7, 7) sampling_ratio=0",
-    grad,
-    maps,
-    rois,
-    repeats=max(1, repeats // 2),
+      for layout in ("pairs", "window")
+    }
+    measure_ab(f"  multilevel_roi_align {size} adaptive", layouts, maps, rois, repeats=repeats)
+  grads = {
+    f"adaptive_layout={layout!r}": jax.grad(
+      lambda f, b, layout=layout: jnp.sum(
+        ops.multilevel_roi_align(f, b, (7, 7), 0, adaptive_layout=layout) ** 2
+      )
+    )
+    for layout in ("pairs", "window")
+  }
+  measure_ab(
+    "  gradient wrt features, (7, 7) adaptive", grads, maps, rois, repeats=max(1, repeats // 2)
   )
 
 
@@ -75,16 +112,22 @@ def bench_nms(rng, repeats):
     scores = jnp.asarray(rng.uniform(size=n), jnp.float32)
     classes = jnp.asarray(rng.integers(0, 80, n), jnp.int32)
     kept = int(ops.nms(boxes, scores, 0.7, 1000)[1].sum())
-    measure(
+    algorithms = lambda fn: {
+      f"block_size={b}{' (serial)' if b == 0 else ''}": functools.partial(fn, block_size=b)
+      for b in (0, 256)
+    }
+    measure_ab(
       f"NMS {n} boxes, IoU 0.7, max_output 1000 ({kept} kept)",
-      lambda b, s: ops.nms(b, s, 0.7, 1000),
+      algorithms(lambda b, s, block_size: ops.nms(b, s, 0.7, 1000, block_size=block_size)),
       boxes,
       scores,
       repeats=repeats,
     )
-    measure(
+    measure_ab(
       f"batched_nms {n} boxes, 80 classes, IoU 0.5, max_output 100",
-      lambda b, s, c: ops.batched_nms(b, s, c, 0.5, 100),
+      algorithms(
+        lambda b, s, c, block_size: ops.batched_nms(b, s, c, 0.5, 100, block_size=block_size)
+      ),
       boxes,
       scores,
       classes,

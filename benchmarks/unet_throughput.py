@@ -25,12 +25,14 @@ flags.DEFINE_integer("repeats", 20, "Timed steps; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 
 
-def main(argv):
-  del argv
+def unet_steps(config):
+  """The U-Net of `config` as `(train_once, eval_once, info)`: one blocking call each of the
+  compiled train step (forward, backward, optimizer update, batch-norm statistics) and the
+  evaluation forward, on a random batch of `config.batch_size` at `config.image_size`; info
+  holds the compile times ("train_compile_s", "eval_compile_s") and "num_params"."""
   from segjax.train import loop, parallel, semantic
   from segjax.train.evaluator import Evaluator
 
-  config = flags.FLAGS.config
   mesh = parallel.make_mesh()
   model = loop.build_model(config)
   init, _ = loop.initial_state(config, model, mesh)
@@ -54,14 +56,27 @@ def main(argv):
     state, metrics = train(state, train_batch, key)
     jax.block_until_ready(metrics)
 
+  # Read at each call: the train step donates the state it is given.
+  variables = lambda: {"params": state.params, "batch_stats": state.batch_stats}
+  eval_batch = evaluator.put(local)
+  evaluate, eval_compile = compile_timed(evaluator.step, variables(), eval_batch)
+  info = dict(
+    train_compile_s=train_compile,
+    eval_compile_s=eval_compile,
+    num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+  )
+  return train_once, lambda: jax.block_until_ready(evaluate(variables(), eval_batch)), info
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  train_once, eval_once, info = unet_steps(config)
   repeats, warmup = flags.FLAGS.repeats, flags.FLAGS.warmup
   train_s = median_seconds(train_once, repeats, warmup)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  eval_batch = evaluator.put(local)
-  evaluate, eval_compile = compile_timed(evaluator.step, variables, eval_batch)
-  eval_s = median_seconds(
-    lambda: jax.block_until_ready(evaluate(variables, eval_batch)), repeats, warmup
-  )
+  eval_s = median_seconds(eval_once, repeats, warmup)
+  train_compile, eval_compile = info["train_compile_s"], info["eval_compile_s"]
+  h, w = config.image_size
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   print(
     f"U-Net depth={config.model.depth} base_width={config.model.base_width} "

@@ -138,7 +138,7 @@ def semantic_example_loss(
   from segjax.train import semantic
 
   variables = {"params": params, "batch_stats": batch_stats}
-  logits, _ = semantic.apply_model(model, variables, example["image"][None], None, train=False)
+  logits = semantic.logits_fn(model, variables)(example["image"][None])  # An ensemble's mean.
   mask = example["mask"]
   loss = losses.pixel_cross_entropy(logits, mask[None], ignore_label=ignore_label)
   prediction = jnp.argmax(logits[0], -1).astype(jnp.int32)

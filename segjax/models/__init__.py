@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.models.ensemble import Ensemble
 from segjax.models.mask_rcnn import MaskRCNN
 from segjax.models.unet import UNet
 from segjax.models.unet_resnet import ResNetUNet
@@ -66,4 +67,4 @@ def create_model(model_config: Any):
   return _build(model_class(name), kwargs, repr(name))
 
 
-__all__ = ["MODELS", "MaskRCNN", "ResNetUNet", "UNet", "create_model", "model_class"]
+__all__ = ["MODELS", "Ensemble", "MaskRCNN", "ResNetUNet", "UNet", "create_model", "model_class"]

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.layers.conv import Conv
 from segjax.models.resnet import norm_layer
 
 Array = jax.Array
@@ -57,7 +58,7 @@ def conv_norm(
   """
   if norm not in NORMS:
     raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
-  x = nn.Conv(
+  x = Conv(
     features,
     (kernel, kernel),
     padding="SAME",

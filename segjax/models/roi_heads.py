@@ -28,7 +28,7 @@ and mask logits all have K + 1 entries (the background's deltas and mask are unu
 torchvision's `num_classes=91` is `num_classes=90` here (detectron2 omits those unused rows).
 
 Shapes: B batch, K classes (K + 1 with background), P proposals, G ground-truth slots,
-S sampled ROIs, F = `int(S * positive_fraction)` foreground slots, D detections, M mask side.
+S sampled ROIs, F = `ROIHeads.mask_slots()` mask-head slots, D detections, M mask side.
 """
 
 from collections.abc import Mapping, Sequence
@@ -43,6 +43,8 @@ from segjax import ops
 from segjax.layers.upconv import UpConv2x
 from segjax.models.fpn import conv_norm
 from segjax.models.rpn import smooth_l1_loss
+from segjax.ops.nms import DEFAULT_BLOCK_SIZE
+from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO
 
 Array = jax.Array
 
@@ -206,6 +208,7 @@ def postprocess(
   nms_thresh: float = 0.5,
   max_detections: int = 100,
   min_size: float = 0.0,
+  nms_block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict[str, Array]:
   """Detections of one image (detectron2 `fast_rcnn_inference_single_image`); vmap for a batch.
 
@@ -235,7 +238,13 @@ def postprocess(
   scores = jnp.where(finite & proposal_valid[:, None], scores, -jnp.inf).reshape(-1)
   classes = jnp.tile(jnp.arange(1, k1, dtype=jnp.int32), p)
   idx, valid = ops.batched_nms(
-    boxes, scores, classes, nms_thresh, max_detections, score_threshold=score_thresh
+    boxes,
+    scores,
+    classes,
+    nms_thresh,
+    max_detections,
+    score_threshold=score_thresh,
+    block_size=nms_block_size,
   )
   return {
     "boxes": jnp.where(valid[:, None], boxes[idx], 0.0),
@@ -415,10 +424,17 @@ class ROIHeads(nn.Module):
     num_classes: K foreground classes (labels 1..K, 0 background).
     batch_size_per_image: ROIs sampled per image for training.
     positive_fraction: foreground share of the sample.
+    mask_batch_size_per_image: ROI slots per image the mask head trains on (TF TPU Mask R-CNN's
+      `num_sampled_masks`); None for `int(batch_size_per_image * positive_fraction)`, the most
+      foregrounds a sample holds, so the loss is the same as on all foregrounds. Fewer slots
+      cost less; when an image has more foregrounds than slots, the first ones of the sample
+      (a uniformly random subset) are kept.
     iou_threshold: proposal-to-ground-truth IoU from which a ROI is foreground.
     box_resolution: ROIAlign output side of the box head.
     mask_resolution: ROIAlign output side of the mask head (logits are twice that).
     sampling_ratio: ROIAlign samples per bin and axis; 0 adaptive (detectron2).
+    max_sampling_ratio: static cap of the adaptive grid, exact up to it (`ops.roi_align`).
+    adaptive_layout: "window" or "pairs" (the previous, slower layout): `ops.roi_align`.
     aligned: ROIAlignV2's half-pixel offset (detectron2); torchvision's is False.
     fc_dims: box head fully connected widths.
     box_conv_dims: box head 3x3 conv widths, before the fully connected layers (torchvision
@@ -429,6 +445,7 @@ class ROIHeads(nn.Module):
     smooth_l1_beta: box-delta loss; 0 is L1.
     score_thresh: inference score threshold.
     nms_thresh: inference per-class NMS IoU threshold.
+    nms_block_size: boxes per step of its blocked NMS; 0 for the serial loop (`ops.nms`).
     detections_per_image: D, detections kept per image.
     min_box_size: inference drops detections not wider and taller than this (torchvision:
       1e-2; 0 keeps all, as detectron2).
@@ -441,10 +458,13 @@ class ROIHeads(nn.Module):
   num_classes: int = 80
   batch_size_per_image: int = 512
   positive_fraction: float = 0.25
+  mask_batch_size_per_image: int | None = None
   iou_threshold: float = 0.5
   box_resolution: int = 7
   mask_resolution: int = 14
   sampling_ratio: int = 0
+  max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO
+  adaptive_layout: str = "window"
   aligned: bool = True
   fc_dims: tuple[int, ...] = (1024, 1024)
   mask_conv_dims: tuple[int, ...] = (256, 256, 256, 256)
@@ -452,6 +472,7 @@ class ROIHeads(nn.Module):
   smooth_l1_beta: float = 0.0
   score_thresh: float = 0.05
   nms_thresh: float = 0.5
+  nms_block_size: int = DEFAULT_BLOCK_SIZE
   detections_per_image: int = 100
   min_box_size: float = 0.0
   mask_threshold: float = 0.5
@@ -474,6 +495,16 @@ class ROIHeads(nn.Module):
       self.num_classes, self.mask_conv_dims, self.dtype, norm=self.norm, axis_name=self.axis_name
     )
 
+  def mask_slots(self) -> int:
+    """Static count of ROI slots per image the mask head trains on."""
+    most_fg = max(int(self.batch_size_per_image * self.positive_fraction), 1)
+    slots = self.mask_batch_size_per_image
+    if slots is None:
+      return most_fg
+    if slots < 1:
+      raise ValueError(f"roi_heads.mask_batch_size_per_image must be >= 1, got {slots}")
+    return min(slots, most_fg)
+
   def init_heads(self, channels: int) -> None:
     """Creates the box and mask heads' parameters from zero pooled features of `channels`."""
     zeros = lambda r: jnp.zeros((1, 1, r, r, channels), self.dtype)
@@ -484,7 +515,13 @@ class ROIHeads(nn.Module):
     """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
     maps = {k: v for k, v in features.items() if k != "p6"}
     fn = lambda f, b: ops.multilevel_roi_align(
-      f, b, (resolution, resolution), self.sampling_ratio, self.aligned
+      f,
+      b,
+      (resolution, resolution),
+      self.sampling_ratio,
+      self.aligned,
+      max_sampling_ratio=self.max_sampling_ratio,
+      adaptive_layout=self.adaptive_layout,
     )
     return jax.vmap(fn)(maps, boxes)
 
@@ -549,6 +586,7 @@ class ROIHeads(nn.Module):
       nms_thresh=self.nms_thresh,
       max_detections=self.detections_per_image,
       min_size=self.min_box_size,
+      nms_block_size=self.nms_block_size,
     )
     detections = jax.vmap(post)(
       class_logits, box_deltas, proposals["boxes"], proposals["valid"], image_size
@@ -620,9 +658,9 @@ class ROIHeads(nn.Module):
       weights=self.box_reg_weights,
       smooth_l1_beta=self.smooth_l1_beta,
     )
-    # Foregrounds come first in the sample, so the mask head only needs the first F slots.
-    f = max(int(self.batch_size_per_image * self.positive_fraction), 1)
-    fg = {k: v[:, :f] for k, v in rois.items()}
+    # Foregrounds come first in the sample, then backgrounds (never counted by the mask loss),
+    # so the mask head's slots are the first ones.
+    fg = {k: v[:, : self.mask_slots()] for k, v in rois.items()}
     mask_logits = self._forward_mask(
       features, fg["boxes"], train=train, valid=fg["valid"] & (fg["classes"] > 0)
     )

@@ -26,9 +26,10 @@ from segjax.ops.roi_align import roi_align_flat
 
 Array = jax.Array
 
-# Mask targets average up to 8 x 8 samples per bin: exact for boxes up to 8 * m = 224 pixels
-# with m = 28, an even spread of 8 x 8 for larger ones (the 0.5 threshold hides the gap).
-MASK_MAX_SAMPLING_RATIO = 8
+# Mask targets average up to 15 x 15 samples per bin: exact for boxes up to 15 * m = 420 pixels
+# with m = 28, an even spread of 8 x 8 for larger ones (the 0.5 threshold hides the gap). Its
+# 16 x 16 slots cost what the previous layout's cap of 8 did (exact up to 224 pixels).
+MASK_MAX_SAMPLING_RATIO = 15
 
 
 def mask_targets(

@@ -62,6 +62,7 @@ def multilevel_roi_align(
   canonical_box_size: float = 224.0,
   canonical_level: int = 4,
   max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  adaptive_layout: str = "window",
 ) -> Array:
   """ROIAlign of each box on its FPN level.
 
@@ -74,7 +75,8 @@ def multilevel_roi_align(
     aligned: ROIAlignV2 half-pixel offset.
     min_level: level of `features[0]` when `features` is a list.
     canonical_box_size, canonical_level: the level assignment of `assign_boxes_to_levels`.
-    max_sampling_ratio: static cap of the adaptive grid (see `roi_align`).
+    max_sampling_ratio, adaptive_layout: the adaptive grid's cap and slot layout (see
+      `roi_align`).
 
   Returns:
     `(R, h, w, C)` pooled features; `jax.vmap` over images for a batch.
@@ -103,4 +105,5 @@ def multilevel_roi_align(
     sampling_ratio,
     aligned,
     max_sampling_ratio,
+    adaptive_layout,
   )

@@ -11,18 +11,28 @@ averages `g_h x g_w` bilinear samples at its regularly spaced interior points, w
 - without `aligned`, ROIs shorter than one pixel stretched to one pixel (the original
   Mask R-CNN behaviour).
 
-Static shapes: the adaptive grid is data-dependent, so it is computed per ROI and capped at the
-static `max_sampling_ratio`; ROIs whose adaptive grid would exceed the cap get an evenly spread
-grid of the cap (an approximation; exact otherwise). Cost grows as `max_sampling_ratio ** 2`.
+Static shapes: the adaptive grid is data-dependent, so it is computed per ROI up to the static
+cap `max_sampling_ratio`. Exact for every bin whose grid is within the cap; wider bins (bins
+more than `max_sampling_ratio` feature pixels long) get an evenly spread grid of
+`(max_sampling_ratio + 1) // 2` samples per axis (an approximation).
 
-Implementation: bilinear sampling is separable, so each axis becomes `J = 2 * g_max` (index,
-weight) pairs per bin, folding the 1/g average, the out-of-range zeros and the masking of
-unused adaptive samples into the weights. The output is `sum_jl wy_j wx_l F[y_j, x_l]`: J*J
-gathers of `(R, h, w, C)` that XLA fuses into one loop, with a custom VJP that scatter-adds
-into a single gradient buffer. Features are addressed through a flat `(P, C)` table with a
-per-ROI base offset and row length, so one gather serves several FPN levels
-(`multilevel_roi_align`) or a different mask per ROI (`masks.mask_targets`). Gradients flow to
-the features only; boxes are treated as constants, as in torchvision and detectron2.
+Implementation: bilinear sampling is separable, so each axis becomes J (index, weight) slots
+per bin, folding the 1/g average, the out-of-range zeros and the masking of unused adaptive
+samples into the weights. A fixed grid of g samples takes `J = 2 g` slots (each sample's low
+and high pixel). The adaptive grid's samples lie at most a pixel apart, so a bin's g samples
+touch at most g + 1 consecutive pixels: its slots are the `J = max_sampling_ratio + 1` pixels
+from the first one, each weighted by the sum of its samples' weights (`adaptive_layout=
+"window"`; "pairs", the previous layout, takes `2 * max_sampling_ratio` slots and spreads a grid
+of the cap over wider bins: 2.6x the gathers at a cap of 4). The output is
+`sum_jl wy_j wx_l F[y_j, x_l]`: J*J gathers of `(R, h, w, C)` that XLA fuses into one loop, with
+a custom VJP that scatter-adds into a single gradient buffer. Features are addressed through a
+flat `(P, C)` table with a per-ROI base offset and row length, so one gather serves several FPN
+levels (`multilevel_roi_align`) or a different mask per ROI (`masks.mask_targets`). Gradients
+flow to the features only; boxes are treated as constants, as in torchvision and detectron2.
+
+(A per-ROI matrix form `Wy @ F @ Wx^T` would turn the gathers into matmuls but needs a static
+bound on the ROI's extent in feature pixels, which FPN level assignment does not give: long
+thin boxes and mask targets at image resolution span up to the whole map.)
 """
 
 import jax
@@ -40,8 +50,9 @@ def _axis_samples(
   size: Array,
   sampling_ratio: int,
   max_sampling_ratio: int,
+  adaptive_layout: str = "window",
 ) -> tuple[Array, Array]:
-  """Per-bin (index, weight) pairs along one axis.
+  """Per-bin (index, weight) slots along one axis.
 
   Args:
     start, length: `(R,)` ROI start and length on this axis, in feature pixels.
@@ -49,19 +60,43 @@ def _axis_samples(
     size: `(R,)` or scalar feature size H along this axis.
 
   Returns:
-    index `(R, h, J)` int32 in `[0, H)` and weight `(R, h, J)` float, `J = 2 * g_max`.
+    index `(R, h, J)` int32 in `[0, H)` and weight `(R, h, J)` float: `J = 2 * sampling_ratio`
+    (a low and a high pixel per sample) for a fixed grid, `J = max_sampling_ratio + 1`
+    (a window of consecutive pixels) for the adaptive one, `2 * max_sampling_ratio` with
+    `adaptive_layout="pairs"`.
   """
   bin_size = length / bins
   if sampling_ratio > 0:
-    g_max = sampling_ratio
-    grid = jnp.full_like(length, sampling_ratio)
-  else:
-    g_max = max_sampling_ratio
+    return _sample_pairs(start, bin_size, bins, size, sampling_ratio, sampling_ratio)
+  # Adaptive grid of g = ceil(bin size) samples, spaced at most one pixel apart: a bin's
+  # samples touch at most g + 1 consecutive pixels, so g <= cap fits a window of cap + 1
+  # pixels with one summed weight each (the fixed grid's layout would need 2 g slots).
+  if adaptive_layout == "pairs":  # the previous layout: cap samples spread over wider bins
     grid = jnp.clip(jnp.ceil(bin_size), 0, max_sampling_ratio)
-  size = jnp.broadcast_to(jnp.asarray(size), length.shape).astype(length.dtype)
+    return _sample_pairs(start, bin_size, bins, size, grid, max_sampling_ratio)
+  if adaptive_layout != "window":
+    raise ValueError(f"adaptive_layout must be 'window' or 'pairs', got {adaptive_layout!r}")
+  window = max_sampling_ratio + 1
+  grid = jnp.ceil(bin_size)
+  index, weight = _sample_window(start, bin_size, bins, size, grid, max_sampling_ratio, window)
+  # Wider bins: an evenly spread grid of as many samples as the slots hold in pairs.
+  spread = max(window // 2, 1)
+  spread_index, spread_weight = _sample_pairs(start, bin_size, bins, size, spread, spread)
+  pad = ((0, 0), (0, 0), (0, window - 2 * spread))
+  spread_index, spread_weight = jnp.pad(spread_index, pad), jnp.pad(spread_weight, pad)
+  capped = (grid > max_sampling_ratio)[:, None, None]
+  return jnp.where(capped, spread_index, index), jnp.where(capped, spread_weight, weight)
+
+
+def _positions(start, bin_size, bins, size, grid, g_max):
+  """Sample positions `(R, h, g_max)` of a grid of `grid` `(R,)` samples per bin, the samples
+  that count (`i < grid`, inside `[-1, size]`), and each one's low and high pixels and the
+  high one's bilinear weight (torchvision `bilinear_interpolate`)."""
+  dtype = bin_size.dtype
+  size = jnp.broadcast_to(jnp.asarray(size), bin_size.shape).astype(dtype)
   size, start, bin_size, grid = (a[:, None, None] for a in (size, start, bin_size, grid))
-  b = jnp.arange(bins, dtype=length.dtype)[None, :, None]
-  i = jnp.arange(g_max, dtype=length.dtype)[None, None, :]
+  b = jnp.arange(bins, dtype=dtype)[None, :, None]
+  i = jnp.arange(g_max, dtype=dtype)[None, None, :]
   y = start + b * bin_size + (i + 0.5) * bin_size / jnp.maximum(grid, 1.0)
   # Empty ROIs have grid 0: no samples, output 0 (torchvision divides by max(count, 1)).
   used = (i < grid) & (y >= -1.0) & (y <= size)
@@ -72,10 +107,34 @@ def _axis_samples(
   high = jnp.where(at_end, size - 1, low + 1)
   frac = jnp.where(at_end, 0.0, y - low)
   scale = jnp.where(used, 1.0 / jnp.maximum(grid, 1.0), 0.0)
+  return low, high, frac, scale, size
+
+
+def _sample_pairs(start, bin_size, bins, size, grid, g_max):
+  """Slots `(R, h, 2 g_max)`: each sample's low and high pixel with their weights; `grid` is
+  `(R,)` or a number."""
+  grid = jnp.broadcast_to(jnp.asarray(grid, bin_size.dtype), bin_size.shape)
+  low, high, frac, scale, _ = _positions(start, bin_size, bins, size, grid, g_max)
   index = jnp.stack([low, high], axis=-1).astype(jnp.int32)
   weight = jnp.stack([(1.0 - frac) * scale, frac * scale], axis=-1)
-  r = length.shape[0]
+  r = bin_size.shape[0]
   return index.reshape(r, bins, 2 * g_max), weight.reshape(r, bins, 2 * g_max)
+
+
+def _sample_window(start, bin_size, bins, size, grid, g_max, window):
+  """Slots `(R, h, window)`: the consecutive pixels from the bin's first sampled one, each
+  weighted by the sum of its samples' bilinear weights (exact while `grid <= g_max`)."""
+  low, high, frac, scale, size = _positions(start, bin_size, bins, size, grid, g_max)
+  first = jnp.min(jnp.where(scale > 0, low, jnp.inf), axis=-1, keepdims=True)
+  first = jnp.where(jnp.isfinite(first), first, 0.0)  # (R, h, 1); no sample counts: any pixel
+  pixel = first + jnp.arange(window, dtype=first.dtype)  # (R, h, window)
+  hit = lambda p: (p[..., None, :] == pixel[..., :, None]).astype(frac.dtype)  # (R, h, w, g)
+  weight = jnp.sum(hit(low) * ((1.0 - frac) * scale)[..., None, :], -1) + jnp.sum(
+    hit(high) * (frac * scale)[..., None, :], -1
+  )
+  # Pixels past the border get no weight (no sample reaches them); clamp them for the gather.
+  index = jnp.minimum(pixel, size - 1).astype(jnp.int32)
+  return index, weight
 
 
 def _combine_impl(table: Array, row: Array, xi: Array, wy: Array, wx: Array) -> Array:
@@ -141,6 +200,7 @@ def roi_align_flat(
   sampling_ratio: int,
   aligned: bool = True,
   max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  adaptive_layout: str = "window",
 ) -> Array:
   """ROIAlign of each box `(R, 4)` on its own map inside a flat feature table `(P, C)`.
 
@@ -166,8 +226,9 @@ def roi_align_flat(
   roi_h = boxes[:, 3] * spatial_scale - offset - y1
   if not aligned:
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
-  yi, wy = _axis_samples(y1, roi_h, oh, height, sampling_ratio, max_sampling_ratio)
-  xi, wx = _axis_samples(x1, roi_w, ow, width, sampling_ratio, max_sampling_ratio)
+  axis = lambda *a: _axis_samples(*a, sampling_ratio, max_sampling_ratio, adaptive_layout)
+  yi, wy = axis(y1, roi_h, oh, height)
+  xi, wx = axis(x1, roi_w, ow, width)
   row = base[:, None, None] + yi * width[:, None, None]  # (R, h, J) flat row starts
   if jnp.issubdtype(table.dtype, jnp.floating):
     return _combine(table, row, xi, wy, wx).astype(dtype)
@@ -184,6 +245,7 @@ def roi_align(
   sampling_ratio: int,
   aligned: bool = True,
   max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
+  adaptive_layout: str = "window",
 ) -> Array:
   """ROIAlign of boxes `(R, 4)` (image pixels) on one image's features `(H, W, C)`.
 
@@ -194,7 +256,10 @@ def roi_align(
     spatial_scale: feature pixels per image pixel, 1 / stride.
     sampling_ratio: static samples per bin and axis; 0 for the adaptive `ceil(bin size)`.
     aligned: half-pixel offset of ROIAlignV2 (detectron2 default for new models).
-    max_sampling_ratio: static cap of the adaptive grid (only used when sampling_ratio is 0).
+    max_sampling_ratio: static cap of the adaptive grid (only used when sampling_ratio is 0):
+      grids up to it are exact.
+    adaptive_layout: "window" (default) or "pairs", the previous layout: see the module
+      docstring.
 
   Returns:
     `(R, h, w, C)` pooled features. `jax.vmap` over images for a batch.
@@ -211,4 +276,5 @@ def roi_align(
     sampling_ratio,
     aligned,
     max_sampling_ratio,
+    adaptive_layout,
   )

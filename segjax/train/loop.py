@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from segjax.data.iteration import next_batch
 from segjax.errors import Terminated
-from segjax.models import create_model
+from segjax.models import create_model, ensemble
 from segjax.train import checkpoint, init_from, parallel, run_config, tasks
 from segjax.train.state import create_train_state, learning_rate_schedule
 from segjax.train.steps import train_step
@@ -48,13 +48,14 @@ class _StopRequest:
 def build_model(config: ml_collections.ConfigDict):
   """The model of `config.model`, computing in `config.dtype` if set (Mask R-CNN sets it per
   section: `config.model.backbone.dtype`, ...); BatchNorm synchronised over the pmap axis in
-  pmap mode (under jit, statistics are global already)."""
+  pmap mode (under jit, statistics are global already); `config.ensemble_size` copies of it
+  (`segjax.models.ensemble`) if set above 1."""
   model_config = config.model.to_dict()
   if config.get("dtype") is not None:
     model_config["dtype"] = config.dtype
   if config.get("parallelism", "jit") == "pmap":
     model_config["axis_name"] = parallel.PMAP_AXIS
-  return create_model(model_config)
+  return ensemble.of(create_model(model_config), config.get("ensemble_size", 1))
 
 
 def initial_state(config: ml_collections.ConfigDict, model, mesh):

@@ -2,7 +2,10 @@
 and prediction on new images (`segjax.predict`).
 
 Any model whose `apply(variables, image, train=...)` returns `(logits (B, H, W, K), aux)`
-fits: these functions are bound to it with `functools.partial`.
+fits: these functions are bound to it with `functools.partial`. So does an ensemble
+(`segjax.models.ensemble`), whose logits stack its members' (E, B, H, W, K): its loss is the
+sum of the members' losses, its prediction the mean of the members' softmax outputs, and
+evaluation reports the ensemble's metrics and each member's (`member_{i}/mean_iou`, ...).
 """
 
 from __future__ import annotations
@@ -35,9 +38,38 @@ def apply_model(
   return logits, updates
 
 
+def combine_members(logits: jax.Array) -> jax.Array:
+  """An ensemble's member logits (E, B, H, W, K) -> (B, H, W, K) the log of the members' mean
+  softmax: its softmax is that mean, its argmax the ensemble's prediction. Logits without a
+  member axis are returned as they are."""
+  if logits.ndim != 5:
+    return logits
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(logits.shape[0])
+
+
 def logits_fn(model, variables: dict):
-  """`images -> logits` of the model in inference mode (what `sliding` and analysis call)."""
-  return lambda image: apply_model(model, variables, image, None, train=False)[0]
+  """`images -> logits` of the model in inference mode (what `sliding` and analysis call);
+  an ensemble's combined by `combine_members`."""
+  return lambda image: combine_members(apply_model(model, variables, image, None, train=False)[0])
+
+
+def dense_probabilities(infer, model, variables: dict, images: jax.Array, *args, **kwargs):
+  """(probs, member_probs): `infer(apply_fn, images, *args, **kwargs)` (`bind_inference`'s
+  probabilities) of the model; for an ensemble the mean over its members of each member's,
+  and those (E, ...) (else None). The members run together: vmapping over the member index
+  leaves the model's forward pass unbatched, so it runs once per window."""
+
+  def apply_fn(image):
+    return apply_model(model, variables, image, None, train=False)[0]
+
+  shape = jax.eval_shape(apply_fn, images).shape
+  if len(shape) != 5:
+    return infer(apply_fn, images, *args, **kwargs), None
+  members = jax.vmap(lambda i: infer(lambda image: apply_fn(image)[i], images, *args, **kwargs))(
+    jnp.arange(shape[0])
+  )
+  return members.mean(0), members
 
 
 def loss_fn(
@@ -51,24 +83,35 @@ def loss_fn(
   class_weights=None,
   axis_name: str | None = None,
 ) -> tuple:
-  """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch.
+  """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch;
+  for an ensemble, the sum of its members' (so that each member's gradient is its own
+  loss's), each logged as `member_{i}/loss`, and the accuracy of the members' mean softmax.
 
   Under pmap (`axis_name`), the per-device mean is rescaled by this device's share of the
   labelled pixels, so that averaging over devices gives the mean over the global batch, as
   one device would compute it, however unevenly the ignored pixels fall.
   """
   logits, updates = apply_model(model, variables, batch["image"], rng, train=train)
-  loss = losses.pixel_cross_entropy(
-    logits, batch["mask"], ignore_label=ignore_label, class_weights=class_weights
-  )
+
+  def cross_entropy(logits):
+    return losses.pixel_cross_entropy(
+      logits, batch["mask"], ignore_label=ignore_label, class_weights=class_weights
+    )
+
+  members = jax.vmap(cross_entropy)(logits) if logits.ndim == 5 else None
+  loss = cross_entropy(logits) if members is None else members.sum()
   labelled = batch["mask"] != ignore_label
-  correct = (jnp.argmax(logits, -1) == batch["mask"]) & labelled
+  correct = (jnp.argmax(combine_members(logits), -1) == batch["mask"]) & labelled
   accuracy = correct.sum() / jnp.maximum(labelled.sum(), 1)
   if axis_name is not None:
     count = labelled.sum()
     share = count * jax.lax.psum(1, axis_name) / jnp.maximum(jax.lax.psum(count, axis_name), 1)
     loss, accuracy = loss * share, accuracy * share
-  return loss, ({"pixel_accuracy": accuracy}, updates)
+    members = None if members is None else members * share
+  metrics = {"pixel_accuracy": accuracy}
+  if members is not None:
+    metrics.update({f"member_{i}/loss": members[i] for i in range(members.shape[0])})
+  return loss, (metrics, updates)
 
 
 def bind_loss(config, model):
@@ -81,10 +124,17 @@ def eval_step(
 ) -> dict:
   """Sums for one batch, to be added over batches: confusion matrix and top-k counts.
 
-  Padding rows (`example_mask == False`) contribute nothing.
+  Padding rows (`example_mask == False`) contribute nothing. An ensemble is scored by the
+  mean of its members' softmax, and each member's counts are stacked under "members".
   """
   logits, _ = apply_model(model, variables, batch["image"], None, train=False)
-  return eval_counts(logits, batch, num_classes=num_classes, ignore_label=ignore_label)
+  count = functools.partial(
+    eval_counts, batch=batch, num_classes=num_classes, ignore_label=ignore_label
+  )
+  if logits.ndim != 5:
+    return count(logits)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return {**count(probs.mean(0)), "members": jax.vmap(count)(probs)}
 
 
 def native_eval_step(
@@ -92,15 +142,24 @@ def native_eval_step(
 ) -> dict:
   """`eval_step` for whole/slide batches (`segjax.data.pipeline.eval_dataset`): scores from
   `infer(apply_fn, image, image_size, mask_size, mask_shape)` (`segjax.ops.sliding.
-  dense_probabilities` bound to the evaluation settings) at the masks' original size."""
-  scores = infer(
-    logits_fn(model, variables),
+  dense_probabilities` bound to the evaluation settings) at the masks' original size; for
+  an ensemble, the mean of its members' (`dense_probabilities`), each member's counts
+  stacked under "members"."""
+  count = functools.partial(
+    eval_counts, batch=batch, num_classes=num_classes, ignore_label=ignore_label
+  )
+  scores, members = dense_probabilities(
+    infer,
+    model,
+    variables,
     batch["image"],
     batch["image_size"],
     batch["mask_size"],
     batch["mask"].shape[1:3],
   )
-  return eval_counts(scores, batch, num_classes=num_classes, ignore_label=ignore_label)
+  if members is None:
+    return count(scores)
+  return {**count(scores), "members": jax.vmap(count)(members)}
 
 
 def eval_counts(
@@ -127,10 +186,17 @@ def eval_counts(
 
 
 def summarize(sums: dict, class_names=None) -> dict:
-  """Final metrics from the summed eval-step outputs."""
+  """Final metrics from the summed eval-step outputs; with an ensemble's "members" counts,
+  also each member's `member_{i}/mean_iou`, `member_{i}/pixel_accuracy` and
+  `member_{i}/top5_accuracy`."""
   result = metrics.segmentation_metrics(sums["confusion_matrix"], class_names=class_names)
   result["top1_accuracy"] = result["pixel_accuracy"]
   result["top5_accuracy"] = float(sums["top5_correct"]) / max(float(sums["num_pixels"]), 1.0)
+  members = sums.get("members")
+  for i in range(0 if members is None else len(members["confusion_matrix"])):
+    member = summarize(jax.tree.map(lambda x, i=i: x[i], members))
+    for key in ("mean_iou", "pixel_accuracy", "top5_accuracy"):
+      result[f"member_{i}/{key}"] = member[key]
   return result
 
 
@@ -190,19 +256,23 @@ def bind_predict(config: ml_collections.ConfigDict, model):
 
   Evaluation mode "resize": the softmax of the model's logits. "whole"/"slide": what the
   evaluator scores, `bind_inference`'s probabilities (windows, flip and scale passes) at the
-  input's size. `labels` is their argmax, as the evaluator takes it.
+  input's size. An ensemble's are the mean of its members'. `labels` is their argmax, as
+  the evaluator takes it.
   """
   resize_mode = pipeline.evaluation_settings(config).mode == "resize"
   infer = None if resize_mode else bind_inference(config)
 
   def predict(variables: dict, batch: dict) -> dict:
-    apply_fn = logits_fn(model, variables)
     image, size = batch["image"], batch["image_size"]
     if infer is None:
-      scores = apply_fn(image).astype(jnp.float32)
+      scores = apply_model(model, variables, image, None, train=False)[0].astype(jnp.float32)
       probs = jax.nn.softmax(scores, axis=-1)
+      if probs.ndim == 5:  # An ensemble: the mean of its members' softmax.
+        scores = probs = probs.mean(0)
     else:
-      scores = probs = infer(apply_fn, image, size, size, image.shape[1:3], same_size=True)
+      scores = probs = dense_probabilities(
+        infer, model, variables, image, size, size, image.shape[1:3], same_size=True
+      )[0]
     return {"probs": probs, "labels": jnp.argmax(scores, -1).astype(jnp.int32)}
 
   return predict

@@ -11,6 +11,7 @@ import optax
 from flax.training import train_state
 
 from segjax.errors import ConfigError
+from segjax.models import ensemble
 
 
 class TrainState(train_state.TrainState):
@@ -110,7 +111,10 @@ def make_optimizer(
   else:
     raise ConfigError(f"Unknown config.optimizer {config.optimizer!r}; known: adamw, sgd.")
   if config.get("grad_clip_norm"):
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    # An ensemble's members are clipped each on its own gradient norm, as if trained alone.
+    ensembled = config.get("ensemble_size", 1) > 1
+    clip = ensemble.clip_by_member_norm if ensembled else optax.clip_by_global_norm
+    tx = optax.chain(clip(config.grad_clip_norm), tx)
   return tx
 
 

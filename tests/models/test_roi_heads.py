@@ -324,3 +324,101 @@ def test_pool_reads_p2_to_p5_only():
   assert pooled.shape == (1, 3, 7, 7, 2)
   # Levels floor(4 + log2(size / 224)) clamped to [2, 5]: 2, 3, 4; P6 is never read.
   np.testing.assert_allclose(pooled[0, :, 3, 3, 0], [2.0, 3.0, 4.0], rtol=1e-6)
+
+
+def _mask_case(rng, num_fg, num_gt):
+  """Two 32 x 32 images, `num_gt` <= 2 ground truths in the top-left quadrant, 12 proposals:
+  `num_fg` copies of a ground truth per image, backgrounds in the bottom-right."""
+  gt = np.zeros((2, 4, 4), np.float32)
+  gt[:, :2, :2] = rng.uniform(0, 4, (2, 2, 2))
+  gt[:, :2, 2:] = gt[:, :2, :2] + rng.uniform(6, 12, (2, 2, 2))
+  gt_valid = np.zeros((2, 4), bool)
+  gt_valid[:, :num_gt] = True
+  proposals = np.zeros((2, 12, 4), np.float32)
+  proposals[:, :, :2] = rng.uniform(17, 24, (2, 12, 2))
+  proposals[:, :, 2:] = proposals[:, :, :2] + rng.uniform(2, 8, (2, 12, 2))
+  proposals[:, :num_fg] = gt[:, rng.integers(0, max(num_gt, 1), num_fg)] + rng.uniform(
+    -0.3, 0.3, (2, num_fg, 4)
+  )
+  features = {
+    f"p{l}": jnp.asarray(rng.normal(size=(2, 32 >> l, 32 >> l, 3)), jnp.float32)
+    for l in range(2, 7)
+  }
+  targets = {
+    "boxes": gt,
+    "classes": rng.integers(1, 4, (2, 4)).astype(np.int32),
+    "instance_masks": rng.integers(0, 2, (2, 4, 32, 32)).astype(np.uint8),
+    "valid": gt_valid,
+  }
+  return features, {"boxes": proposals, "valid": np.ones((2, 12), bool)}, targets
+
+
+def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
+  # The previous implementation ran the mask head on all int(16 * 0.5) = 8 foreground slots.
+  base = roi_heads.ROIHeads(
+    num_classes=3,
+    batch_size_per_image=16,
+    positive_fraction=0.5,
+    box_resolution=2,
+    mask_resolution=4,
+    fc_dims=(8,),
+    mask_conv_dims=(4,),
+  )
+  variables = base.init(KEY, 3, method=roi_heads.ROIHeads.init_heads)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def mask_loss_and_grad(heads, features, proposals, targets):
+    def loss(mask_params):
+      params = {**variables["params"], "mask_head": mask_params}
+      out = heads.apply({"params": params}, features, proposals, targets, KEY, method="losses")
+      return out[0]["loss_mask"], out[1]
+
+    return jax.value_and_grad(loss, has_aux=True)(variables["params"]["mask_head"])
+
+  @jax.jit
+  def reference(slots, features, proposals, targets):
+    """The previous implementation (the mask head on all 8 foreground slots), its loss
+    restricted to the first `slots` of them."""
+    keys = jax.random.split(KEY, 2)
+    rois = jax.vmap(
+      functools.partial(roi_heads.label_and_sample_proposals, num_samples=16, positive_fraction=0.5)
+    )(
+      proposals["boxes"],
+      proposals["valid"],
+      targets["boxes"],
+      targets["classes"],
+      targets["valid"],
+      keys,
+    )
+    rois = {k: v[:, :8] for k, v in rois.items()}
+
+    def loss(mask_params):
+      params = {**variables["params"], "mask_head": mask_params}
+      logits = base.apply({"params": params}, features, rois["boxes"], method="_forward_mask")
+      target = jax.vmap(lambda g, i, r: roi_heads.ops.mask_targets(g, i, r, 8))(
+        targets["instance_masks"], rois["gt_index"], rois["boxes"]
+      )
+      kept = rois["valid"] & (jnp.arange(8) < slots)
+      return roi_heads.mask_loss(logits, target, rois["classes"], kept)[0]["loss_mask"]
+
+    return jax.value_and_grad(loss)(variables["params"]["mask_head"])
+
+  rng = np.random.default_rng(0)
+  heads = base.clone(mask_batch_size_per_image=3)
+  assert heads.mask_slots() == 3
+  # Foregrounds per image: none; 1 + 1 ground truth (fits); all 12 proposals, 8 sampled (not).
+  for num_fg, num_gt, per_image_fg in ((0, 0, 0), (1, 1, 2), (12, 2, 8)):
+    case = _mask_case(rng, num_fg, num_gt)
+    (new, metrics), new_grad = mask_loss_and_grad(heads, *case)
+    np.testing.assert_allclose(metrics["num_fg_rois"], per_image_fg)
+    old, old_grad = reference(8, *case)  # the previous implementation
+    want, want_grad = (old, old_grad) if per_image_fg <= 3 else reference(3, *case)
+    np.testing.assert_allclose(new, want, rtol=1e-5, atol=1e-7)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), new_grad, want_grad
+    )
+    if per_image_fg > 3:  # fewer foregrounds kept: a different loss
+      assert abs(float(new) - float(old)) > 1e-6
+    if per_image_fg == 0:
+      assert float(new) == 0.0
+  assert base.clone(mask_batch_size_per_image=99).mask_slots() == 8

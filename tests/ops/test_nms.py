@@ -1,4 +1,7 @@
-"""Tests for segjax/ops/nms.py: exactly the greedy result, with static shapes."""
+"""Tests for segjax/ops/nms.py: exactly the greedy result, with static shapes, for the blocked
+algorithm (one block and several) and the serial loop alike."""
+
+import sys
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -9,6 +12,15 @@ from hypothesis import strategies as st
 
 # segjax.ops.nms is the function (the public API), so import from the module path.
 from segjax.ops.nms import batched_nms, nms, nms_per_image
+
+# As tests/weights/conftest.py: triton (imported by torchvision.ops in CUDA builds of torch)
+# segfaults when loaded after TensorFlow, which tests/conftest.py imports; no test needs it.
+sys.modules.setdefault("triton", None)
+try:
+  import torch
+  import torchvision
+except ImportError:  # CI installs the torch extra; without it the torchvision test skips.
+  torch = torchvision = None
 
 
 def iou_ref(a, b):
@@ -34,21 +46,26 @@ def nms_ref(boxes, scores, thr, score_thr=-np.inf, classes=None):
   return keep
 
 
-_nms = jax.jit(nms, static_argnames="max_output")
-_batched = jax.jit(batched_nms, static_argnames="max_output")
+_nms = jax.jit(nms, static_argnames=("max_output", "block_size"))
+_batched = jax.jit(batched_nms, static_argnames=("max_output", "block_size"))
+# The default (blocked, one block for these sizes), blocks of 5 boxes, the serial loop.
+BLOCK_SIZES = (256, 5, 0)
 
 
 def check(boxes, scores, thr, max_output, score_thr=-np.inf, classes=None):
-  if classes is None:
-    idx, valid = _nms(boxes, scores, thr, max_output, score_thr)
-  else:
-    idx, valid = _batched(boxes, scores, classes, thr, max_output, score_thr)
-  idx, valid = np.asarray(idx), np.asarray(valid)
   ref = nms_ref(boxes, scores, thr, score_thr, classes)[:max_output]
-  assert idx.shape == valid.shape == (max_output,) and idx.dtype == np.int32
-  np.testing.assert_array_equal(valid, np.arange(max_output) < len(ref))
-  np.testing.assert_array_equal(idx[valid], ref)
-  np.testing.assert_array_equal(idx[~valid], 0)
+  for block_size in BLOCK_SIZES:
+    if classes is None:
+      idx, valid = _nms(boxes, scores, thr, max_output, score_thr, block_size=block_size)
+    else:
+      idx, valid = _batched(
+        boxes, scores, classes, thr, max_output, score_thr, block_size=block_size
+      )
+    idx, valid = np.asarray(idx), np.asarray(valid)
+    assert idx.shape == valid.shape == (max_output,) and idx.dtype == np.int32
+    np.testing.assert_array_equal(valid, np.arange(max_output) < len(ref), f"{block_size=}")
+    np.testing.assert_array_equal(idx[valid], ref, f"{block_size=}")
+    np.testing.assert_array_equal(idx[~valid], 0)
   return idx[valid]
 
 
@@ -125,3 +142,37 @@ def test_nms_per_image_matches_single_image():
     i, v = _batched(boxes[b], scores[b], classes[b], 0.5, 12)
     np.testing.assert_array_equal(cidx[b], i)
     np.testing.assert_array_equal(cvalid[b], v)
+
+
+def test_blocked_equals_serial_and_torchvision_on_clustered_boxes():
+  # RPN-like: 600 boxes in 12 clusters, exact duplicates, tied scores, -inf padding.
+  rng = np.random.default_rng(1)
+  centre = rng.uniform(0, 300, (12, 2))[rng.integers(0, 12, 600)] + rng.normal(0, 6, (600, 2))
+  wh = rng.uniform(10, 80, (600, 2))
+  boxes = np.concatenate([centre - wh / 2, centre + wh / 2], 1).astype(np.float32)
+  boxes[500:550] = boxes[:50]  # identical boxes
+  scores = rng.choice(np.linspace(0, 1, 41), 600).astype(np.float32)  # many ties
+  scores[550:] = -np.inf
+  classes = rng.integers(0, 3, 600).astype(np.int32)
+  serial = {thr: _nms(boxes, scores, thr, 1000, block_size=0) for thr in (0.7, 0.3)}
+  for block_size in (64, 7):  # several blocks, the last one partial
+    for thr in (0.7, 0.3):
+      blocked = _nms(boxes, scores, thr, 1000, block_size=block_size)
+      np.testing.assert_array_equal(blocked[0], serial[thr][0])
+      np.testing.assert_array_equal(blocked[1], serial[thr][1])
+  # Truncated to max_output (the blocked loop stops early); class-aware.
+  for a, b in (
+    (_nms(boxes, scores, 0.5, 60, block_size=64), _nms(boxes, scores, 0.5, 60, block_size=0)),
+    (
+      _batched(boxes, scores, classes, 0.5, 1000, block_size=64),
+      _batched(boxes, scores, classes, 0.5, 1000, block_size=0),
+    ),
+  ):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+  assert 60 < int(np.sum(serial[0.3][1])) < 500
+  if torchvision is not None:
+    finite = np.isfinite(scores)
+    for thr in (0.7, 0.3):
+      want = torchvision.ops.nms(torch.tensor(boxes[finite]), torch.tensor(scores[finite]), thr)
+      np.testing.assert_array_equal(np.asarray(serial[thr][0])[serial[thr][1]], want.numpy())

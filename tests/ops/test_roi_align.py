@@ -2,6 +2,7 @@
 
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,16 @@ import pytest
 
 # segjax.ops.roi_align is the function (the public API), so import from the module path.
 from segjax.ops.roi_align import roi_align
+from tests.ops import previous_roi_align
+
+# As tests/weights/conftest.py: triton (imported by torchvision.ops in CUDA builds of torch)
+# segfaults when loaded after TensorFlow, which tests/conftest.py imports; no test needs it.
+sys.modules.setdefault("triton", None)
+try:
+  import torch
+  import torchvision
+except ImportError:  # CI installs the torch extra; without it the torchvision test skips.
+  torch = torchvision = None
 
 
 def bilinear_ref(f, y, x):
@@ -60,7 +71,9 @@ def roi_align_ref(f, boxes, output_size, scale, sampling_ratio, aligned):
   return out
 
 
-_roi_align = jax.jit(roi_align, static_argnums=(2, 4, 5), static_argnames="max_sampling_ratio")
+_roi_align = jax.jit(
+  roi_align, static_argnums=(2, 4, 5), static_argnames=("max_sampling_ratio", "adaptive_layout")
+)
 
 FEATURES = np.random.default_rng(0).normal(size=(13, 17, 3)).astype(np.float32)
 # Image of 52 x 68 pixels at scale 1/4.
@@ -96,13 +109,80 @@ def test_matches_torchvision_reference(sampling_ratio, aligned):
 
 
 def test_adaptive_grid_capped():
-  # Adaptive grids of 9 x 13 (one big box) exceed a cap of 2: it pools as sampling_ratio 2;
-  # the small box stays exact.
+  # Adaptive grids of 9 x 13 (one big box) exceed a cap of 3: it pools as sampling_ratio
+  # (3 + 1) // 2 = 2 ("pairs", the previous layout: as the cap, 3); the small box stays exact.
   boxes = np.array([[0, 0, 68, 52], [4, 4, 12, 12]], np.float32)
-  got = _roi_align(FEATURES, boxes, (1, 1), 0.25, 0, True, max_sampling_ratio=2)
   ref0 = roi_align_ref(FEATURES, boxes[1:], (1, 1), 0.25, 0, True)
-  ref2 = roi_align_ref(FEATURES, boxes[:1], (1, 1), 0.25, 2, True)
-  np.testing.assert_allclose(got, np.concatenate([ref2, ref0]), rtol=1e-5, atol=1e-6)
+  for layout, spread in (("window", 2), ("pairs", 3)):
+    got = _roi_align(
+      FEATURES, boxes, (1, 1), 0.25, 0, True, max_sampling_ratio=3, adaptive_layout=layout
+    )
+    ref = roi_align_ref(FEATURES, boxes[:1], (1, 1), 0.25, spread, True)
+    np.testing.assert_allclose(got, np.concatenate([ref, ref0]), rtol=1e-5, atol=1e-6)
+
+
+def _random_boxes(rng, n, image_hw):
+  """Boxes of log-uniform sides 0.01 to 2x the image, anywhere around it (some wholly or
+  partly outside), a few of zero width or height, one of zero area."""
+  h, w = image_hw
+  wh = np.exp(rng.uniform(np.log(0.01), np.log(2 * max(h, w)), (n, 2)))
+  xy = rng.uniform(-0.3, 1.1, (n, 2)) * np.array([w, h])
+  boxes = np.concatenate([xy, xy + wh], 1)
+  boxes[: n // 10, 2] = boxes[: n // 10, 0]
+  boxes[n // 10 : n // 5, 3] = boxes[n // 10 : n // 5, 1]
+  boxes[-1] = [5, 5, 5, 5]
+  return boxes.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+  "cap, aligned, sampling_ratio", [(4, True, 0), (4, False, 0), (8, True, 0), (4, False, 2)]
+)
+def test_window_layout_equals_previous_implementation_within_the_cap(cap, aligned, sampling_ratio):
+  rng = np.random.default_rng(2)
+  feats = jnp.asarray(rng.normal(size=(13, 17, 3)), jnp.float32)
+  boxes = _random_boxes(rng, 200, (52, 68))
+  cot = jnp.asarray(rng.normal(size=(len(boxes), 7, 5, 3)), jnp.float32)
+  size = np.maximum((boxes[:, 2:] - boxes[:, :2]) * 0.25, 0 if aligned else 1.0)
+  grid = np.ceil(size / np.array([5, 7]))  # (x, y) adaptive grids
+  exact = np.all(grid <= cap, 1) if sampling_ratio == 0 else np.ones(len(boxes), bool)
+  assert exact.sum() > 100 and (sampling_ratio > 0 or cap == 8 or (~exact).sum() > 10)
+  # The feature gradient of ROIs within the cap: the cotangent of the others zeroed.
+  cot = jnp.where(jnp.asarray(exact)[:, None, None, None], cot, 0.0)
+
+  @jax.jit
+  def outputs_and_grads(f):
+    def one(impl):
+      fn = lambda f: impl.roi_align(
+        f, boxes, (7, 5), 0.25, sampling_ratio, aligned, max_sampling_ratio=cap
+      )
+      out, vjp = jax.vjp(fn, f)
+      return out, vjp(cot)[0]
+
+    return one(sys.modules[roi_align.__module__]), one(previous_roi_align)
+
+  (new, new_grad), (old, old_grad) = outputs_and_grads(feats)
+  np.testing.assert_allclose(new[exact], old[exact], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_grad, old_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned, sampling_ratio", [(True, 0), (False, 2)])
+def test_forward_and_backward_match_torchvision(aligned, sampling_ratio):
+  # detectron2's convention (aligned, adaptive) and torchvision's (sampling_ratio 2); a cap of
+  # 32 covers every adaptive grid here, so both must be exact.
+  if torchvision is None:
+    pytest.skip("needs torchvision")
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(13, 17, 3)).astype(np.float32)
+  boxes = _random_boxes(rng, 120, (52, 68))
+  cot = rng.normal(size=(len(boxes), 7, 6, 3)).astype(np.float32)
+  fn = lambda f: roi_align(f, boxes, (7, 6), 0.25, sampling_ratio, aligned, max_sampling_ratio=32)
+  out, vjp = jax.vjp(jax.jit(fn), jnp.asarray(feats))
+  (grad,) = vjp(jnp.asarray(cot))
+  tf = torch.tensor(feats).permute(2, 0, 1)[None].requires_grad_()
+  tout = torchvision.ops.roi_align(tf, [torch.tensor(boxes)], (7, 6), 0.25, sampling_ratio, aligned)
+  tout.backward(torch.tensor(cot).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(out, tout.detach().permute(0, 2, 3, 1).numpy(), atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(grad, tf.grad[0].permute(1, 2, 0).numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_gradient_flows_to_features():

@@ -1,0 +1,155 @@
+"""2-D convolution whose kernel gradient is a sum of matmuls on the CPU backend.
+
+XLA's CPU backend lowers a convolution's kernel gradient to a convolution with a huge window
+(the output-gradient map) that runs several times slower than the forward pass when channels
+are wide: for the RPN head's 3x3 conv, 256 -> 256 on 2 x 128 x 128, 2.8 s against 0.9 s for
+the same gradient as nine `(O, N) @ (N, C)` matrix products, one per kernel tap; at 64
+channels (8 x 128 x 128) XLA's was the faster, 0.8 s against 1.1 s (both on a 2-core CPU
+under load; `benchmarks/vs_pytorch.py --only conv --compare_kernel_grad` times them in place).
+`conv_general_dilated` here computes the same values as `jax.lax.conv_general_dilated`: the
+forward pass and the input gradient are XLA's own, the kernel gradient is
+
+    dK[i, j] = sum over (b, y, x) of  x_padded[b, s*y + i, s*x + j, :]^T  g[b, y, x, :]
+
+(one strided slice and one `dot_general` per tap `(i, j)`), on CPU only and only for
+convolutions at least `MIN_MATMUL_CHANNELS` wide in and out (narrower ones, e.g. a 3-channel
+stem, are faster as XLA's convolution); other backends keep XLA's gradient, chosen at trace time
+by `jax.lax.platform_dependent`. Dilations and feature groups go to `jax.lax` unchanged.
+
+`Conv` is `flax.linen.Conv` using it: the same module with the same parameters ("kernel"
+`(KH, KW, C, O)`, "bias"), so checkpoints and the torchvision import are unaffected.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+# Below this many input or output channels XLA's own kernel gradient is as fast or faster.
+MIN_MATMUL_CHANNELS = 128
+# Flip to False to measure or debug with XLA's kernel gradient everywhere.
+USE_MATMUL_KERNEL_GRAD = True
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc(dimension_numbers, ndim: int) -> bool:
+  if ndim != 4:
+    return False
+  if dimension_numbers is None:
+    return False  # lax's default is NCHW / OIHW.
+  if all(isinstance(d, str) for d in dimension_numbers):
+    return tuple(dimension_numbers) == _NHWC
+  nhwc = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+  return tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, nhwc))
+
+
+def _kernel_grad_by_taps(x: Array, g: Array, kernel_shape, strides, padding) -> Array:
+  """`(KH, KW, C, O)` kernel gradient of a NHWC conv: one strided slice and matmul per tap."""
+  kh, kw, c, o = kernel_shape
+  b, ho, wo, _ = g.shape
+  sy, sx = strides
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(
+        xp, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c), (1, sy, sx, 1)
+      )
+      # (O, C): the output gradient as the left operand is the faster orientation on CPU.
+      taps.append(
+        lax.dot_general(
+          g, window, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
+        )
+      )
+  return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_nhwc(x: Array, kernel: Array, strides, padding, precision) -> Array:
+  return lax.conv_general_dilated(
+    x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+  )
+
+
+def _conv_nhwc_fwd(x, kernel, strides, padding, precision):
+  return _conv_nhwc(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv_nhwc_bwd(strides, padding, precision, residuals, g):
+  x, kernel = residuals
+  conv = lambda x, k: lax.conv_general_dilated(
+    x, k, strides, padding, dimension_numbers=_NHWC, precision=precision
+  )
+  _, input_vjp = jax.vjp(lambda x: conv(x, kernel), x)
+  (dx,) = input_vjp(g)
+
+  def xla_kernel_grad(x, g):
+    _, kernel_vjp = jax.vjp(lambda k: conv(x, k), kernel)
+    return kernel_vjp(g)[0]
+
+  def matmul_kernel_grad(x, g):
+    return _kernel_grad_by_taps(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
+
+  dk = lax.platform_dependent(x, g, cpu=matmul_kernel_grad, default=xla_kernel_grad)
+  return dx, dk
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def conv_general_dilated(
+  lhs: Array,
+  rhs: Array,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> Array:
+  """`jax.lax.conv_general_dilated` with the CPU kernel gradient of the module docstring.
+
+  Takes the fast path for NHWC / HWIO 2-D convolutions without dilation or groups whose input
+  and output have at least `MIN_MATMUL_CHANNELS` channels; everything else is `lax`'s.
+  """
+  ones = (1,) * (lhs.ndim - 2)
+  plain = (
+    _is_nhwc(dimension_numbers, lhs.ndim)
+    and tuple(lhs_dilation or ones) == ones
+    and tuple(rhs_dilation or ones) == ones
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and preferred_element_type is None
+  )
+  if not (
+    USE_MATMUL_KERNEL_GRAD and plain and min(rhs.shape[2], rhs.shape[3]) >= MIN_MATMUL_CHANNELS
+  ):
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_nhwc(lhs, rhs, tuple(window_strides), padding, precision)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+Conv.__doc__ = "`flax.linen.Conv` with `conv_general_dilated`'s CPU kernel gradient."
