@@ -13,6 +13,7 @@ import numpy as np
 
 from configs import unet_shapes
 from segjax.train import checkpoint, loop, run_config
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANT = [
@@ -37,6 +38,7 @@ def _shapes(tree):
   return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@long_test
 def test_bilinear_unet_from_config_keys_trains_through_train_py(tmp_path):
   workdir = str(tmp_path)
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_DEFAULT_PRNG_IMPL": "rbg"}

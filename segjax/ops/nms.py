@@ -15,8 +15,9 @@ padding (index 0, `valid` False). Two algorithms give the same kept set:
   passes, typically a few). Loop steps: `N / block_size`, each a few matrix ops on
   `block_size x (max_output + block_size)` IoUs; it stops early once `max_output` boxes are
   kept or the scores fall to the threshold. Vectorises on any backend;
-- serial (`block_size=0`): one loop step per kept box (at most `max_output`, each O(N)): it
-  takes the best remaining box and drops everything it suppresses.
+- serial (`block_size=0`, or at most `SERIAL_UP_TO_BLOCKS` blocks of boxes): one loop step
+  per kept box (at most `max_output`, each O(N)): it takes the best remaining box and drops
+  everything it suppresses.
 """
 
 from functools import partial
@@ -68,6 +69,9 @@ def _greedy_nms(
 
 
 DEFAULT_BLOCK_SIZE = 256
+# Up to this many blocks of boxes the serial loop runs as fast (1000 boxes: 15.5 vs 16.5 ms)
+# and compiles faster (the blocked loop nests a fixed-point loop), so it is used instead.
+SERIAL_UP_TO_BLOCKS = 4
 
 
 def _blocked_nms(
@@ -93,9 +97,12 @@ def _blocked_nms(
   # Kept boxes, compacted: block results are written at `count`, so the buffer holds a block
   # past `max_output`.
   buffer = max_output + t
-  kept_boxes = jnp.zeros((buffer, 4), boxes.dtype)
-  kept_classes = jnp.zeros((buffer,), jnp.int32)
-  kept_index = jnp.zeros((buffer,), jnp.int32)
+  # Zeros derived from the data, so that they carry its sharding type (e.g. a vmapped batch
+  # axis sharded over devices under pmap), as the updates written into them do.
+  zero = jnp.zeros_like(order[:1])
+  kept_boxes = jnp.zeros((buffer, 4), boxes.dtype) + zero[:, None].astype(boxes.dtype)
+  kept_classes = jnp.zeros((buffer,), jnp.int32) + zero
+  kept_index = jnp.zeros((buffer,), jnp.int32) + zero
 
   def suppresses(iou, classes_a, classes_b):
     over = iou > iou_threshold
@@ -142,7 +149,7 @@ def _blocked_nms(
 def _nms(boxes, scores, classes, iou_threshold, max_output, score_threshold, block_size):
   if block_size < 0:
     raise ValueError(f"block_size must be >= 0 (0: the serial loop), got {block_size}")
-  if block_size == 0:
+  if block_size == 0 or boxes.shape[0] <= SERIAL_UP_TO_BLOCKS * block_size:
     return _greedy_nms(boxes, scores, classes, iou_threshold, max_output, score_threshold)
   return _blocked_nms(
     boxes, scores, classes, iou_threshold, max_output, score_threshold, block_size

@@ -7,11 +7,14 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # segjax.ops.nms is the function (the public API), so import from the module path.
 from segjax.ops.nms import batched_nms, nms, nms_per_image
+
+nms_module = sys.modules["segjax.ops.nms"]
 
 # As tests/weights/conftest.py: triton (imported by torchvision.ops in CUDA builds of torch)
 # segfaults when loaded after TensorFlow, which tests/conftest.py imports; no test needs it.
@@ -50,6 +53,15 @@ _nms = jax.jit(nms, static_argnames=("max_output", "block_size"))
 _batched = jax.jit(batched_nms, static_argnames=("max_output", "block_size"))
 # The default (blocked, one block for these sizes), blocks of 5 boxes, the serial loop.
 BLOCK_SIZES = (256, 5, 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def blocked_whatever_the_count():
+  """The blocked algorithm for any box count: segjax uses the serial loop for up to
+  `SERIAL_UP_TO_BLOCKS` blocks of boxes, which would leave the small cases here serial."""
+  previous, nms_module.SERIAL_UP_TO_BLOCKS = nms_module.SERIAL_UP_TO_BLOCKS, 0
+  yield
+  nms_module.SERIAL_UP_TO_BLOCKS = previous
 
 
 def check(boxes, scores, thr, max_output, score_thr=-np.inf, classes=None):

@@ -14,6 +14,7 @@ import pytest
 
 from configs import unet_shapes
 from segjax.train import checkpoint, loop
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A constant rate keeps the compiled step independent of the run length, so the two 8-device
@@ -86,6 +87,7 @@ def _assert_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=PARAM_ATOL, rtol=1e-4), a, b)
 
 
+@long_test
 def test_resume_from_8_devices_on_1_and_back(tmp_path, capsys):
   assert jax.device_count() == 1
   reference, mixed = tmp_path / "reference", tmp_path / "mixed"

@@ -22,6 +22,10 @@ from segjax.predict import Predictor, normalize_padded
 from segjax.train import checkpoint, loop, semantic
 from segjax.train.state import create_train_state
 from segjax.train.steps import train_step
+from tests.markers import long_test
+
+# One worker builds the trained fixture once for the tests that share it.
+pytestmark = pytest.mark.xdist_group("ensemble")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 E = 3
@@ -193,6 +197,7 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
+@long_test
 def test_eight_devices_train_the_ensemble_like_one(tmp_path):
   env = {
     **os.environ,

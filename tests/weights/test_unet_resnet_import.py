@@ -100,6 +100,7 @@ def test_unet_starts_from_the_imported_resnet18_and_trains(
   config.num_train_steps = config.log_every_steps = config.eval_every_steps = 5
   config.checkpoint_every_steps = 5
   config.warmup_steps = 0
+  config.model.decoder_channels = (64, 32, 16, 16, 8)  # The encoder is what is checked here.
   config.dataset.eval_kwargs.num_examples = config.eval_batch_size = 8
   workdir = str(tmp_path / "unet")
   metrics, start = train(config, workdir, monkeypatch)
