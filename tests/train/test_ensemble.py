@@ -141,6 +141,7 @@ def trained(tmp_path_factory):
   return config, workdir, metrics
 
 
+@long_test
 def test_ensemble_scores_at_least_its_mean_member(trained):
   _, workdir, metrics = trained
   members = [metrics[f"member_{i}/mean_iou"] for i in range(E)]
@@ -155,6 +156,7 @@ def test_ensemble_scores_at_least_its_mean_member(trained):
   assert records[-1]["eval/member_2/mean_iou"] == pytest.approx(members[2])
 
 
+@long_test
 def test_predictor_restores_the_ensemble_and_predicts_its_mean_softmax(trained):
   config, workdir, _ = trained
   predictor = Predictor.from_workdir(workdir)
