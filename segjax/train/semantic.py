@@ -134,7 +134,7 @@ def eval_step(
   if logits.ndim != 5:
     return count(logits)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return {**count(probs.mean(0)), "members": jax.vmap(count)(probs)}
+  return _with_members(count, probs.mean(0), probs)
 
 
 def native_eval_step(
@@ -157,6 +157,11 @@ def native_eval_step(
     batch["mask_size"],
     batch["mask"].shape[1:3],
   )
+  return _with_members(count, scores, members)
+
+
+def _with_members(count, scores, members) -> dict:
+  """`count(scores)`, and each member's counts stacked under "members" for an ensemble."""
   if members is None:
     return count(scores)
   return {**count(scores), "members": jax.vmap(count)(members)}
@@ -264,11 +269,9 @@ def bind_predict(config: ml_collections.ConfigDict, model):
 
   def predict(variables: dict, batch: dict) -> dict:
     image, size = batch["image"], batch["image_size"]
-    if infer is None:
-      scores = apply_model(model, variables, image, None, train=False)[0].astype(jnp.float32)
+    if infer is None:  # An ensemble's logits_fn gives the log of its members' mean softmax.
+      scores = logits_fn(model, variables)(image).astype(jnp.float32)
       probs = jax.nn.softmax(scores, axis=-1)
-      if probs.ndim == 5:  # An ensemble: the mean of its members' softmax.
-        scores = probs = probs.mean(0)
     else:
       scores = probs = dense_probabilities(
         infer, model, variables, image, size, size, image.shape[1:3], same_size=True
