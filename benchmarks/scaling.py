@@ -69,7 +69,9 @@ def main():
         flush=True,
       )
   for dtype in ("float32", "bfloat16"):
-    train, infer, compile_s = throughput(args.config, args.batch_size, 1, f"--config.dtype={dtype}")
+    train, infer, compile_s = throughput(
+      args.config, args.batch_size, 1, f"--config.model.dtype={dtype}"
+    )
     print(
       f"{dtype:>9} 1 device: train {train:.1f}, inference {infer:.1f} images/s, "
       f"compile {compile_s:.1f} s",

@@ -80,7 +80,7 @@ def main(argv):
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   print(
     f"U-Net depth={config.model.depth} base_width={config.model.base_width} "
-    f"upsampling={config.model.upsampling} dtype={config.dtype} "
+    f"upsampling={config.model.upsampling} dtype={config.model.dtype} "
     f"parallelism={config.parallelism} batch={config.batch_size} image={h}x{w} "
     f"on {devices}"
   )

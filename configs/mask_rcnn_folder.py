@@ -70,6 +70,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(
       dict(
         name="mask_rcnn",
+        dtype="float32",
         backbone=dict(depth=18, base_width=8, norm="bn", freeze_at=0),
         fpn=dict(out_channels=16),
         rpn=dict(

@@ -67,6 +67,7 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mask_rcnn"  # The module defaults are the detectron2 1x settings.
+  config.model.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
   config.model.backbone = ml_collections.ConfigDict(
     dict(depth=50, norm="frozen_bn", freeze_at=2)
   )  # Only with init_from (docstring).

@@ -58,6 +58,7 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mask_rcnn"
+  config.model.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
   config.model.backbone = ml_collections.ConfigDict(
     dict(depth=18, base_width=16, norm="bn", freeze_at=0)
   )

@@ -35,9 +35,10 @@ def get_config(arg=None):
   num_classes = config.model.num_classes
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet_resnet"
+  config.model.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
   config.model.num_classes = num_classes
   # Trainable BatchNorm, nothing frozen (smp); the imported running statistics are the start.
   config.model.backbone = ml_collections.ConfigDict(dict(depth=34, norm="bn", freeze_at=0))
   config.model.decoder_channels = (256, 128, 64, 32, 16)
-  config.model.decoder_norm = "batch"
+  config.model.decoder_norm = "bn"
   return config

@@ -43,10 +43,11 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet_resnet"
+  config.model.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
   config.model.num_classes = len(config.dataset.class_names)
   config.model.backbone = ml_collections.ConfigDict(dict(depth=18, norm="bn", freeze_at=0))
   config.model.decoder_channels = (256, 128, 64, 32, 16)
-  config.model.decoder_norm = "batch"
+  config.model.decoder_norm = "bn"
 
   if arg == "tiny":  # unet_shapes.py's tiny run settings, half as long.
     config.num_train_steps = 10

@@ -29,7 +29,6 @@ def get_config(arg=None):
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.parallelism = "jit"  # Or "pmap"; either splits `batch_size` over all devices.
-  config.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"
@@ -57,9 +56,10 @@ def get_config(arg=None):
   config.model.num_classes = len(CLASS_NAMES)
   config.model.depth = 4
   config.model.base_width = 16
-  config.model.norm = "batch"
+  config.model.norm = "bn"
   config.model.dropout_rate = 0.0
   config.model.upsampling = "transpose"
+  config.model.dtype = "float32"  # Computation dtype ("bfloat16"); parameters stay float32.
 
   if arg == "tiny":
     config.batch_size = 4

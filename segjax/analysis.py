@@ -218,7 +218,6 @@ def hardest(
   from segjax.errors import ConfigError
   from segjax.predict import for_inference
   from segjax.train import evaluation, parallel, run_config
-  from segjax.train.loop import build_model
 
   if by not in BY:
     raise ValueError(f"by={by!r}; known: {BY}.")
@@ -232,7 +231,7 @@ def hardest(
     )
   run_config.check(config)
   split = split or config.dataset.eval_split
-  model = build_model(config)
+  model = models.build_model(config)
   variables, step = evaluation.restore_variables(config, workdir, model, parallel.make_mesh())
   signals, top = score_split(
     config, model, variables, split, by=by, top_k=top_k, batch_size=batch_size

@@ -1,4 +1,5 @@
-"""Per-pixel softmax cross-entropy for semantic segmentation (Long et al., FCN, 2015).
+"""Losses shared by the models: per-pixel softmax cross-entropy for semantic segmentation
+(Long et al., FCN, 2015) and the smooth L1 of box regression (Girshick, Fast R-CNN, 2015).
 
 Shapes: `...` any leading axes (usually B), H, W image size, K classes.
 """
@@ -53,3 +54,11 @@ def pixel_cross_entropy(
   # Double `where` so that an empty batch gives 0 and a finite (zero) gradient, not 0/0.
   safe_total = jnp.where(total > 0, total, 1.0)
   return jnp.where(total > 0, jnp.sum(weights * ce) / safe_total, 0.0)
+
+
+def smooth_l1_loss(x: jax.Array, beta: float) -> jax.Array:
+  """Elementwise smooth L1 of residuals `x` (fvcore); plain L1 `|x|` when `beta < 1e-5`."""
+  ax = jnp.abs(x)
+  if beta < 1e-5:
+    return ax
+  return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)

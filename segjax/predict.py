@@ -41,14 +41,14 @@ import numpy as np
 
 from segjax.data.images import read_image
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
+from segjax.models import build_model
 from segjax.train import evaluation, parallel, run_config, tasks
-from segjax.train.loop import build_model
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 def for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model runs under plain jit (no pmap BatchNorm axis)."""
+  """A copy of `config` that predicts under plain jit, whatever parallelism it trained with."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.parallelism = "jit"

@@ -1,7 +1,8 @@
 """Test setup: hide GPUs from TensorFlow and keep JAX on 64-bit-free CPU defaults; one JAX
 persistent compilation cache for the whole session (both xdist workers and the entry points
 that tests start as subprocesses), so a computation that several tests compile (the tiny
-U-Net's train step, the tiny Mask R-CNN's) is compiled once. Per session: no test depends on
+U-Net's train step, the tiny Mask R-CNN's) is compiled once, at XLA's lighter optimization
+level (tests/markers.py). Per session: no test depends on
 what an earlier run left."""
 
 import os
@@ -12,6 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # As segjax.cli: same numerics, no notice.
 
 import tensorflow as tf  # noqa: E402
+
+from tests.markers import TEST_XLA_FLAGS  # noqa: E402
+
+# Before jax initialises its CPU backend; inherited by the entry points tests start.
+os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 tf.config.set_visible_devices([], "GPU")
 

@@ -1,11 +1,11 @@
-"""Tests for segjax/losses.py against a numpy formula."""
+"""Tests for segjax/losses.py against numpy formulas."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.losses import pixel_cross_entropy
+from segjax.losses import pixel_cross_entropy, smooth_l1_loss
 
 K = 4
 
@@ -128,3 +128,14 @@ def test_shape_mismatch_is_an_error():
     pixel_cross_entropy(
       jnp.zeros((2, 4, 4, K)), jnp.zeros((2, 4, 4), jnp.int32), class_weights=jnp.ones(K + 1)
     )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_smooth_l1(beta):
+  x = jnp.array([-2.0, -0.25, 0.0, 0.1, 3.0])
+  expected = (
+    np.abs(x)
+    if beta == 0
+    else np.where(np.abs(x) < beta, 0.5 * x**2 / beta, np.abs(x) - 0.5 * beta)
+  )
+  np.testing.assert_allclose(smooth_l1_loss(x, beta), expected, rtol=1e-6)

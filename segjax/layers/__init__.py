@@ -1,4 +1,5 @@
-"""Small reusable layers: pooling with argmax, unpooling, and the 2x up-convolution."""
+"""Small reusable layers: norms (one vocabulary, `norms.py`), conv blocks, pooling with argmax,
+unpooling, and the 2x up-convolution."""
 
 from segjax.layers.unpool import max_pool_with_argmax, max_unpool, nearest_unpool
 from segjax.layers.upconv import UpConv2x, upconv2x

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.models import ensemble
 from segjax.models.ensemble import Ensemble
 from segjax.models.mask_rcnn import MaskRCNN
 from segjax.models.unet import UNet
@@ -67,4 +68,30 @@ def create_model(model_config: Any):
   return _build(model_class(name), kwargs, repr(name))
 
 
-__all__ = ["MODELS", "Ensemble", "MaskRCNN", "ResNetUNet", "UNet", "create_model", "model_class"]
+def build_model(config: Any) -> nn.Module:
+  """The model of a training config: `create_model(config.model)`, computing in
+  `config.model.dtype` (default float32), and `config.ensemble_size` copies of it
+  (`segjax.models.ensemble.of`) if set above 1.
+
+  Raises:
+    ConfigError: for a top-level `config.dtype` (its place is `config.model.dtype`), and as
+      `create_model` and `ensemble.of` do.
+  """
+  if config.get("dtype") is not None:
+    raise ConfigError(
+      f"config.dtype={config.dtype!r}: the computation dtype is config.model.dtype now "
+      f"(e.g. --config.model.dtype={config.dtype})."
+    )
+  return ensemble.of(create_model(config.model.to_dict()), config.get("ensemble_size", 1))
+
+
+__all__ = [
+  "MODELS",
+  "Ensemble",
+  "MaskRCNN",
+  "ResNetUNet",
+  "UNet",
+  "build_model",
+  "create_model",
+  "model_class",
+]

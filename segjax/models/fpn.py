@@ -6,8 +6,9 @@ the running top-down map is upsampled 2x (nearest) and added to the next lateral
 on each sum gives P_l. P6 (the RPN's extra level, `LastLevelMaxPool`) is a max pool of P5
 with kernel 1 and stride 2, i.e. every other pixel.
 
-With `norm` (torchvision `maskrcnn_resnet50_fpn_v2`: BatchNorm; detectron2's GN recipes:
-GroupNorm), every conv is bias-free and followed by that norm (`conv_norm`), as torchvision's
+With a `norm` other than "none" (torchvision `maskrcnn_resnet50_fpn_v2`: "bn"; detectron2's GN
+recipes: "gn"), every conv is bias-free and followed by that norm
+(`segjax.layers.conv_blocks.conv_norm`), as torchvision's
 `Conv2dNormActivation(..., activation_layer=None)` and detectron2's `FPN(norm=...)`.
 
 Shapes: B batch; level l has stride 2**l and `ceil(H / 2**l) x ceil(W / 2**l)` pixels.
@@ -21,60 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.layers.conv import Conv
-from segjax.models.resnet import norm_layer
+from segjax.layers import norms
+from segjax.layers.conv_blocks import conv_norm
 
 Array = jax.Array
-
-# detectron2 `c2_xavier_fill`: kaiming_uniform(a=1), i.e. uniform with variance 1 / fan_in.
-xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-
-NORMS = ("", "frozen_bn", "bn", "gn")
-
-
-def conv_norm(
-  x: Array,
-  features: int,
-  kernel: int,
-  *,
-  norm: str,
-  train: bool,
-  name: str,
-  kernel_init: Any,
-  dtype: Any,
-  axis_name: str | None = None,
-  mask: Array | None = None,
-) -> Array:
-  """A `kernel` x `kernel` stride-1 'SAME' conv `name`, then, with `norm`, a norm `name_norm`.
-
-  norm: "" (none; the conv has a bias), or `segjax.models.resnet.norm_layer`'s "frozen_bn",
-  "bn" (BatchNorm: batch statistics when `train`, over the devices of `axis_name`) or "gn";
-  the conv has no bias then. `mask`, broadcastable to `x`'s leading axes as `(N, 1, 1, 1)`,
-  restricts BatchNorm's batch statistics to the rows it marks (padded ROIs must not count); with
-  no row marked, all count (a mean over nothing would be NaN and poison the running averages);
-  under pmap, each device's masked statistics are averaged. Call it inside a compact method:
-  the modules belong to the caller.
-  """
-  if norm not in NORMS:
-    raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
-  x = Conv(
-    features,
-    (kernel, kernel),
-    padding="SAME",
-    use_bias=not norm,
-    kernel_init=kernel_init,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    name=name,
-  )(x)
-  if not norm:
-    return x
-  layer = norm_layer(norm, train=train, dtype=dtype, name=f"{name}_norm", axis_name=axis_name)
-  if norm == "bn" and train and mask is not None:
-    mask = jnp.asarray(mask, bool)
-    return layer(x, mask=mask | ~jnp.any(mask))
-  return layer(x)
 
 
 def _upsample_to(x: Array, shape: tuple[int, int]) -> Array:
@@ -92,16 +43,14 @@ class FPN(nn.Module):
 
   Attributes:
     out_channels: channels of every pyramid level (256).
-    norm: "" (convs with biases, the default), "bn", "gn" or "frozen_bn" after every conv
-      (`conv_norm`; torchvision v2: "bn").
+    norm: "none" (convs with biases, the default), "bn", "gn" or "frozen_bn" after every conv
+      (`segjax.layers.norms`; torchvision v2: "bn").
     dtype: computation dtype; parameters stay float32.
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
 
   out_channels: int = 256
-  norm: str = ""
+  norm: str = "none"
   dtype: Any = jnp.float32
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(
@@ -112,6 +61,7 @@ class FPN(nn.Module):
     Every `p_l` has `out_channels`; `aux` holds the top-down sums before the 3x3 convs
     (`"top_down_l"`). `train` only switches BatchNorm (norm="bn").
     """
+    norms.check_norm(self.norm, "fpn.norm")
     levels = sorted(_level(k) for k in features)
     if levels != list(range(levels[0], levels[0] + len(levels))):
       raise ValueError(f"FPN needs consecutive levels, got {sorted(features)}")
@@ -123,9 +73,8 @@ class FPN(nn.Module):
       norm=self.norm,
       train=train,
       name=name,
-      kernel_init=xavier_fill,
+      kernel_init=norms.xavier_fill,
       dtype=self.dtype,
-      axis_name=self.axis_name,
     )
     outputs, aux = {}, {}
     top_down = None

@@ -34,7 +34,7 @@ too, with its running means and variances (2 x 30,656) in "batch_stats".
 
 import dataclasses
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -95,10 +95,12 @@ class MaskRCNN(nn.Module):
     rpn: the region proposal network with its anchor, proposal and loss settings.
     roi_heads: the box and mask heads with their sampling, loss and inference settings;
       `roi_heads.num_classes` is K.
-    axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone, the FPN
-      and the ROI heads, the parts that may have BatchNorm (norm="bn").
     conventions: "detectron2" (the submodules as configured) or "torchvision" (overrides the
       RPN and ROI-head fields in `CONVENTIONS`, for torchvision's weights).
+    dtype: computation dtype (e.g. jnp.bfloat16) of every section that leaves its own at
+      float32 (a section with another dtype keeps it: a float32 model with a bfloat16
+      backbone is `backbone.dtype="bfloat16"`); parameters stay float32 and every output,
+      detections and losses, is float32.
   """
 
   task: ClassVar[str] = "instance"
@@ -108,22 +110,25 @@ class MaskRCNN(nn.Module):
   fpn: FPN = dataclasses.field(default_factory=FPN)
   rpn: RPN = dataclasses.field(default_factory=RPN)
   roi_heads: ROIHeads = dataclasses.field(default_factory=ROIHeads)
-  axis_name: str | None = None
   conventions: str = "detectron2"
+  dtype: Any = jnp.float32
 
   def __post_init__(self):
+    # Fields derived here are set before flax freezes them, in super().__post_init__.
     if self.conventions not in CONVENTIONS:
       raise ValueError(f"Unknown conventions {self.conventions!r}; known: {list(CONVENTIONS)}.")
     rpn_fields, roi_fields = CONVENTIONS[self.conventions]
-    if rpn_fields:
-      object.__setattr__(self, "rpn", self.rpn.clone(**rpn_fields))
-    if roi_fields:
-      object.__setattr__(self, "roi_heads", self.roi_heads.clone(**roi_fields))
-    # The loop sets one model-wide axis_name under pmap; the parts with norms take it.
-    for part in ("backbone", "fpn", "roi_heads"):
-      module = getattr(self, part)
-      if self.axis_name is not None and module.axis_name != self.axis_name:
-        object.__setattr__(self, part, module.clone(axis_name=self.axis_name))
+    for part, fields in (
+      ("backbone", {}),
+      ("fpn", {}),
+      ("rpn", rpn_fields),
+      ("roi_heads", roi_fields),
+    ):
+      section = getattr(self, part)
+      if section.dtype == jnp.float32 and self.dtype != jnp.float32:
+        fields = {**fields, "dtype": self.dtype}
+      if fields:
+        setattr(self, part, section.clone(**fields))
     super().__post_init__()
 
   def features(self, image: Array, *, train: bool) -> tuple[dict[str, Array], dict[str, Array]]:

@@ -8,13 +8,15 @@ symmetric as in torchvision, so an odd-sized input gives `ceil(size / stride)` f
 'SAME' padding but with torchvision's sampling positions (pretrained weights port as they are).
 
 Normalization, chosen by `norm` (detectron2 `MODEL.RESNETS.NORM`):
-  * "frozen_bn": `FrozenBatchNorm`, fixed scale, bias, mean and variance (the detection
-    default: batches of 2 images per device are too small for batch statistics). The four
+  * "frozen_bn": `segjax.layers.norms.FrozenBatchNorm`, fixed scale, bias, mean and variance
+    (the detection default: batches of 2 images per device are too small for batch
+    statistics). The four
     vectors live in the "batch_stats" collection and are never updated nor trained, so they
     are not counted as parameters, as torchvision counts its `FrozenBatchNorm2d` buffers.
-  * "bn": BatchNorm (scale/bias in "params", running statistics in "batch_stats"); with
-    `axis_name` (pmap) the batch statistics are means over all devices, as under jit.
+  * "bn": BatchNorm (scale/bias in "params", running statistics in "batch_stats"); under pmap
+    the batch statistics are means over all devices, as under jit (`segjax.layers.norms`).
   * "gn": GroupNorm with 32 groups (or the largest divisor of the channels below that).
+  * "none": no normalization (the convs stay bias-free).
 
 `freeze_at` (detectron2 `MODEL.BACKBONE.FREEZE_AT`): 0 trains everything, 1 freezes the stem,
 k >= 2 also freezes res2..res_k: `stop_gradient` on their output, and their BatchNorm (if any)
@@ -30,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.layers import norms
 from segjax.layers.conv import Conv
 
 Array = jax.Array
@@ -41,68 +44,12 @@ DEPTHS = {
   50: ("bottleneck", (3, 4, 6, 3)),
   101: ("bottleneck", (3, 4, 23, 3)),
 }
-NORMS = ("frozen_bn", "bn", "gn")
 BOTTLENECK_EXPANSION = 4
 
-# detectron2 `c2_msra_fill` / torchvision ResNet init: He normal over fan-out.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-  """The largest divisor of `channels` that is at most `max_groups`."""
-  return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-
-
-class FrozenBatchNorm(nn.Module):
-  """Batch norm with fixed statistics and affine transform (detectron2 `FrozenBatchNorm2d`).
-
-  `y = (x - mean) * scale / sqrt(var + epsilon) + bias`, all four `(C,)` vectors stored in the
-  "batch_stats" collection (initialized to the identity: 1, 0, 0, 1) and only ever read.
-
-  Attributes:
-    epsilon: added to the variance, 1e-5 as in torchvision and detectron2.
-    dtype: computation dtype.
-  """
-
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    scale = self.variable("batch_stats", "scale", lambda: jnp.ones((c,), jnp.float32))
-    bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32))
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    mul = scale.value * jax.lax.rsqrt(var.value + self.epsilon)
-    add = bias.value - mean.value * mul
-    return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
-
-
-def norm_layer(kind: str, *, train: bool, dtype: Any, name: str, axis_name: str | None = None):
-  """A norm module of `kind` ("frozen_bn", "bn" or "gn") applied as `layer(x)`; "bn" averages
-  its batch statistics over the devices of `axis_name` when given."""
-  if kind == "frozen_bn":
-    return FrozenBatchNorm(dtype=dtype, name=name)
-  if kind == "bn":
-    return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      axis_name=axis_name,
-      name=name,
-    )
-  if kind == "gn":
-    return lambda x: nn.GroupNorm(
-      num_groups=_num_groups(x.shape[-1]),
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name,
-    )(x)
-  raise ValueError(f"Unknown norm {kind!r}; expected one of {NORMS}.")
+def _norm(kind: str, **kwargs):
+  """`norms.norm_layer`, the identity for "none"."""
+  return norms.norm_layer(kind, **kwargs) or (lambda x: x)
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, name: str) -> nn.Conv:
@@ -115,7 +62,7 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, name: str) 
     strides=(stride, stride),
     padding=((pad, pad), (pad, pad)),
     use_bias=False,
-    kernel_init=conv_init,
+    kernel_init=norms.msra_fill,  # torchvision ResNet init, detectron2 c2_msra_fill
     dtype=dtype,
     param_dtype=jnp.float32,
     name=name,
@@ -128,22 +75,18 @@ class BasicBlock(nn.Module):
   Attributes:
     features: output channels.
     stride: stride of the first conv (and of the projection shortcut).
-    norm: "frozen_bn", "bn" or "gn".
+    norm: one of `segjax.layers.norms.NORMS`.
     dtype: computation dtype.
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
 
   features: int
   stride: int = 1
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(
-      self.norm, train=train, dtype=self.dtype, name=name, axis_name=self.axis_name
-    )
+    nl = lambda name: _norm(self.norm, train=train, dtype=self.dtype, name=name)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut")(x)
@@ -161,22 +104,18 @@ class Bottleneck(nn.Module):
   Attributes:
     width: channels of the 1x1 and 3x3 convs; the output has `4 * width`.
     stride: stride of the 3x3 conv (torchvision; detectron2's MSRA weights put it in the 1x1).
-    norm: "frozen_bn", "bn" or "gn".
+    norm: one of `segjax.layers.norms.NORMS`.
     dtype: computation dtype.
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
 
   width: int
   stride: int = 1
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    nl = lambda name: norm_layer(
-      self.norm, train=train, dtype=self.dtype, name=name, axis_name=self.axis_name
-    )
+    nl = lambda name: _norm(self.norm, train=train, dtype=self.dtype, name=name)
     out = self.width * BOTTLENECK_EXPANSION
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out:
@@ -196,13 +135,12 @@ class ResNet(nn.Module):
 
   Attributes:
     depth: 18, 34 (basic blocks), 50 or 101 (bottleneck blocks).
-    norm: "frozen_bn" (default, as detectron2 and torchvision detection), "bn" or "gn".
+    norm: "frozen_bn" (default, as detectron2 and torchvision detection), "bn", "gn" or
+      "none" (`segjax.layers.norms`).
     freeze_at: 0 trains all; 1 freezes the stem; k in 2..5 also res2..res_k (detectron2: 2).
     base_width: stem channels and the width of res2's convs; stage i doubles it. 64 is the
       real network; a toy uses e.g. 8.
     dtype: computation dtype; parameters stay float32.
-    axis_name: BatchNorm cross-device axis name (pmap), or None: with norm="bn", batch
-      statistics over the devices of that axis.
   """
 
   depth: int = 50
@@ -210,13 +148,11 @@ class ResNet(nn.Module):
   freeze_at: int = 2
   base_width: int = 64
   dtype: Any = jnp.float32
-  axis_name: str | None = None
 
   def _check(self, x: Array) -> None:
     if self.depth not in DEPTHS:
       raise ValueError(f"Unknown ResNet depth {self.depth}; expected one of {sorted(DEPTHS)}.")
-    if self.norm not in NORMS:
-      raise ValueError(f"Unknown norm {self.norm!r}; expected one of {NORMS}.")
+    norms.check_norm(self.norm, "backbone.norm")
     if not 0 <= self.freeze_at <= 5:
       raise ValueError(f"freeze_at must be in [0, 5], got {self.freeze_at}.")
     if x.ndim != 4:
@@ -235,13 +171,7 @@ class ResNet(nn.Module):
     kind, blocks = DEPTHS[self.depth]
     x = x.astype(self.dtype)
     x = conv(self.base_width, 7, 2, dtype=self.dtype, name="stem_conv")(x)
-    x = norm_layer(
-      self.norm,
-      train=train and self.freeze_at < 1,
-      dtype=self.dtype,
-      name="stem_norm",
-      axis_name=self.axis_name,
-    )(x)
+    x = _norm(self.norm, train=train and self.freeze_at < 1, dtype=self.dtype, name="stem_norm")(x)
     x = nn.relu(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
@@ -256,9 +186,7 @@ class ResNet(nn.Module):
       for b in range(num_blocks):
         stride = 2 if b == 0 and stage > 2 else 1
         block_cls = BasicBlock if kind == "basic" else Bottleneck
-        block = block_cls(
-          width, stride, self.norm, self.dtype, self.axis_name, name=f"res{stage}_{b}"
-        )
+        block = block_cls(width, stride, self.norm, self.dtype, name=f"res{stage}_{b}")
         x = block(x, train=train and not frozen)
       if frozen:
         x = jax.lax.stop_gradient(x)

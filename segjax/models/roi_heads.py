@@ -20,8 +20,9 @@ Variants (torchvision `maskrcnn_resnet50_fpn_v2`, after Li et al. 2021, "Benchma
 Detection Transfer Learning with Vision Transformers", arXiv:2111.11429): `box_conv_dims`
 puts 3x3 convs + ReLU before the box head's fully connected layers (detectron2 and torchvision
 `FastRCNNConvFCHead`, "4conv1fc": four convs of 256, one fc of 1024), and `norm` ("bn" or
-"gn") follows every box- and mask-head conv, then without bias. BatchNorm's batch statistics
-count only the sampled (training) or valid (inference) ROIs of the head's input.
+"gn", `segjax.layers.norms`) follows every box- and mask-head conv, then without bias.
+BatchNorm's batch statistics count only the sampled (training) or valid (inference) ROIs of
+the head's input.
 
 Class layout as torchvision: label 0 is background, 1..K the classes; class logits, box deltas
 and mask logits all have K + 1 entries (the background's deltas and mask are unused), so
@@ -40,17 +41,15 @@ import jax.numpy as jnp
 import optax
 
 from segjax import ops
+from segjax.layers import norms
+from segjax.layers.conv_blocks import conv_stack
+from segjax.layers.norms import msra_fill, xavier_fill
 from segjax.layers.upconv import UpConv2x
-from segjax.models.fpn import conv_norm
-from segjax.models.rpn import smooth_l1_loss
+from segjax.losses import smooth_l1_loss
 from segjax.ops.nms import DEFAULT_BLOCK_SIZE
 from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO
 
 Array = jax.Array
-
-# detectron2 `c2_xavier_fill` (fully connected box head) and `c2_msra_fill` (mask convs).
-xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def label_and_sample_proposals(
@@ -285,7 +284,8 @@ def postprocess_masks(
 
 
 def _row_mask(valid: Array | None, lead: tuple[int, ...]) -> Array | None:
-  """`valid` `lead` as the `(N, 1, 1, 1)` mask of `conv_norm` over the flattened rows."""
+  """`valid` `lead` as the `(N, 1, 1, 1)` mask of `conv_blocks.conv_norm` over the flattened
+  rows."""
   return None if valid is None else jnp.broadcast_to(valid, lead).reshape(-1, 1, 1, 1)
 
 
@@ -299,16 +299,14 @@ class BoxHead(nn.Module):
     dtype: computation dtype; outputs are float32.
     conv_dims: channels of 3x3 convs + ReLU before them ("conv1", ...; torchvision v2:
       four of 256, then one fc of 1024).
-    norm: "", "bn" or "gn" after each conv (`segjax.models.fpn.conv_norm`).
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
+    norm: "none", "bn" or "gn" after each conv (`segjax.layers.conv_blocks.conv_stack`).
   """
 
   num_classes: int
   fc_dims: tuple[int, ...] = (1024, 1024)
   dtype: Any = jnp.float32
   conv_dims: tuple[int, ...] = ()
-  norm: str = ""
-  axis_name: str | None = None
+  norm: str = "none"
 
   @nn.compact
   def __call__(
@@ -322,22 +320,15 @@ class BoxHead(nn.Module):
     lead = x.shape[:-3]
     x = x.astype(self.dtype)
     if self.conv_dims:
-      x = x.reshape((-1,) + x.shape[-3:])
-      for i, d in enumerate(self.conv_dims):
-        x = nn.relu(
-          conv_norm(
-            x,
-            d,
-            3,
-            norm=self.norm,
-            train=train,
-            name=f"conv{i + 1}",
-            kernel_init=msra_fill,
-            dtype=self.dtype,
-            axis_name=self.axis_name,
-            mask=_row_mask(valid, lead),
-          )
-        )
+      x = conv_stack(
+        x.reshape((-1,) + x.shape[-3:]),
+        self.conv_dims,
+        prefix="conv",
+        norm=self.norm,
+        train=train,
+        dtype=self.dtype,
+        mask=_row_mask(valid, lead),
+      )
     # Flattened HWC (torchvision flattens CHW: the weight import reorders fc1's rows).
     x = x.reshape(lead + (-1,))
     for i, d in enumerate(self.fc_dims):
@@ -371,38 +362,29 @@ class MaskHead(nn.Module):
     num_classes: K; K + 1 mask channels with background 0.
     conv_dims: channels of the 3x3 convs.
     dtype: computation dtype; logits are float32.
-    norm: "", "bn" or "gn" after each conv (`segjax.models.fpn.conv_norm`; torchvision v2:
-      "bn").
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
+    norm: "none", "bn" or "gn" after each conv (`segjax.layers.conv_blocks.conv_stack`;
+      torchvision v2: "bn").
   """
 
   num_classes: int
   conv_dims: tuple[int, ...] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
-  norm: str = ""
-  axis_name: str | None = None
+  norm: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False, valid: Array | None = None) -> Array:
     """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`; `train` and `valid` `(...)`
     as `BoxHead`'s."""
     lead, tail = x.shape[:-3], x.shape[-3:]
-    x = x.reshape((-1,) + tail).astype(self.dtype)
-    for i, d in enumerate(self.conv_dims):
-      x = nn.relu(
-        conv_norm(
-          x,
-          d,
-          3,
-          norm=self.norm,
-          train=train,
-          name=f"mask_fcn{i + 1}",
-          kernel_init=msra_fill,
-          dtype=self.dtype,
-          axis_name=self.axis_name,
-          mask=_row_mask(valid, lead),
-        )
-      )
+    x = conv_stack(
+      x.reshape((-1,) + tail).astype(self.dtype),
+      self.conv_dims,
+      prefix="mask_fcn",
+      norm=self.norm,
+      train=train,
+      dtype=self.dtype,
+      mask=_row_mask(valid, lead),
+    )
     x = nn.relu(
       UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype, name="deconv")(x)
     )
@@ -440,7 +422,7 @@ class ROIHeads(nn.Module):
     box_conv_dims: box head 3x3 conv widths, before the fully connected layers (torchvision
       v2: (256,) * 4 with fc_dims (1024,)).
     mask_conv_dims: mask head conv widths.
-    norm: "", "bn" or "gn" after every box- and mask-head conv (torchvision v2: "bn").
+    norm: "none", "bn" or "gn" after every box- and mask-head conv (torchvision v2: "bn").
     box_reg_weights: box-coder weights of the class-specific deltas.
     smooth_l1_beta: box-delta loss; 0 is L1.
     score_thresh: inference score threshold.
@@ -452,7 +434,6 @@ class ROIHeads(nn.Module):
     mask_threshold: binarization of the pasted mask probabilities.
     mask_paste: how masks are pasted into the image: "detectron2" or "torchvision".
     dtype: computation dtype of the heads; outputs are float32.
-    axis_name: BatchNorm cross-device axis name (pmap), or None.
   """
 
   num_classes: int = 80
@@ -479,21 +460,14 @@ class ROIHeads(nn.Module):
   mask_paste: str = "detectron2"
   dtype: Any = jnp.float32
   box_conv_dims: tuple[int, ...] = ()
-  norm: str = ""
-  axis_name: str | None = None
+  norm: str = "none"
 
   def setup(self):
+    norms.check_norm(self.norm, "roi_heads.norm")
     self.box_head = BoxHead(
-      self.num_classes,
-      self.fc_dims,
-      self.dtype,
-      conv_dims=self.box_conv_dims,
-      norm=self.norm,
-      axis_name=self.axis_name,
+      self.num_classes, self.fc_dims, self.dtype, conv_dims=self.box_conv_dims, norm=self.norm
     )
-    self.mask_head = MaskHead(
-      self.num_classes, self.mask_conv_dims, self.dtype, norm=self.norm, axis_name=self.axis_name
-    )
+    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype, norm=self.norm)
 
   def mask_slots(self) -> int:
     """Static count of ROI slots per image the mask head trains on."""

@@ -33,18 +33,11 @@ import optax
 
 from segjax import ops
 from segjax.layers.conv import Conv
+from segjax.losses import smooth_l1_loss
 from segjax.ops import anchors as anchor_lib
 from segjax.ops.nms import DEFAULT_BLOCK_SIZE
 
 Array = jax.Array
-
-
-def smooth_l1_loss(x: Array, beta: float) -> Array:
-  """Elementwise smooth L1 of residuals `x` (fvcore); plain L1 `|x|` when `beta < 1e-5`."""
-  ax = jnp.abs(x)
-  if beta < 1e-5:
-    return ax
-  return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
 
 
 def generate_proposals(

@@ -22,66 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.layers import unpool
+from segjax.layers import norms, unpool
+from segjax.layers.conv_blocks import ConvBlock
 from segjax.layers.upconv import UpConv2x
 
-NORMS = ("batch", "group", "none")
 UPSAMPLINGS = ("transpose", "max_unpool", "nearest", "bilinear")
-
-
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-  """The largest divisor of `channels` that is at most `max_groups`."""
-  return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-
-
-class ConvBlock(nn.Module):
-  """Two 3x3 'SAME' convolutions, each followed by normalization and ReLU.
-
-  Attributes:
-    features: output channels of both convolutions.
-    norm: "batch", "group" or "none".
-    bn_momentum: BatchNorm running-average momentum.
-    axis_name: BatchNorm cross-device axis name (pmap / shard_map), or None.
-    dtype: computation dtype; parameters stay float32.
-  """
-
-  features: int
-  norm: str = "batch"
-  bn_momentum: float = 0.9
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    for i in range(2):
-      # A bias before a normalization with its own shift is redundant.
-      x = nn.Conv(
-        self.features,
-        (3, 3),
-        padding="SAME",
-        use_bias=self.norm == "none",
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name=f"conv_{i}",
-      )(x)
-      if self.norm == "batch":
-        x = nn.BatchNorm(
-          use_running_average=not train,
-          momentum=self.bn_momentum,
-          axis_name=self.axis_name,
-          dtype=self.dtype,
-          param_dtype=jnp.float32,
-          name=f"norm_{i}",
-        )(x)
-      elif self.norm == "group":
-        x = nn.GroupNorm(
-          num_groups=_num_groups(self.features),
-          dtype=self.dtype,
-          param_dtype=jnp.float32,
-          name=f"norm_{i}",
-        )(x)
-      x = nn.relu(x)
-    return x
 
 
 class UpBlock(nn.Module):
@@ -90,17 +35,15 @@ class UpBlock(nn.Module):
   Attributes:
     features: output channels; also the channels the upsampled input is brought to.
     upsampling: one of `UPSAMPLINGS`.
-    norm: "batch", "group" or "none".
+    norm: one of `segjax.layers.norms.NORMS`.
     bn_momentum: BatchNorm running-average momentum.
-    axis_name: BatchNorm cross-device axis name, or None.
     dtype: computation dtype.
   """
 
   features: int
   upsampling: str = "transpose"
-  norm: str = "batch"
+  norm: str = "bn"
   bn_momentum: float = 0.9
-  axis_name: str | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -130,7 +73,6 @@ class UpBlock(nn.Module):
       self.features,
       norm=self.norm,
       bn_momentum=self.bn_momentum,
-      axis_name=self.axis_name,
       dtype=self.dtype,
       name="conv_block",
     )(x, train=train)
@@ -144,13 +86,13 @@ class UNet(nn.Module):
     depth: number of pooling steps; H and W must be divisible by 2**depth.
     base_width: channels of the first level; level i has base_width * 2**i, the bottleneck
       base_width * 2**depth.
-    norm: "batch" (BatchNorm, running statistics in the "batch_stats" collection), "group"
-      (GroupNorm with min(32, C) groups, or the largest divisor of C below that) or "none".
+    norm: "bn" (BatchNorm, running statistics in the "batch_stats" collection), "gn"
+      (GroupNorm with min(32, C) groups, or the largest divisor of C below that), "none" or
+      "frozen_bn" (`segjax.layers.norms`).
     dropout_rate: dropout after the bottleneck (paper: "at the end of the contracting path");
       needs a "dropout" rng when training with a rate > 0.
     upsampling: "transpose", "max_unpool", "nearest" or "bilinear" (see module docstring).
     bn_momentum: BatchNorm running-average momentum.
-    axis_name: BatchNorm cross-device axis name for data-parallel training, or None.
     dtype: computation dtype (e.g. jnp.bfloat16); parameters are always float32 and the
       logits are returned as float32.
   """
@@ -160,11 +102,10 @@ class UNet(nn.Module):
   num_classes: int
   depth: int = 4
   base_width: int = 64
-  norm: str = "batch"
+  norm: str = "bn"
   dropout_rate: float = 0.0
   upsampling: str = "transpose"
   bn_momentum: float = 0.9
-  axis_name: str | None = None
   dtype: Any = jnp.float32
 
   @property
@@ -173,8 +114,7 @@ class UNet(nn.Module):
     return 2**self.depth
 
   def _check(self, x: jax.Array) -> None:
-    if self.norm not in NORMS:
-      raise ValueError(f"Unknown norm {self.norm!r}; expected one of {NORMS}.")
+    norms.check_norm(self.norm)
     if self.upsampling not in UPSAMPLINGS:
       raise ValueError(f"Unknown upsampling {self.upsampling!r}; expected one of {UPSAMPLINGS}.")
     if self.depth < 0:
@@ -198,9 +138,7 @@ class UNet(nn.Module):
     "decoder_{i}" with the same shape as "encoder_{i}".
     """
     self._check(x)
-    block_kw = dict(
-      norm=self.norm, bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype
-    )
+    block_kw = dict(norm=self.norm, bn_momentum=self.bn_momentum, dtype=self.dtype)
     aux = {}
     skips, all_indices = [], []
     for i in range(self.depth):

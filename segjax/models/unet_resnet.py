@@ -18,7 +18,7 @@ all, and Adam's first steps blow its features up (on shapes, from a random-weigh
 C5's standard deviation grew from 2.8 to 6.5e5 in 5 steps at learning rate 3e-3), drowning the
 skips and stalling training (configs/unet_resnet_shapes.py). "frozen_bn" suits a frozen encoder
 (`freeze_at=5`) or a small SGD step on truly pretrained weights.
-The decoder's norm is `decoder_norm` ("batch", "group" or "none").
+The decoder's norm is `decoder_norm` (`segjax.layers.norms`: "bn", "gn", "none", "frozen_bn").
 
 Shapes: B batch, H, W image size (multiples of 32), K classes.
 """
@@ -30,9 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.layers import unpool
+from segjax.layers import norms, unpool
+from segjax.layers.conv_blocks import ConvBlock
 from segjax.models.resnet import ResNet
-from segjax.models.unet import NORMS, ConvBlock
 
 Array = jax.Array
 
@@ -48,11 +48,11 @@ class ResNetUNet(nn.Module):
     backbone: the ResNet encoder (default ResNet-34, trainable BatchNorm, nothing frozen).
     decoder_channels: output channels of the five decoder blocks, from stride 16 to stride 1
       (smp's default (256, 128, 64, 32, 16)).
-    decoder_norm: "batch", "group" or "none" in the decoder's conv blocks.
+    decoder_norm: "bn", "gn" or "none" (`segjax.layers.norms`) in the decoder's conv blocks.
     bn_momentum: the decoder's BatchNorm running-average momentum.
-    axis_name: BatchNorm cross-device axis name (pmap), or None; set on the backbone too.
-    dtype: computation dtype of the whole model (set on the backbone too); parameters stay
-      float32 and the logits are returned as float32.
+    dtype: computation dtype of the decoder, and of the backbone unless that sets a dtype
+      other than float32 itself; parameters stay float32 and the logits are returned as
+      float32.
   """
 
   task: ClassVar[str] = "semantic"
@@ -63,25 +63,19 @@ class ResNetUNet(nn.Module):
     default_factory=lambda: ResNet(depth=34, norm="bn", freeze_at=0)
   )
   decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-  decoder_norm: str = "batch"
+  decoder_norm: str = "bn"
   bn_momentum: float = 0.9
-  axis_name: str | None = None
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    # The loop sets model-wide axis_name (pmap) and dtype; the encoder follows them.
-    updates = {
-      k: getattr(self, k)
-      for k in ("axis_name", "dtype")
-      if getattr(self.backbone, k) != getattr(self, k)
-    }
-    if updates:
-      object.__setattr__(self, "backbone", self.backbone.clone(**updates))
+    # An encoder left at float32 computes in the model's dtype (fields are set before flax
+    # freezes them, in super().__post_init__).
+    if self.backbone.dtype == jnp.float32 and self.dtype != jnp.float32:
+      self.backbone = self.backbone.clone(dtype=self.dtype)
     super().__post_init__()
 
   def _check(self, x: Array) -> None:
-    if self.decoder_norm not in NORMS:
-      raise ValueError(f"Unknown decoder_norm {self.decoder_norm!r}; expected one of {NORMS}.")
+    norms.check_norm(self.decoder_norm, "decoder_norm")
     if len(self.decoder_channels) != len(SKIPS) + 1:
       raise ValueError(
         f"decoder_channels needs {len(SKIPS) + 1} entries (strides 16 to 1), "
@@ -115,7 +109,6 @@ class ResNetUNet(nn.Module):
         features_out,
         norm=self.decoder_norm,
         bn_momentum=self.bn_momentum,
-        axis_name=self.axis_name,
         dtype=self.dtype,
         name=f"decoder_{i}",
       )(x, train=train)

@@ -17,8 +17,9 @@ import jax
 import ml_collections
 
 from segjax.data.images import read_image
+from segjax.models import build_model
 from segjax.train import checkpoint, parallel, run_config, tasks
-from segjax.train.loop import build_model, initial_state
+from segjax.train.state import initial_state
 from segjax.train.writer import MetricWriter, to_json_value
 
 
@@ -66,9 +67,7 @@ def evaluate_checkpoint(
   model = build_model(config)
   variables, step = restore_variables(config, workdir, model, mesh)
   evaluator = tasks.get_task(config).evaluator(config, model=model, mesh=mesh)
-  run_variables = (
-    parallel.to_pmap_state(variables) if evaluator.parallelism == "pmap" else (variables)
-  )
+  run_variables = parallel.runner(config, mesh).to_run_state(variables)
   mode = getattr(getattr(evaluator, "settings", None), "mode", None)  # Semantic only.
   metrics = {
     "step": step,

@@ -60,25 +60,18 @@ class Evaluator:
       step = functools.partial(
         semantic.native_eval_step, infer=semantic.bind_inference(config), **bound
       )
-    self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
-    if self.parallelism == "pmap":
-      axis = parallel.PMAP_AXIS
-      self.step = jax.pmap(lambda v, b: jax.lax.psum(step(v, b), axis), axis_name=axis)
-      self.put = parallel.to_pmap_batch
-    else:
-      replicated = parallel.replicated(mesh)
-      self.step = jax.jit(
-        step, in_shardings=(replicated, parallel.data_sharded(mesh)), out_shardings=replicated
-      )
-      self.put = functools.partial(parallel.to_global, mesh=mesh)
+    self.runner = parallel.runner(config, mesh)
+    self.step = self.runner.sum_step(step)
+    self.put = self.runner.batch
 
   def run(self, variables: dict) -> dict:
-    """Metrics of `variables`: replicated global arrays (jit), or stacked per device (pmap).
+    """Metrics of `variables`, in the layout of `config.parallelism`'s steps
+    (`parallel.runner`).
 
     Each batch's counts (int32 on device) are added on the host in int64: a split's pixel
     count passes int32's 2.1e9 at Cityscapes scale (500 images of 2048x1024 hold 1.05e9).
     """
-    fetch = parallel.first_replica if self.parallelism == "pmap" else parallel.fetch
+    fetch = self.runner.fetch
     sums, previous = None, None
     for batch in numpy_batches(self.dataset, "evaluation data"):
       out = self.step(variables, self.put(batch))

@@ -33,18 +33,11 @@ from segjax.models import mask_rcnn
 from segjax.train import parallel
 
 
-def loss_fn(
-  variables: dict, batch: dict, rng: jax.Array, *, model, train: bool, axis_name: str | None = None
-) -> tuple:
-  """`mask_rcnn.loss_fn`; under pmap (`axis_name`) the step's mean over devices is the loss
-  of the global batch, as detectron2 averages its per-GPU losses."""
-  del axis_name
-  return mask_rcnn.loss_fn(variables, batch, rng, model=model, train=train)
-
-
 def bind_loss(config: ml_collections.ConfigDict, model):
+  """`mask_rcnn.loss_fn` bound to `model`; in a pmapped step the mean over devices of each
+  device's losses is the step's, as detectron2 averages its per-GPU losses."""
   del config
-  return functools.partial(loss_fn, model=model)
+  return functools.partial(mask_rcnn.loss_fn, model=model)
 
 
 def ground_truth(config: ml_collections.ConfigDict):
@@ -66,7 +59,7 @@ class Evaluator:
     self.config = config
     self.mesh = mesh
     # Under pmap too the prediction runs under jit, on variables unstacked by `run`.
-    self.parallelism = parallel.check_parallelism(config.get("parallelism", "jit"))
+    self.runner = parallel.runner(config, mesh)
     batch_size = parallel.local_batch_size(config.eval_batch_size, "eval_batch_size")
     kwargs = dict(
       local_batch_size=batch_size,
@@ -115,10 +108,9 @@ class Evaluator:
   def run(self, variables: dict) -> dict:
     """box_AP, box_AP50, box_AP75, box_APs/m/l and the mask_ equivalents, in [0, 1] or NaN.
 
-    `variables`: replicated global arrays (jit), or stacked per device (pmap).
+    `variables`: in the layout of `config.parallelism`'s steps (`parallel.runner`).
     """
-    if self.parallelism == "pmap":
-      variables = parallel.from_pmap_state(variables, self.mesh)
+    variables = self.runner.to_global_state(variables)
     shares = parallel.allgather_json(self.detections(variables))
     # Sorted (stably) by image, so the results do not depend on the number of processes.
     self.results = sorted(

@@ -22,9 +22,9 @@ from jax.experimental import multihost_utils
 
 from segjax.data.iteration import next_batch
 from segjax.errors import Terminated
-from segjax.models import create_model, ensemble
+from segjax.models import build_model
 from segjax.train import checkpoint, init_from, parallel, run_config, tasks
-from segjax.train.state import create_train_state, learning_rate_schedule
+from segjax.train.state import initial_state, learning_rate_schedule
 from segjax.train.steps import train_step
 from segjax.train.writer import MetricWriter
 
@@ -43,35 +43,6 @@ class _StopRequest:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
-
-
-def build_model(config: ml_collections.ConfigDict):
-  """The model of `config.model`, computing in `config.dtype` if set (Mask R-CNN sets it per
-  section: `config.model.backbone.dtype`, ...); BatchNorm synchronised over the pmap axis in
-  pmap mode (under jit, statistics are global already); `config.ensemble_size` copies of it
-  (`segjax.models.ensemble`) if set above 1."""
-  model_config = config.model.to_dict()
-  if config.get("dtype") is not None:
-    model_config["dtype"] = config.dtype
-  if config.get("parallelism", "jit") == "pmap":
-    model_config["axis_name"] = parallel.PMAP_AXIS
-  return ensemble.of(create_model(model_config), config.get("ensemble_size", 1))
-
-
-def initial_state(config: ml_collections.ConfigDict, model, mesh):
-  """(init_fn, abstract_state): a jitted initializer that builds the state replicated."""
-  sample = jnp.zeros((1, *config.image_size, 3), jnp.float32)
-  init = jax.jit(
-    functools.partial(create_train_state, model, config, sample_input=sample),
-    out_shardings=parallel.replicated(mesh),
-  )
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  replicated = parallel.replicated(mesh)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-  )
-  return functools.partial(init, rng), abstract
 
 
 _ADVICE = "lower the learning rate or inspect with --jax_debug_nans"
@@ -101,42 +72,16 @@ def _check_finite_state(step: int, state) -> None:
 
 
 class StepRunner:
-  """The train step in the configured parallelism, and conversions of state and batches."""
+  """The train step compiled for `config.parallelism` (`parallel.runner`), with that runner's
+  conversions of batches, state and outputs."""
 
   def __init__(self, config, loss_fn, mesh):
-    self.mesh = mesh
-    self.pmap = parallel.check_parallelism(config.get("parallelism", "jit")) == "pmap"
-    if self.pmap:
-      axis = parallel.PMAP_AXIS
-      step = functools.partial(
-        train_step, loss_fn=functools.partial(loss_fn, axis_name=axis), axis_name=axis
-      )
-      self.step = jax.pmap(step, axis_name=axis, in_axes=(0, 0, None), donate_argnums=0)
-    else:
-      replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-      self.step = jax.jit(
-        functools.partial(train_step, loss_fn=loss_fn),
-        in_shardings=(replicated, sharded, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-      )
-
-  def batch(self, local_batch):
-    return (
-      parallel.to_pmap_batch(local_batch)
-      if self.pmap
-      else parallel.to_global(local_batch, self.mesh)
-    )
-
-  def to_run_state(self, state):
-    return parallel.to_pmap_state(state) if self.pmap else state
-
-  def to_global_state(self, state):
-    """The state as replicated global arrays: what checkpoints hold."""
-    return parallel.from_pmap_state(state, self.mesh) if self.pmap else state
-
-  def fetch(self, tree):
-    return parallel.first_replica(tree) if self.pmap else parallel.fetch(tree)
+    runner = parallel.runner(config, mesh)
+    self.step = runner.train_step(functools.partial(train_step, loss_fn=loss_fn))
+    self.batch = runner.batch
+    self.to_run_state = runner.to_run_state
+    self.to_global_state = runner.to_global_state  # What checkpoints hold.
+    self.fetch = runner.fetch
 
 
 def _all_processes_agree(flag: bool) -> bool:

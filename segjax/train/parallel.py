@@ -5,20 +5,30 @@ the train state is replicated. Each process feeds its local slice of the global 
 `pmap` mode: the state is stacked over local devices, each process feeds
 (local_devices, per_device_batch, ...) arrays, and steps average over `PMAP_AXIS`.
 Both compute batch-norm statistics over the global batch.
+
+This module is the only one that knows the mode. `runner(config, mesh)` turns a per-device
+step into a jitted-and-sharded or a pmapped one and converts state, batches and outputs to
+and from its layout. A pmapped step is traced inside `segjax.layers.norms.cross_device_axis`
+(`per_device`): its BatchNorms average their statistics over the devices, and the helpers
+`fold_in_device`, `mean_over_devices` and `as_global_mean` that a step or a loss calls act
+over the devices there and are the identity under jit, where arrays are global already.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from segjax.errors import ConfigError
+from segjax.layers import norms
 
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
@@ -64,6 +74,44 @@ def check_parallelism(name: str) -> str:
   if name not in PARALLELISMS:
     raise ConfigError(f"Unknown config.parallelism {name!r}; known: {PARALLELISMS}.")
   return name
+
+
+def per_device(fn):
+  """`fn` traced as one device's part of a pmapped step: inside
+  `norms.cross_device_axis(PMAP_AXIS)`, so that its BatchNorms and the helpers below average
+  over the devices."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with norms.cross_device_axis(PMAP_AXIS):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
+def fold_in_device(rng: jax.Array) -> jax.Array:
+  """`rng` folded with the device index in a pmapped step (independent dropout and sampling
+  per device); `rng` itself under jit."""
+  axis = norms.current_axis()
+  return rng if axis is None else jax.random.fold_in(rng, jax.lax.axis_index(axis))
+
+
+def mean_over_devices(tree):
+  """The mean over devices of a pytree in a pmapped step (`lax.pmean`); `tree` under jit."""
+  axis = norms.current_axis()
+  return tree if axis is None else jax.lax.pmean(tree, axis)
+
+
+def as_global_mean(tree, count: jax.Array):
+  """Means over this device's `count` items, rescaled in a pmapped step by its share of all
+  devices' items, so that their mean over devices (`mean_over_devices`) is the mean over the
+  global batch, as one device computes it, however unevenly the items fall; `tree` under
+  jit."""
+  axis = norms.current_axis()
+  if axis is None:
+    return tree
+  share = count * jax.lax.psum(1, axis) / jnp.maximum(jax.lax.psum(count, axis), 1)
+  return jax.tree.map(lambda x: x * share, tree)
 
 
 def make_mesh() -> Mesh:
@@ -181,3 +229,69 @@ def allgather_json(value) -> list:
   padded[: len(data)] = data
   buffers = np.asarray(multihost_utils.process_allgather(padded))
   return [json.loads(bytes(b[:n])) for b, n in zip(buffers, lengths, strict=True)]
+
+
+class JitRunner:
+  """Steps jitted over `mesh`: the state replicated, batches split along `DATA_AXIS` of
+  every device of every process, outputs replicated."""
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+
+  def train_step(self, step):
+    """`step(state, batch, rng) -> (state, metrics)` compiled, donating the state."""
+    r, d = replicated(self.mesh), data_sharded(self.mesh)
+    return jax.jit(step, in_shardings=(r, d, r), out_shardings=(r, r), donate_argnums=0)
+
+  def sum_step(self, step):
+    """`step(variables, batch) -> sums over the batch` compiled: sums of the global batch."""
+    r = replicated(self.mesh)
+    return jax.jit(step, in_shardings=(r, data_sharded(self.mesh)), out_shardings=r)
+
+  def batch(self, local_batch: dict) -> dict:
+    """This process's numpy batch as the compiled steps take it."""
+    return to_global(local_batch, self.mesh)
+
+  def to_run_state(self, tree):
+    """Replicated global arrays (what checkpoints hold) in the layout the steps take."""
+    return tree
+
+  def to_global_state(self, tree):
+    """`to_run_state`'s inverse."""
+    return tree
+
+  def fetch(self, tree):
+    """Host numpy copy of a step's replicated output."""
+    return fetch(tree)
+
+
+class PmapRunner(JitRunner):
+  """Steps pmapped over this process's devices along `PMAP_AXIS` and traced `per_device`: the
+  state stacked over the devices, each device a slice of the batch; a train step averages
+  gradients and metrics over the devices (`segjax.train.steps`), a sum step sums its sums."""
+
+  def train_step(self, step):
+    return jax.pmap(per_device(step), axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=0)
+
+  def sum_step(self, step):
+    return jax.pmap(
+      per_device(lambda v, b: jax.lax.psum(step(v, b), PMAP_AXIS)), axis_name=PMAP_AXIS
+    )
+
+  def batch(self, local_batch: dict) -> dict:
+    return to_pmap_batch(local_batch)
+
+  def to_run_state(self, tree):
+    return to_pmap_state(tree)
+
+  def to_global_state(self, tree):
+    return from_pmap_state(tree, self.mesh)
+
+  def fetch(self, tree):
+    return first_replica(tree)
+
+
+def runner(config, mesh: Mesh) -> JitRunner:
+  """The runner of `config.parallelism` ("jit", the default, or "pmap") on `mesh`."""
+  name = check_parallelism(config.get("parallelism", "jit"))
+  return PmapRunner(mesh) if name == "pmap" else JitRunner(mesh)

@@ -24,6 +24,7 @@ from segjax import losses, metrics, models, visualize
 from segjax.data import pipeline
 from segjax.errors import ConfigError
 from segjax.ops import sliding
+from segjax.train import parallel
 
 
 def apply_model(
@@ -81,15 +82,15 @@ def loss_fn(
   train: bool,
   ignore_label: int = 255,
   class_weights=None,
-  axis_name: str | None = None,
 ) -> tuple:
   """(loss, (metrics, updates)): cross-entropy averaged over the labelled pixels of the batch;
   for an ensemble, the sum of its members' (so that each member's gradient is its own
   loss's), each logged as `member_{i}/loss`, and the accuracy of the members' mean softmax.
 
-  Under pmap (`axis_name`), the per-device mean is rescaled by this device's share of the
-  labelled pixels, so that averaging over devices gives the mean over the global batch, as
-  one device would compute it, however unevenly the ignored pixels fall.
+  In a pmapped step, the per-device means are rescaled by this device's share of the
+  labelled pixels (`parallel.as_global_mean`), so that averaging over devices gives the mean
+  over the global batch, as one device would compute it, however unevenly the ignored pixels
+  fall.
   """
   logits, updates = apply_model(model, variables, batch["image"], rng, train=train)
 
@@ -103,11 +104,7 @@ def loss_fn(
   labelled = batch["mask"] != ignore_label
   correct = (jnp.argmax(combine_members(logits), -1) == batch["mask"]) & labelled
   accuracy = correct.sum() / jnp.maximum(labelled.sum(), 1)
-  if axis_name is not None:
-    count = labelled.sum()
-    share = count * jax.lax.psum(1, axis_name) / jnp.maximum(jax.lax.psum(count, axis_name), 1)
-    loss, accuracy = loss * share, accuracy * share
-    members = None if members is None else members * share
+  loss, accuracy, members = parallel.as_global_mean((loss, accuracy, members), labelled.sum())
   metrics = {"pixel_accuracy": accuracy}
   if members is not None:
     metrics.update({f"member_{i}/loss": members[i] for i in range(members.shape[0])})

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax.training import train_state
 
 from segjax.errors import ConfigError
 from segjax.models import ensemble
+from segjax.train import parallel
 
 
 class TrainState(train_state.TrainState):
@@ -138,6 +141,23 @@ def create_train_state(
     batch_stats=variables.get("batch_stats", {}),
     tx=make_optimizer(config, decay_mask=_decay_mask(model)),
   )
+
+
+def initial_state(config: ml_collections.ConfigDict, model, mesh):
+  """(init_fn, abstract_state): a jitted initializer that builds the state replicated on
+  `mesh`, and the state's shapes and shardings (for restoring a checkpoint) without it."""
+  sample = jnp.zeros((1, *config.image_size, 3), jnp.float32)
+  replicated = parallel.replicated(mesh)
+  init = jax.jit(
+    functools.partial(create_train_state, model, config, sample_input=sample),
+    out_shardings=replicated,
+  )
+  rng = jax.random.key(config.seed)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    jax.eval_shape(init, rng),
+  )
+  return functools.partial(init, rng), abstract
 
 
 def _decay_mask(model):

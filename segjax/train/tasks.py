@@ -26,7 +26,7 @@ class Task:
   """Attributes:
   train_dataset: `(config, *, local_batch_size, process_index, process_count)` -> an
     infinite tf.data dataset of batches.
-  bind_loss: `(config, model)` -> `loss_fn(variables, batch, rng, *, train[, axis_name])`
+  bind_loss: `(config, model)` -> `loss_fn(variables, batch, rng, *, train)`
     for `segjax.train.steps.train_step`.
   evaluator: the class of `Evaluator(config, model=..., mesh=...).run(variables) -> dict`.
   visualize: `(config, evaluator, model, variables, directory, count)` -> paths of PNG

@@ -498,8 +498,8 @@ def import_weights(
   summary: arch, input, num_classes, imported and fresh leaf counts, dropped keys."""
   from flax import traverse_util
 
+  from segjax.models import build_model
   from segjax.train import checkpoint
-  from segjax.train.loop import build_model
   from segjax.train.state import TrainState, create_train_state
 
   variables, config, dropped = convert_with_config(read_state_dict(input_path), arch, num_classes)

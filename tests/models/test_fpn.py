@@ -76,7 +76,7 @@ def test_norm_makes_the_convs_bias_free_and_keeps_the_default_tree():
   assert sorted(bn["params"]["output_5_norm"]) == ["bias", "scale"]
   assert sorted(bn["batch_stats"]["lateral_3_norm"]) == ["mean", "var"]
   assert num_params(gn["params"]) == 3_346_432 and "batch_stats" not in gn
-  with pytest.raises(ValueError, match="Unknown norm 'ln'"):
+  with pytest.raises(ValueError, match="Unknown fpn.norm 'ln'"):
     init(fpn.FPN(norm="ln"))
 
 

@@ -206,16 +206,35 @@ def test_create_model_builds_nested_sections():
     create_model(ml_collections.ConfigDict(dict(name="mask_rcnn", rpn=dict(topk=3))))
 
 
-def test_axis_name_reaches_every_part_with_batch_norm():
-  config = dict(name="mask_rcnn", backbone=dict(depth=18, base_width=8, norm="bn"))
-  model = create_model({**config, "axis_name": "batch"})
-  assert model.backbone.axis_name == "batch" and model.backbone.norm == "bn"
-  assert model.fpn.axis_name == model.roi_heads.axis_name == "batch"
-  assert create_model(config).backbone.axis_name is None
-  # The same parameter tree: the parts keep their names.
+def _matmul_input_dtypes(jaxpr) -> set:
+  """Dtypes of the operands of every convolution and matrix product in `jaxpr`, nested
+  jaxprs (jit, custom_vjp, ...) included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      found |= {v.aval.dtype for v in eqn.invars}
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found |= _matmul_input_dtypes(sub)
+  return found
+
+
+def test_dtype_reaches_every_section():
+  model = toy_model().clone(dtype=jnp.bfloat16)
+  parts = (model.backbone, model.fpn, model.rpn, model.roi_heads)
+  assert all(part.dtype == jnp.bfloat16 for part in parts)
+  # A section with a dtype of its own keeps it.
+  assert model.clone(fpn=FPN(out_channels=16, dtype=jnp.float16)).fpn.dtype == jnp.float16
   x = jnp.zeros((1, H, W, 3))
-  init = lambda m: jax.eval_shape(lambda: m.init(KEY, x, train=False))
-  assert jax.tree.structure(init(model)) == jax.tree.structure(init(create_model(config)))
+  variables = jax.eval_shape(lambda: model.init(KEY, x, method=mask_rcnn.MaskRCNN.initialize))
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  # Every conv and dense layer of the backbone, FPN, RPN and both heads computes in bfloat16.
+  jaxpr = jax.make_jaxpr(
+    lambda v: model.apply(v, x, method=mask_rcnn.MaskRCNN.initialize, mutable=True)
+  )(variables)
+  assert _matmul_input_dtypes(jaxpr.jaxpr) == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_check_batch_fails_early():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segjax.layers import norms
 from segjax.models import resnet
 
 KEY = jax.random.key(0, impl="rbg")  # rbg keys compile much faster on CPU than threefry
@@ -84,7 +85,7 @@ def test_frozen_batch_norm_formula():
   stats = {
     k: rng.uniform(0.5, 2.0, size=(4,)).astype(np.float32) for k in ("scale", "bias", "mean", "var")
   }
-  y = resnet.FrozenBatchNorm().apply({"batch_stats": stats}, x)
+  y = norms.FrozenBatchNorm().apply({"batch_stats": stats}, x)
   expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * stats["scale"] + stats["bias"]
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
 
@@ -116,25 +117,6 @@ def test_freeze_at_stops_gradients_and_statistics():
   np.testing.assert_array_equal(new["stem_norm"]["mean"], old["stem_norm"]["mean"])
   np.testing.assert_array_equal(new["res2_0"]["norm1"]["mean"], old["res2_0"]["norm1"]["mean"])
   assert not np.array_equal(new["res3_0"]["norm1"]["mean"], old["res3_0"]["norm1"]["mean"])
-
-
-def test_batch_norm_axis_name_averages_statistics_across_devices():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
-  variables = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0).init(
-    KEY, x, train=False
-  )
-
-  def stats(axis_name, images):
-    model = resnet.ResNet(depth=18, base_width=4, norm="bn", freeze_at=0, axis_name=axis_name)
-    return model.apply(variables, images, train=True, mutable=["batch_stats"])[1]
-
-  whole = jax.jit(lambda images: stats(None, images))(x)
-  # One image per simulated device; axis_name makes the moments cross-device means.
-  per_device = jax.jit(jax.vmap(lambda image: stats("i", image[None]), axis_name="i"))(x)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5), whole, per_device
-  )
-  jax.tree.map(lambda b: np.testing.assert_array_equal(b[0], b[-1]), per_device)
 
 
 def test_errors_name_the_choices():

@@ -202,14 +202,3 @@ def test_rpn_loss_perfect_prediction_is_near_zero():
   losses, _ = _rpn_loss(objectness, deltas)
   assert float(losses["loss_rpn_cls"]) < 1e-6
   assert float(losses["loss_rpn_loc"]) < 1e-5
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_smooth_l1(beta):
-  x = jnp.array([-2.0, -0.25, 0.0, 0.1, 3.0])
-  expected = (
-    np.abs(x)
-    if beta == 0
-    else np.where(np.abs(x) < beta, 0.5 * x**2 / beta, np.abs(x) - 0.5 * beta)
-  )
-  np.testing.assert_allclose(rpn.smooth_l1_loss(x, beta), expected, rtol=1e-6)

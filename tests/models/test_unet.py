@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from segjax.layers import max_pool_with_argmax, max_unpool
+from segjax.layers import max_pool_with_argmax, max_unpool, norms
 from segjax.models import create_model, unet
 
 H = W = 16
@@ -44,7 +44,7 @@ AUX_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("norm", unet.NORMS)
+@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
 @pytest.mark.parametrize("upsampling", unet.UPSAMPLINGS)
 def test_output_shapes(upsampling, norm):
   model = tiny(upsampling=upsampling, norm=norm)
@@ -55,7 +55,7 @@ def test_output_shapes(upsampling, norm):
 
   # Shapes only: tracing runs the same code as execution without compiling anything.
   variables, (logits, aux) = jax.eval_shape(init_and_apply)
-  assert ("batch_stats" in variables) == (norm == "batch")
+  assert ("batch_stats" in variables) == (norm == "bn")
   assert logits.shape == (2, H, W, 3)
   assert logits.dtype == jnp.float32
   assert {k: v.shape for k, v in aux.items()} == AUX_SHAPES
@@ -108,7 +108,7 @@ def block(cin, cout, norm):
 
 
 @pytest.mark.parametrize(
-  "norm,upsampling", [("batch", "transpose"), ("none", "nearest"), ("group", "max_unpool")]
+  "norm,upsampling", [("bn", "transpose"), ("none", "nearest"), ("gn", "max_unpool")]
 )
 def test_param_count(norm, upsampling):
   # depth 2, widths 4 / 8 / bottleneck 16, 3 input channels, 3 classes.
@@ -127,13 +127,13 @@ def test_param_count(norm, upsampling):
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), IMAGES, train=False))
   assert num_params(variables["params"]) == expected
   assert sorted(variables["params"]) == ["bottleneck", "down_0", "down_1", "head", "up_0", "up_1"]
-  if norm == "batch":  # mean and var per BatchNorm, as many as scale + offset
+  if norm == "bn":  # mean and var per BatchNorm, as many as scale + offset
     assert num_params(variables["batch_stats"]) == 4 * (4 + 8 + 16 + 8 + 4)
 
 
 def test_train_updates_batch_stats_and_uses_dropout():
   model = tiny(dropout_rate=0.5)
-  variables = init_variables("batch", True)
+  variables = init_variables("bn", True)
 
   @jax.jit
   def train_apply(variables, rng):
@@ -155,17 +155,19 @@ def test_train_updates_batch_stats_and_uses_dropout():
   )
 
 
-def test_batch_norm_axis_name_averages_statistics_across_devices():
-  variables = init_variables("batch", True)
+def test_batch_norm_averages_statistics_across_devices():
+  variables = init_variables("bn", True)
 
   def batch_stats(model, images):
     return model.apply(variables, images, train=True, mutable=["batch_stats"])[1]
 
+  def device_stats(x):
+    with norms.cross_device_axis("i"):  # As segjax.train.parallel traces a pmapped step.
+      return batch_stats(tiny(), x[None])
+
   whole = jax.jit(functools.partial(batch_stats, tiny()))(IMAGES)
-  # One image per simulated device; axis_name makes the moments cross-device means.
-  per_device = jax.jit(
-    jax.vmap(lambda x: batch_stats(tiny(axis_name="i"), x[None]), axis_name="i")
-  )(IMAGES)
+  # One image per simulated device; the axis makes the moments cross-device means.
+  per_device = jax.jit(jax.vmap(device_stats, axis_name="i"))(IMAGES)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-5), whole, per_device
   )
@@ -173,8 +175,8 @@ def test_batch_norm_axis_name_averages_statistics_across_devices():
 
 
 def test_gradients_reach_every_parameter():
-  model = tiny(norm="group", upsampling="max_unpool")
-  params = init_variables("group", False)["params"]
+  model = tiny(norm="gn", upsampling="max_unpool")
+  params = init_variables("gn", False)["params"]
   grads = jax.jit(
     jax.grad(lambda p: jnp.sum(model.apply({"params": p}, IMAGES, train=True)[0] ** 2))
   )(params)
@@ -205,7 +207,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   shapes = jax.eval_shape(lambda: model.init(KEY, IMAGES, train=False))
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
   logits, aux = jax.jit(functools.partial(model.apply, train=False))(
-    init_variables("batch", True), IMAGES
+    init_variables("bn", True), IMAGES
   )
   assert logits.dtype == jnp.float32
   assert aux["bottleneck"].dtype == jnp.bfloat16
@@ -218,7 +220,7 @@ def test_create_model_from_config():
       num_classes=5,
       depth=2,
       base_width=4,
-      norm="group",
+      norm="gn",
       dropout_rate=0.1,
       upsampling="bilinear",
     )
@@ -232,7 +234,7 @@ def test_create_model_from_config():
     model.norm,
     model.dropout_rate,
     model.upsampling,
-  ) == (5, 2, 4, "group", 0.1, "bilinear")
+  ) == (5, 2, 4, "gn", 0.1, "bilinear")
   config.dtype = "bfloat16"
   assert create_model(config).dtype == jnp.bfloat16
 
@@ -242,3 +244,16 @@ def test_create_model_errors_name_the_choices():
     create_model(ml_collections.ConfigDict(dict(name="segnet", num_classes=2)))
   with pytest.raises(ValueError, match="widht"):
     create_model(ml_collections.ConfigDict(dict(name="unet", num_classes=2, widht=3)))
+
+
+@pytest.mark.parametrize("old, new", [("batch", "bn"), ("group", "gn"), ("", "none")])
+def test_old_norm_names_are_refused_with_the_new_ones(old, new):
+  from segjax.errors import ConfigError
+  from segjax.models.fpn import FPN
+
+  message = rf"Unknown {{}} '{old}' \(now '{new}'\); expected one of \('bn', 'frozen_bn', 'gn'"
+  with pytest.raises(ConfigError, match=message.format("norm")):
+    jax.eval_shape(lambda: tiny(norm=old).init(KEY, IMAGES, train=False))
+  features = {"c2": jnp.zeros((1, 8, 8, 4)), "c3": jnp.zeros((1, 4, 4, 8))}
+  with pytest.raises(ConfigError, match=message.format("fpn.norm")):
+    jax.eval_shape(lambda: FPN(out_channels=4, norm=old).init(KEY, features))

@@ -7,8 +7,8 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from segjax.models import create_model, resnet, unet_resnet
-from segjax.train import loop, parallel
+from segjax.models import build_model, create_model, resnet, unet_resnet
+from segjax.train import loop
 
 KEY = jax.random.key(0, impl="rbg")  # rbg keys compile much faster on CPU than threefry
 H, W = 64, 96  # Non-square, multiples of 32.
@@ -91,24 +91,26 @@ def test_every_skip_reaches_the_logits():
     assert float(jnp.max(jnp.abs(g))) > 0, name
 
 
-def test_config_sections_axis_name_and_dtype():
+def test_config_sections_and_dtype():
   import ml_collections
 
   config = ml_collections.ConfigDict(
     dict(
-      model=dict(name="unet_resnet", num_classes=4, backbone=dict(depth=50, norm="frozen_bn")),
-      dtype="bfloat16",
-      parallelism="pmap",
+      model=dict(
+        name="unet_resnet",
+        num_classes=4,
+        backbone=dict(depth=50, norm="frozen_bn"),
+        dtype="bfloat16",
+      ),
     )
   )
-  model = loop.build_model(config)
+  model = build_model(config)
   assert isinstance(model, unet_resnet.ResNetUNet) and model.stride == 32
   assert (model.backbone.depth, model.backbone.norm, model.backbone.freeze_at) == (
     50,
     "frozen_bn",
     0,
   )
-  assert model.axis_name == parallel.PMAP_AXIS and model.backbone.axis_name == model.axis_name
   assert model.backbone.dtype == jnp.bfloat16
   variables, (logits, aux) = init_shapes(tiny(dtype=jnp.bfloat16))
   assert logits.dtype == jnp.float32 and aux["c5"].dtype == jnp.bfloat16

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from configs import unet_shapes
+from segjax.models import build_model
 from segjax.train import checkpoint, loop
-from tests.markers import long_test
+from segjax.train.state import initial_state
+from tests.markers import TEST_XLA_FLAGS, long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A constant rate keeps the compiled step independent of the run length, so the two 8-device
@@ -58,7 +60,7 @@ def _train_on_8_devices(workdir, num_train_steps):
     env={
       **os.environ,
       "TF_CPP_MIN_LOG_LEVEL": "2",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+      "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8",
       "JAX_DEFAULT_PRNG_IMPL": "rbg",  # As below: faster to compile; no dropout, so no bits.
     },
     text=True,
@@ -77,7 +79,7 @@ def _losses(workdir):
 def _params(workdir, step):
   """The checkpoint's parameters and statistics, restored on this process's 1 device."""
   config = _config(4)
-  _, abstract = loop.initial_state(config, loop.build_model(config), jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, build_model(config), jax.make_mesh((1,), ("data",)))
   with checkpoint.checkpoint_manager(str(workdir), save_every_steps=1) as manager:
     state, _ = checkpoint.restore(manager, abstract, step=step)
   return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})

@@ -17,12 +17,12 @@ import pytest
 from configs import mask_rcnn_shapes, unet_ensemble_shapes, unet_shapes
 from segjax.data.shapes import shapes
 from segjax.errors import ConfigError
-from segjax.models import Ensemble, UNet
+from segjax.models import Ensemble, UNet, build_model
 from segjax.predict import Predictor, normalize_padded
 from segjax.train import checkpoint, loop, semantic
-from segjax.train.state import create_train_state
+from segjax.train.state import create_train_state, initial_state
 from segjax.train.steps import train_step
-from tests.markers import long_test
+from tests.markers import TEST_XLA_FLAGS, long_test
 
 # One worker builds the trained fixture once for the tests that share it.
 pytestmark = pytest.mark.xdist_group("ensemble")
@@ -58,7 +58,7 @@ def test_ensemble_equals_members_trained_alone():
   config = _tiny_config(optimizer="adamw", grad_clip_norm=0.3)
   single = config.copy_and_resolve_references()
   single.ensemble_size = 1
-  ensemble, member = loop.build_model(config), loop.build_model(single)
+  ensemble, member = build_model(config), build_model(single)
   assert isinstance(ensemble, Ensemble) and ensemble.member == member
   rng = np.random.default_rng(0)
   batches = [
@@ -97,18 +97,16 @@ def test_ensemble_size_one_is_the_member_and_bad_sizes_fail():
   plain = unet_shapes.get_config("tiny")
   one = unet_ensemble_shapes.get_config("tiny")
   one.ensemble_size = 1
-  assert isinstance(loop.build_model(one), UNet) and loop.build_model(one) == loop.build_model(
-    plain
-  )
+  assert isinstance(build_model(one), UNet) and build_model(one) == build_model(plain)
   for size in (0, 2.0, True):
     config = unet_shapes.get_config("tiny")
     config.ensemble_size = size
     with pytest.raises(ConfigError, match=f"ensemble_size={size!r} must be a positive integer"):
-      loop.build_model(config)
+      build_model(config)
   instance = mask_rcnn_shapes.get_config("tiny")
   instance.ensemble_size = 2
   with pytest.raises(ConfigError, match="ensembles are of semantic models; MaskRCNN"):
-    loop.build_model(instance)
+    build_model(instance)
 
 
 # Trained long enough that members segment shapes, not only the background (whose IoU alone
@@ -165,7 +163,7 @@ def test_predictor_restores_the_ensemble_and_predicts_its_mean_softmax(trained):
   # By hand: each member alone, its parameters sliced from the checkpoint's stacked tree.
   member = predictor.model.member
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
-  _, abstract = loop.initial_state(config, predictor.model, jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, predictor.model, jax.make_mesh((1,), ("data",)))
   with manager:
     state, _ = checkpoint.restore(manager, abstract)
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -204,7 +202,7 @@ def test_eight_devices_train_the_ensemble_like_one(tmp_path):
   env = {
     **os.environ,
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8",
   }
   overrides = [f"--config.{k}={v}" for k, v in EIGHT_DEVICE_RUN.items()]
   eight = subprocess.Popen(  # Runs while this process trains on its one device.

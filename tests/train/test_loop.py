@@ -13,7 +13,9 @@ import pytest
 
 from configs import unet_shapes
 from segjax.errors import Terminated
+from segjax.models import build_model
 from segjax.train import checkpoint, loop
+from segjax.train.state import initial_state
 from segjax.train.writer import MetricWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,8 +28,8 @@ def _records(workdir):
 
 def _final_params(config, workdir):
   mesh = jax.make_mesh((1,), ("data",))
-  model = loop.build_model(config)
-  _, abstract = loop.initial_state(config, model, mesh)
+  model = build_model(config)
+  _, abstract = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
   with manager:
     state, step = checkpoint.restore(manager, abstract)
@@ -236,10 +238,10 @@ def test_bad_config_override_is_a_clear_error(tmp_path, override, expected):
 
 def test_bfloat16_computes_in_bf16_with_float32_state(tmp_path):
   config = unet_shapes.get_config("tiny")
-  config.dtype = "bfloat16"
+  config.model.dtype = "bfloat16"
   config.num_train_steps = 10
-  model = loop.build_model(config)
-  _, abstract = loop.initial_state(config, model, jax.make_mesh((1,), ("data",)))
+  model = build_model(config)
+  _, abstract = initial_state(config, model, jax.make_mesh((1,), ("data",)))
   assert {
     x.dtype
     for x in jax.tree.leaves((abstract.params, abstract.opt_state))

@@ -12,9 +12,10 @@ from PIL import Image
 from configs import unet_folder
 from segjax import metrics
 from segjax.errors import ConfigError
+from segjax.models import build_model
 from segjax.train import evaluation, parallel, semantic
 from segjax.train.evaluator import Evaluator
-from segjax.train.loop import build_model
+from tests.markers import TEST_XLA_FLAGS
 
 IGNORE = 255
 MEAN = 255 * np.array([0.485, 0.456, 0.406])
@@ -183,7 +184,7 @@ import jax, jax.numpy as jnp
 from configs import unet_folder
 from segjax.train import parallel
 from segjax.train.evaluator import Evaluator
-from segjax.train.loop import build_model
+from segjax.models import build_model
 
 config = unet_folder.get_config("3")
 config.image_size, config.eval_batch_size = (32, 32), 2
@@ -218,7 +219,7 @@ def test_two_devices_jit_and_pmap_evaluate_like_one(folder):
   env = {
     **os.environ,
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2",
   }
   out = subprocess.run(
     [sys.executable, "-c", TWO_DEVICES, data_dir, json.dumps(settings)],

@@ -15,6 +15,7 @@ import pytest
 from configs import mask_rcnn_shapes, unet_shapes
 from segjax.data import instance_pipeline, pipeline
 from segjax.train import checkpoint, loop, parallel, tasks
+from tests.markers import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -31,7 +32,7 @@ def _launch(script, args, *, devices=1, process_id=None, num_processes=None, por
   env = {
     **os.environ,
     "TF_CPP_MIN_LOG_LEVEL": "2",
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
   }
   args = [sys.executable, script, *args]
   if process_id is not None:
@@ -259,7 +260,7 @@ def test_mask_rcnn_eight_devices_train_like_one(mask_rcnn_one_device, tmp_path):
 def _first_step_device_losses(config, num_devices):
   """Each device's first-step losses, computed here as the pmap step does: device d gets
   example d of the first batch and the step's key folded with d; BatchNorm statistics are
-  means over the devices (vmap with the pmap axis name)."""
+  means over the devices (vmap with the pmap axis name, traced `parallel.per_device`)."""
   mesh = jax.make_mesh((1,), ("data",))
   model = loop.build_model(config)
   init, _ = loop.initial_state(config, model, mesh)
@@ -279,7 +280,9 @@ def _first_step_device_losses(config, num_devices):
     loss, (metrics, _) = loss_fn(variables, device_batch, device_rng, train=True)
     return {**metrics, "loss": loss}
 
-  return jax.jit(jax.vmap(device_losses, axis_name=parallel.PMAP_AXIS))(slices, rngs)
+  return jax.jit(jax.vmap(parallel.per_device(device_losses), axis_name=parallel.PMAP_AXIS))(
+    slices, rngs
+  )
 
 
 def test_mask_rcnn_pmap_averages_device_losses(tmp_path):

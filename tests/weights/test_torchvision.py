@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from segjax import ops
+from segjax.models import build_model
 from segjax.models.resnet import ResNet
 from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
@@ -276,7 +277,7 @@ def test_model_config_records_torchvision_labels():
 
 
 def test_import_writes_a_workdir_that_evaluation_reads(tv_mask_rcnn, imported, imported_workdir):
-  from segjax.train import evaluation, loop, parallel
+  from segjax.train import evaluation, parallel
 
   _, path = tv_mask_rcnn
   _, variables, _ = imported
@@ -287,7 +288,7 @@ def test_import_writes_a_workdir_that_evaluation_reads(tv_mask_rcnn, imported, i
     assert json.load(f)["model"]["roi_heads"]["num_classes"] == 90
   config = tvw.model_config(MASK_RCNN)
   restored, step = evaluation.restore_variables(
-    config, workdir, loop.build_model(config), parallel.make_mesh()
+    config, workdir, build_model(config), parallel.make_mesh()
   )
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, restored, variables)

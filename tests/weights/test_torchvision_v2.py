@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import mask_rcnn_torchvision
-from segjax.models import create_model
+from segjax.models import build_model, create_model
 from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
 from tests.weights.conftest import MASK_RCNN, MASK_RCNN_V2, assert_close, nhwc, random_rois
@@ -209,7 +209,7 @@ def test_v2_model_config_and_arch_mismatch(tv_mask_rcnn, tv_mask_rcnn_v2):
   assert (heads.num_classes, heads.aligned, heads.mask_paste) == (90, False, "torchvision")
   assert tvw.model_config(MASK_RCNN_V2, num_classes=4).model.roi_heads.norm == "bn"
   v1 = create_model(tvw.model_config(MASK_RCNN).model)
-  assert (v1.fpn.norm, v1.rpn.num_convs, v1.roi_heads.box_conv_dims) == ("", 1, ())
+  assert (v1.fpn.norm, v1.rpn.num_convs, v1.roi_heads.box_conv_dims) == ("none", 1, ())
   # configs/mask_rcnn_torchvision.py: ":v2" evaluates, ":v2,shapes" fine-tunes v2.
   assert mask_rcnn_torchvision.get_config("v2").model.to_dict() == config.model.to_dict()
   tuned = create_model(mask_rcnn_torchvision.get_config("v2,shapes").model)
@@ -236,7 +236,7 @@ def test_v2_model_config_and_arch_mismatch(tv_mask_rcnn, tv_mask_rcnn_v2):
 
 
 def test_v2_import_writes_a_workdir_that_evaluation_reads(tmp_path, tv_mask_rcnn_v2, imported):
-  from segjax.train import evaluation, loop, parallel
+  from segjax.train import evaluation, parallel
 
   _, variables, config = imported
   workdir = str(tmp_path / "v2")
@@ -244,7 +244,7 @@ def test_v2_import_writes_a_workdir_that_evaluation_reads(tmp_path, tv_mask_rcnn
   assert (summary["imported_leaves"], summary["fresh_leaves"]) == (363, 0)
   assert len(summary["dropped_keys"]) == 69
   restored, step = evaluation.restore_variables(
-    config, workdir, loop.build_model(config), parallel.make_mesh()
+    config, workdir, build_model(config), parallel.make_mesh()
   )
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, restored, variables)

@@ -14,6 +14,7 @@ from flax import struct, traverse_util
 
 from configs import unet_resnet_shapes
 from segjax.data import ops, shapes
+from segjax.models import build_model
 from segjax.train import init_from, loop
 from segjax.weights import torchvision as tvw
 from tests.weights.conftest import random_images, randomize_and_calibrate
@@ -72,7 +73,7 @@ def encoder_scales(config, images):
 
   def scales(variables):
     variables = traverse_util.unflatten_dict(variables, sep="/")
-    model = loop.build_model(config)
+    model = build_model(config)
     (_, aux), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
     return {k: jnp.std(aux[k]) for k in ("c2", "c3", "c4", "c5")}
 
