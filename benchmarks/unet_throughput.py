@@ -30,12 +30,14 @@ def unet_steps(config):
   compiled train step (forward, backward, optimizer update, batch-norm statistics) and the
   evaluation forward, on a random batch of `config.batch_size` at `config.image_size`; info
   holds the compile times ("train_compile_s", "eval_compile_s") and "num_params"."""
+  from segjax.models import build_model
   from segjax.train import loop, parallel, semantic
   from segjax.train.evaluator import Evaluator
+  from segjax.train.state import initial_state
 
   mesh = parallel.make_mesh()
-  model = loop.build_model(config)
-  init, _ = loop.initial_state(config, model, mesh)
+  model = build_model(config)
+  init, _ = initial_state(config, model, mesh)
   loss_fn = functools.partial(semantic.loss_fn, model=model)
   runner = loop.StepRunner(config, loss_fn, mesh)
   evaluator = Evaluator(config, model=model, mesh=mesh)

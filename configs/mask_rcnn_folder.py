@@ -86,6 +86,7 @@ def get_config(arg=None):
           batch_size_per_image=32,
           fc_dims=(32, 32),
           mask_conv_dims=(16, 16),
+          mask_upsampling="transpose",
           sampling_ratio=2,
           detections_per_image=8,
         ),

@@ -71,5 +71,7 @@ def get_config(arg=None):
   config.model.backbone = ml_collections.ConfigDict(
     dict(depth=50, norm="frozen_bn", freeze_at=2)
   )  # Only with init_from (docstring).
-  config.model.roi_heads = ml_collections.ConfigDict(dict(num_classes=80))
+  config.model.roi_heads = ml_collections.ConfigDict(
+    dict(num_classes=80, mask_upsampling="transpose")
+  )
   return config

@@ -79,6 +79,7 @@ def get_config(arg=None):
       batch_size_per_image=64,
       fc_dims=(128, 128),
       mask_conv_dims=(64, 64),
+      mask_upsampling="transpose",  # Or "nearest", "bilinear" (segjax.layers.upsample).
       sampling_ratio=2,
       detections_per_image=16,
     )

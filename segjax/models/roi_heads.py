@@ -44,7 +44,7 @@ from segjax import ops
 from segjax.layers import norms
 from segjax.layers.conv_blocks import conv_stack
 from segjax.layers.norms import msra_fill, xavier_fill
-from segjax.layers.upconv import UpConv2x
+from segjax.layers.upsample import check_method, upsample2x
 from segjax.losses import smooth_l1_loss
 from segjax.ops.nms import DEFAULT_BLOCK_SIZE
 from segjax.ops.roi_align import DEFAULT_MAX_SAMPLING_RATIO
@@ -364,12 +364,15 @@ class MaskHead(nn.Module):
     dtype: computation dtype; logits are float32.
     norm: "none", "bn" or "gn" after each conv (`segjax.layers.conv_blocks.conv_stack`;
       torchvision v2: "bn").
+    upsampling: "transpose" (detectron2's and torchvision's `deconv`), "nearest" or
+      "bilinear" (a 1x1 conv named `upsample`, then the resize): `segjax.layers.upsample`.
   """
 
   num_classes: int
   conv_dims: tuple[int, ...] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
   norm: str = "none"
+  upsampling: str = "transpose"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False, valid: Array | None = None) -> Array:
@@ -385,8 +388,11 @@ class MaskHead(nn.Module):
       dtype=self.dtype,
       mask=_row_mask(valid, lead),
     )
+    name = "deconv" if self.upsampling == "transpose" else "upsample"
     x = nn.relu(
-      UpConv2x(self.conv_dims[-1], kernel_init=msra_fill, dtype=self.dtype, name="deconv")(x)
+      upsample2x(
+        x, self.conv_dims[-1], self.upsampling, name=name, dtype=self.dtype, kernel_init=msra_fill
+      )
     )
     x = nn.Conv(
       self.num_classes + 1,
@@ -423,6 +429,8 @@ class ROIHeads(nn.Module):
       v2: (256,) * 4 with fc_dims (1024,)).
     mask_conv_dims: mask head conv widths.
     norm: "none", "bn" or "gn" after every box- and mask-head conv (torchvision v2: "bn").
+    mask_upsampling: the mask head's 2x upsampling, "transpose" (detectron2, torchvision),
+      "nearest" or "bilinear" (`MaskHead.upsampling`).
     box_reg_weights: box-coder weights of the class-specific deltas.
     smooth_l1_beta: box-delta loss; 0 is L1.
     score_thresh: inference score threshold.
@@ -461,13 +469,21 @@ class ROIHeads(nn.Module):
   dtype: Any = jnp.float32
   box_conv_dims: tuple[int, ...] = ()
   norm: str = "none"
+  mask_upsampling: str = "transpose"
 
   def setup(self):
     norms.check_norm(self.norm, "roi_heads.norm")
+    check_method(self.mask_upsampling, "roi_heads.mask_upsampling")
     self.box_head = BoxHead(
       self.num_classes, self.fc_dims, self.dtype, conv_dims=self.box_conv_dims, norm=self.norm
     )
-    self.mask_head = MaskHead(self.num_classes, self.mask_conv_dims, self.dtype, norm=self.norm)
+    self.mask_head = MaskHead(
+      self.num_classes,
+      self.mask_conv_dims,
+      self.dtype,
+      norm=self.norm,
+      upsampling=self.mask_upsampling,
+    )
 
   def mask_slots(self) -> int:
     """Static count of ROI slots per image the mask head trains on."""

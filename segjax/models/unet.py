@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from segjax.layers import norms, unpool
 from segjax.layers.conv_blocks import ConvBlock
-from segjax.layers.upconv import UpConv2x
+from segjax.layers.upsample import upsample2x
 
 UPSAMPLINGS = ("transpose", "max_unpool", "nearest", "bilinear")
 
@@ -51,21 +51,15 @@ class UpBlock(nn.Module):
     self, x: jax.Array, skip: jax.Array, *, train: bool, pool_indices: jax.Array | None = None
   ) -> jax.Array:
     """x: (B, h, w, C_in); skip: (B, 2h, 2w, features); pool_indices: (B, h, w, features)."""
-    if self.upsampling == "transpose":
-      x = UpConv2x(self.features, dtype=self.dtype, name="upsample")(x)
-    else:
+    if self.upsampling == "max_unpool":
+      if pool_indices is None:
+        raise ValueError("upsampling='max_unpool' needs the encoder's pool_indices.")
       x = nn.Conv(
         self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="upsample"
       )(x)
-      if self.upsampling == "max_unpool":
-        if pool_indices is None:
-          raise ValueError("upsampling='max_unpool' needs the encoder's pool_indices.")
-        x = unpool.max_unpool(x, pool_indices, skip.shape)
-      elif self.upsampling == "nearest":
-        x = unpool.nearest_unpool(x, 2)
-      else:
-        b, h, w, c = x.shape
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
+      x = unpool.max_unpool(x, pool_indices, skip.shape)
+    else:  # segjax.layers.upsample: "transpose", "nearest" or "bilinear".
+      x = upsample2x(x, self.features, self.upsampling, name="upsample", dtype=self.dtype)
     # Kept only when "intermediates" is mutable: lets tests and debugging see the upsampling.
     self.sow("intermediates", "upsampled", x)
     x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from segjax.models import roi_heads
 
@@ -422,3 +423,40 @@ def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
     if per_image_fg == 0:
       assert float(new) == 0.0
   assert base.clone(mask_batch_size_per_image=99).mask_slots() == 8
+
+
+def test_mask_head_upsampling_variant_from_a_config_key():
+  """`model.roi_heads.mask_upsampling` swaps the mask head's 2x deconvolution for a 1x1 conv
+  and a fixed resize: the Mask R-CNN's tree differs in that layer only, and the nearest
+  variant's logits repeat over each 2x2 block."""
+  from configs import mask_rcnn_shapes
+  from segjax.models import build_model
+  from segjax.models.mask_rcnn import MaskRCNN
+
+  def shapes(config):
+    model = build_model(config)
+    x = jnp.zeros((1, *config.image_size, 3))
+    tree = jax.eval_shape(lambda: model.init(KEY, x, method=MaskRCNN.initialize))["params"]
+    return {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  config = mask_rcnn_shapes.get_config("tiny")
+  default = shapes(config)
+  config.model.roi_heads.mask_upsampling = "bilinear"
+  variant = shapes(config)
+  head = "['roi_heads']['mask_head']"
+  changed = {k for k in default.keys() ^ variant.keys()}
+  assert changed == {
+    f"{head}['{name}']['{p}']" for name in ("deconv", "upsample") for p in ("kernel", "bias")
+  }
+  width = default[f"{head}['deconv']['kernel']"][-1]
+  assert default[f"{head}['deconv']['kernel']"] == (2, 2, width, width)
+  assert variant[f"{head}['upsample']['kernel']"] == (1, 1, width, width)
+
+  head_module = roi_heads.MaskHead(num_classes=3, conv_dims=(8,), upsampling="nearest")
+  x = jax.random.normal(KEY, (2, 4, 7, 7, 6))
+  logits, _ = head_module.init_with_output(KEY, x)
+  assert logits.shape == (2, 4, 14, 14, 4)
+  np.testing.assert_array_equal(logits[..., 0::2, 0::2, :], logits[..., 1::2, 1::2, :])
+  config.model.roi_heads.mask_upsampling = "cubic"
+  with pytest.raises(ValueError, match="Unknown roi_heads.mask_upsampling 'cubic'"):
+    shapes(config)

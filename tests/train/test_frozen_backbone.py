@@ -8,7 +8,9 @@ import pytest
 
 from configs import mask_rcnn_shapes
 from segjax.errors import ConfigError
+from segjax.models import build_model
 from segjax.train import checkpoint, init_from, loop, parallel, tasks
+from segjax.train.state import initial_state
 
 KEYS = ("model.backbone.norm", "model.backbone.freeze_at", "init_from")
 
@@ -29,8 +31,8 @@ def tiny_config(**backbone):
 
 def zero_state(config):
   """(model, a train state of zeros) without compiling the initializer."""
-  model = loop.build_model(config)
-  _, abstract = loop.initial_state(config, model, parallel.make_mesh())
+  model = build_model(config)
+  _, abstract = initial_state(config, model, parallel.make_mesh())
   return model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
 
 

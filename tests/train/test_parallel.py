@@ -14,7 +14,9 @@ import pytest
 
 from configs import mask_rcnn_shapes, unet_shapes
 from segjax.data import instance_pipeline, pipeline
-from segjax.train import checkpoint, loop, parallel, tasks
+from segjax.models import build_model
+from segjax.train import checkpoint, parallel, tasks
+from segjax.train.state import initial_state
 from tests.markers import TEST_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,8 +90,8 @@ def _params(workdir):
   config = unet_shapes.get_config("tiny")
   config.optimizer = "sgd"  # As trained: the optimizer state's structure must match.
   mesh = jax.make_mesh((1,), ("data",))
-  model = loop.build_model(config)
-  _, abstract = loop.initial_state(config, model, mesh)
+  model = build_model(config)
+  _, abstract = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(str(workdir), save_every_steps=1)
   with manager:
     state, step = checkpoint.restore(manager, abstract)
@@ -262,8 +264,8 @@ def _first_step_device_losses(config, num_devices):
   example d of the first batch and the step's key folded with d; BatchNorm statistics are
   means over the devices (vmap with the pmap axis name, traced `parallel.per_device`)."""
   mesh = jax.make_mesh((1,), ("data",))
-  model = loop.build_model(config)
-  init, _ = loop.initial_state(config, model, mesh)
+  model = build_model(config)
+  init, _ = initial_state(config, model, mesh)
   state = init()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   batch = next(

@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import mask_rcnn_torchvision
+from segjax.models import build_model
 from segjax.train import evaluation, init_from, loop, parallel
 from segjax.train.state import frozen_params
 from segjax.weights import torchvision as tvw
@@ -105,7 +106,7 @@ def test_fine_tuning_starts_from_the_import_and_trains(
   assert logs[-1]["loss"] < 0.8 * logs[0]["loss"], [r["loss"] for r in logs]
 
   # Frozen: the stem and res2 (freeze_at=2, as torchvision's trainable_backbone_layers=3).
-  model = loop.build_model(config)
+  model = build_model(config)
   frozen = {k for k, v in flat(frozen_params(model, start_params(start))).items() if v}
   assert frozen == {
     k.removeprefix("params/")

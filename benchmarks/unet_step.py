@@ -1,0 +1,449 @@
+"""The U-Net step against candidate rewrites of its slow parts, interleaved in one process.
+
+  python benchmarks/unet_step.py                  # all candidates, 5 rounds (~10 min, 2 cores)
+  python benchmarks/unet_step.py --only pool,bn_dot --rounds 7
+  python benchmarks/unet_step.py --check          # numerics of each candidate against current
+
+The U-Net of configs/unet_shapes.py at batch 8, 128x128 (`benchmarks/vs_pytorch.py --only
+unet`'s setup): the real train step (forward, backward, AdamW, batch statistics), the
+evaluation step (logits, confusion matrix, top-5 counts) and the forward pass alone with its
+argmax (what PyTorch's inference row times). Each candidate is compiled with segjax's modules
+patched at trace time (their `nn` namespace, `semantic.eval_counts`); a round times every
+candidate in turn (A B A B ...), and medians over the rounds are printed with their ratio to
+"current" and the load average. With `--check` each candidate's logits, loss, parameter
+gradients and batch statistics are compared with the current code's on the same parameters,
+for normal inputs and for inputs rounded to integers (ties in every max-pool window).
+
+Candidates (from a profile of the train step: kernel gradients of the 3x3 convs 21 %, max pool
+15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %):
+  pool       2x2 max pool as reshape + max, its gradient to each window's first maximum (what
+             XLA's select-and-scatter picks), instead of reduce_window, whose JVP materialises
+             index iotas of the input's size.
+  bn_dot     BatchNorm whose training statistics are one (1, N) @ (N, 2C) product.
+  kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
+             conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
+  topk       evaluation's top-5 membership by counting higher-ranked classes (no sort).
+  all        pool + bn_dot + topk.
+"""
+
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import time
+import types
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+BATCH, SIZE = 8, 128
+# Modules whose `nn` namespace the candidates patch; whichever of them exist.
+PATCHED_MODULES = ("segjax.models.unet", "segjax.layers.conv_blocks", "segjax.layers.norms")
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, H//2, W//2, C), `nn.max_pool(x, (2, 2), strides=(2, 2))`: an odd last
+  row or column is dropped, as 'VALID' does."""
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+  x, y = residuals
+  b, h, w, c = x.shape
+  hh, ww = h // 2, w // 2
+  windows = x[:, : 2 * hh, : 2 * ww].reshape(b, hh, 2, ww, 2, c)
+  # XLA's select-and-scatter (and JAX's reduce_window JVP) give the gradient to the first
+  # maximum in row-major window order; so does this, so ties agree.
+  taken = jnp.zeros(y.shape, bool)
+  rows = []
+  for i in range(2):
+    row = []
+    for j in range(2):
+      hit = (windows[:, :, i, :, j] == y) & ~taken
+      taken = taken | hit
+      row.append(jnp.where(hit, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(row, axis=3))  # (B, h, w, 2, C)
+  dx = jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - 2 * hh), (0, w - 2 * ww), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window_shape, strides=None, padding="VALID"):
+  """`nn.max_pool`, with the NHWC 2x2 / stride 2 / 'VALID' case as `max_pool_2x2`."""
+  if x.ndim == 4 and tuple(window_shape) == (2, 2) and tuple(strides or ()) == (2, 2):
+    if padding == "VALID":
+      return max_pool_2x2(x)
+  return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+
+
+class DotBatchNorm(nn.Module):
+  """`nn.BatchNorm` (feature axis -1, fast variance) with the same variables and arguments
+  the U-Net passes; in training the per-channel sums of x and x**2 are one matmul."""
+
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average=None):
+    use_running_average = nn.merge_param(
+      "use_running_average", self.use_running_average, use_running_average
+    )
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      flat = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, c)
+      n = flat.shape[0]
+      # XLA's CPU backend reduces over N by transposing x to put C first; a matmul does not.
+      sums = jnp.ones((n,), flat.dtype) @ jnp.concatenate([flat, flat * flat], axis=-1)
+      mean, mean2 = sums[:c] / n, sums[c:] / n
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean2 = lax.pmean(jnp.stack([mean, mean2]), self.axis_name)
+      var = jnp.maximum(0.0, mean2 - mean * mean)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return jnp.asarray(y, nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _kernel_grad_im2col(x, g, kernel_shape, strides, padding):
+  """`(KH, KW, C, O)` kernel gradient as one `(O, N) @ (N, KH*KW*C)` product."""
+  kh, kw, c, o = kernel_shape
+  b, ho, wo, _ = g.shape
+  sy, sx = strides
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  windows = [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c), (1, sy, sx, 1)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  patches = jnp.concatenate(windows, axis=-1)
+  dk = lax.dot_general(
+    g, patches, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
+  )
+  return dk.reshape(o, kh, kw, c).transpose(1, 2, 3, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides, padding, precision, method):
+  return lax.conv_general_dilated(
+    x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+  )
+
+
+def _conv_fwd(x, kernel, strides, padding, precision, method):
+  return _conv(x, kernel, strides, padding, precision, method), (x, kernel)
+
+
+def _conv_bwd(strides, padding, precision, method, residuals, g):
+  from segjax.layers import conv as conv_lib
+
+  x, kernel = residuals
+
+  def conv(x):
+    return lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+    )
+
+  dx = jax.vjp(conv, x)[1](g)[0]
+  grad = _kernel_grad_im2col if method == "im2col" else conv_lib._kernel_grad_by_taps
+  return dx, grad(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_with_kernel_grad(method: str, min_channels: int = 16):
+  """`nn.Conv` whose 2-D NHWC convolutions of >= `min_channels` channels (in and out, kernel
+  larger than 1x1) take their kernel gradient by `method` ("taps" or "im2col")."""
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs):
+    plain = (
+      lhs.ndim == 4
+      and not args
+      and kwargs.get("dimension_numbers") is not None
+      and kwargs.get("feature_group_count", 1) == 1
+      and all(d == 1 for d in kwargs.get("lhs_dilation") or ())
+      and all(d == 1 for d in kwargs.get("rhs_dilation") or ())
+      and kwargs.get("batch_group_count", 1) == 1
+      and kwargs.get("preferred_element_type") is None
+    )
+    if not plain or rhs.shape[:2] == (1, 1) or min(rhs.shape[2:]) < min_channels:
+      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(lhs, rhs, tuple(window_strides), padding, kwargs.get("precision"), method)
+
+  return functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+def in_top_k(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """Whether `labels` (...) is among `lax.top_k(scores (..., K), k)`'s indices, ties going to
+  the lower index as in top_k: fewer than k classes rank before the label's."""
+  num_classes = scores.shape[-1]
+  if k >= num_classes:
+    return jnp.ones(labels.shape, bool)
+  own = jnp.take_along_axis(scores, labels[..., None], axis=-1)
+  before = (scores > own) | ((scores == own) & (jnp.arange(num_classes) < labels[..., None]))
+  return before.sum(-1) < k
+
+
+def eval_counts_rank(scores, batch, *, num_classes, ignore_label=255):
+  """`segjax.train.semantic.eval_counts` with `in_top_k` instead of `lax.top_k`."""
+  from segjax import metrics
+  from segjax.ops import sliding
+
+  weights = jnp.broadcast_to(batch["example_mask"][:, None, None], batch["mask"].shape)
+  if "mask_size" in batch:
+    weights &= sliding.content_mask(batch["mask_size"], batch["mask"].shape[1:3])
+  labelled = weights & (batch["mask"] != ignore_label)
+  labels = jnp.where(labelled, batch["mask"], 0)
+  return {
+    "confusion_matrix": metrics.confusion_matrix(
+      batch["mask"], jnp.argmax(scores, -1), num_classes, ignore_label, weights=weights
+    ),
+    "top5_correct": (in_top_k(scores, labels, 5) & labelled).sum(),
+    "num_pixels": labelled.sum(),
+  }
+
+
+# name -> (nn overrides, semantic overrides)
+CANDIDATES = {
+  "current": ({}, {}),
+  "pool": ({"max_pool": max_pool}, {}),
+  "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
+  "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
+  "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),
+  "topk": ({}, {"eval_counts": eval_counts_rank}),
+  "all": ({"max_pool": max_pool, "BatchNorm": DotBatchNorm}, {"eval_counts": eval_counts_rank}),
+}
+
+
+@contextlib.contextmanager
+def patched(name: str):
+  """segjax's modules with candidate `name`'s overrides, while tracing."""
+  import importlib
+
+  from segjax.train import semantic
+
+  nn_overrides, semantic_overrides = CANDIDATES[name]
+  saved = []
+  for module_name in PATCHED_MODULES:
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError:
+      continue
+    if getattr(module, "nn", None) is nn:
+      proxy = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn)})
+      proxy.__dict__.update(nn_overrides)
+      saved.append((module, "nn", nn))
+      module.nn = proxy
+  for key, value in semantic_overrides.items():
+    saved.append((semantic, key, getattr(semantic, key)))
+    setattr(semantic, key, value)
+  try:
+    yield
+  finally:
+    for module, key, value in reversed(saved):
+      setattr(module, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and checks
+
+
+def _config():
+  from configs import unet_shapes
+
+  config = unet_shapes.get_config()
+  config.batch_size, config.image_size = BATCH, (SIZE, SIZE)
+  return config
+
+
+def build_calls(name: str) -> dict:
+  """{"train", "eval", "forward"}: blocking calls of candidate `name`'s compiled steps."""
+  from unet_throughput import unet_steps
+
+  from segjax.models import build_model
+
+  config = _config()
+  with patched(name):
+    train_once, eval_once, _ = unet_steps(config)
+    model = build_model(config)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, SIZE, SIZE, 3)), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], -1))
+    forward = forward.lower(variables, x).compile()
+  return {
+    "train": train_once,
+    "eval": eval_once,
+    "forward": lambda: jax.block_until_ready(forward(variables, x)),
+  }
+
+
+def _load() -> str:
+  return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def time_candidates(names, rounds: int, steps: int) -> None:
+  calls = {}
+  for name in names:
+    start = time.perf_counter()
+    calls[name] = build_calls(name)
+    print(f"  built {name} in {time.perf_counter() - start:.1f} s ({_load()})", flush=True)
+  kinds = ("train", "eval", "forward")
+  for name in names:  # Warm up.
+    for kind in kinds:
+      calls[name][kind]()
+  print(f"timing: {rounds} rounds x {steps} calls, interleaved ({_load()} before)", flush=True)
+  times = {(n, k): [] for n in names for k in kinds}
+  for _ in range(rounds):
+    for kind in kinds:
+      for name in names:
+        start = time.perf_counter()
+        for _ in range(steps):
+          calls[name][kind]()
+        times[name, kind].append((time.perf_counter() - start) / steps)
+  for kind in kinds:
+    reference = statistics.median(times["current", kind])
+    for name in names:
+      t = times[name, kind]
+      median = statistics.median(t)
+      print(
+        f"  {kind:8s} {name:14s} {1e3 * median:8.1f} ms  (rounds {1e3 * min(t):.0f}-"
+        f"{1e3 * max(t):.0f})  current/candidate {reference / median:5.2f}x",
+        flush=True,
+      )
+  print(f"({_load()} after)", flush=True)
+
+
+def _outputs(name: str, variables: dict, x, mask):
+  """Logits (train, eval), loss, parameter gradients and new batch stats of candidate `name`."""
+  from segjax.models import build_model
+  from segjax.train import semantic
+
+  config = _config()
+  with patched(name):
+    model = build_model(config)
+    tree = jax.tree.map(jnp.shape, model.init(jax.random.key(0), x[:1], train=False))
+
+    def loss(params):
+      v = {"params": params, "batch_stats": variables["batch_stats"]}
+      batch = {"image": x, "mask": mask}
+      out, (_, updates) = semantic.loss_fn(v, batch, None, model=model, train=True)
+      return out, updates
+
+    (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    train_logits = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables
+    )[0][0]
+    eval_logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)[0]
+    batch = {"image": x, "mask": mask, "example_mask": jnp.ones((x.shape[0],), bool)}
+    counts = jax.jit(
+      lambda v: semantic.eval_step(v, batch, model=model, num_classes=config.model.num_classes)
+    )(variables)
+  return tree, {
+    "train logits": train_logits,
+    "eval logits": eval_logits,
+    "loss": value,
+    "grads": grads,
+    "batch_stats": updates["batch_stats"],
+    "eval counts": counts,
+  }
+
+
+def check(names) -> None:
+  from segjax.models import build_model
+
+  config = _config()
+  rng = np.random.default_rng(0)
+  b, s = 4, 64
+  normal = rng.normal(size=(b, s, s, 3)).astype(np.float32)
+  inputs = {"normal": normal, "integer (ties)": np.round(normal)}
+  mask = jnp.asarray(rng.integers(0, config.model.num_classes, (b, s, s)), jnp.int32)
+  model = build_model(config)
+  variables = model.init(jax.random.key(0), jnp.asarray(normal), train=False)
+  # Non-trivial running statistics, so that inference differs from training.
+  variables = jax.tree.map(lambda v: v, variables)
+  variables["batch_stats"] = jax.tree.map(
+    lambda v: v + 0.1 * jnp.abs(jnp.asarray(rng.normal(size=v.shape), v.dtype)),
+    variables["batch_stats"],
+  )
+  for label, x in inputs.items():
+    x = jnp.asarray(x)
+    tree0, reference = _outputs("current", variables, x, mask)
+    for name in names:
+      if name == "current":
+        continue
+      tree, out = _outputs(name, variables, x, mask)
+      if tree != tree0:
+        raise AssertionError(f"{name}: variable tree differs from the current one.")
+      parts = []
+      for key, ref in reference.items():
+        a = np.concatenate([np.ravel(v) for v in jax.tree.leaves(out[key])]).astype(np.float64)
+        r = np.concatenate([np.ravel(v) for v in jax.tree.leaves(ref)]).astype(np.float64)
+        diff = np.abs(a - r).max()
+        parts.append(f"{key} {diff:.1e} ({diff / max(np.abs(r).max(), 1e-30):.1e} rel)")
+      print(f"  {label:15s} {name:13s} max |diff|: " + ", ".join(parts), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--only", default="", help="Comma-separated candidates (current added).")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=2, help="Calls per candidate per round.")
+  parser.add_argument("--check", action="store_true", help="Compare numerics instead of timing.")
+  args = parser.parse_args()
+  names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CANDIDATES)
+  unknown = sorted(set(names) - set(CANDIDATES))
+  if unknown:
+    parser.error(f"--only: unknown candidate(s) {unknown}; choose from {sorted(CANDIDATES)}.")
+  names = ["current"] + [n for n in names if n != "current"]
+  print(f"U-Net step candidates on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {_load()}")
+  if args.check:
+    check(names)
+  else:
+    time_candidates(names, args.rounds, args.steps)
+
+
+if __name__ == "__main__":
+  main()
