@@ -1,6 +1,6 @@
 """The U-Net step against candidate rewrites of its slow parts, interleaved in one process.
 
-  python benchmarks/unet_step.py                  # all candidates, 5 rounds (~10 min, 2 cores)
+  python benchmarks/unet_step.py                  # all candidates, 5 rounds (10-15 min, 2 cores)
   python benchmarks/unet_step.py --only pool,bn_dot --rounds 7
   python benchmarks/unet_step.py --check          # numerics of each candidate against current
 
@@ -217,11 +217,13 @@ def conv_with_kernel_grad(method: str, min_channels: int = 16):
 
 
 def in_top_k(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """Whether `labels` (...) is among `lax.top_k(scores (..., K), k)`'s indices, ties going to
-  the lower index as in top_k: fewer than k classes rank before the label's."""
+  """Whether `labels` (...) is among `lax.top_k(scores (..., K), k)`'s indices: fewer than k
+  classes rank before the label's in top_k's order (IEEE total order, ties to the lower index)."""
   num_classes = scores.shape[-1]
   if k >= num_classes:
     return jnp.ones(labels.shape, bool)
+  bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+  scores = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
   own = jnp.take_along_axis(scores, labels[..., None], axis=-1)
   before = (scores > own) | ((scores == own) & (jnp.arange(num_classes) < labels[..., None]))
   return before.sum(-1) < k

@@ -17,4 +17,6 @@ from configs import unet_shapes
 def get_config(arg=None):
   config = unet_shapes.get_config(arg)
   config.ensemble_size = 3
+  # True: each member trains on its own batch_size / 3 examples of each batch.
+  config.ensemble_split_batch = False
   return config

@@ -71,7 +71,8 @@ def create_model(model_config: Any):
 def build_model(config: Any) -> nn.Module:
   """The model of a training config: `create_model(config.model)`, computing in
   `config.model.dtype` (default float32), and `config.ensemble_size` copies of it
-  (`segjax.models.ensemble.of`) if set above 1.
+  (`segjax.models.ensemble.of`) if set above 1, each trained on its own slice of the batch
+  if `config.ensemble_split_batch`.
 
   Raises:
     ConfigError: for a top-level `config.dtype` (its place is `config.model.dtype`), and as
@@ -82,7 +83,11 @@ def build_model(config: Any) -> nn.Module:
       f"config.dtype={config.dtype!r}: the computation dtype is config.model.dtype now "
       f"(e.g. --config.model.dtype={config.dtype})."
     )
-  return ensemble.of(create_model(config.model.to_dict()), config.get("ensemble_size", 1))
+  return ensemble.of(
+    create_model(config.model.to_dict()),
+    config.get("ensemble_size", 1),
+    split_batch=config.get("ensemble_split_batch", False),
+  )
 
 
 __all__ = [

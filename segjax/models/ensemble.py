@@ -42,6 +42,9 @@ class Ensemble(nn.Module):
     size: E, the number of members.
     vectorized: True: the members batched by `nn.vmap`; False: one after the other (an
       unrolled `nn.scan`), faster on CPU (module docstring). Same variables either way.
+    split_batch: in training, each member sees its own `B / E` examples of the batch (member
+      i the i-th consecutive slice; logits (E, B / E, H, W, K)), as if E models were trained
+      on E independent batches; in evaluation every member sees every example.
   """
 
   task: ClassVar[str] = "semantic"
@@ -49,6 +52,7 @@ class Ensemble(nn.Module):
   member: nn.Module
   size: int
   vectorized: bool = True
+  split_batch: bool = False
 
   @property
   def stride(self) -> int:
@@ -58,9 +62,25 @@ class Ensemble(nn.Module):
     # The members' variables sit where a lone member's would, with a leading axis.
     nn.share_scope(self, self.member)
 
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
-    """Images (B, H, W, C) -> (logits (E, B, H, W, K), aux with (E, ...) features)."""
+  def splits(self, train: bool) -> bool:
+    """Whether the members see separate slices of the batch (`split_batch`, in training)."""
+    return self.split_batch and train
 
+  def member_slices(self, x: jax.Array) -> jax.Array:
+    """(B, ...) -> (E, B / E, ...): member i's examples at index i."""
+    if x.shape[0] % self.size:
+      raise ConfigError(
+        f"Ensemble split_batch: a batch of {x.shape[0]} examples (per device under pmap) "
+        f"does not divide among {self.size} members."
+      )
+    return x.reshape(self.size, x.shape[0] // self.size, *x.shape[1:])
+
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+    """Images (B, H, W, C) -> (logits (E, B, H, W, K), aux with (E, ...) features); with
+    `split_batch` in training, logits (E, B / E, H, W, K) of each member's own slice."""
+    split = self.splits(train) and not self.is_initializing()
+    if split:
+      x = self.member_slices(x)
     axes = dict(
       variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
@@ -70,7 +90,7 @@ class Ensemble(nn.Module):
       # nn.vmap passes no keyword arguments: `train` is closed over.
       members = nn.vmap(
         lambda member, x: member(x, train=train),
-        in_axes=None,
+        in_axes=0 if split else None,
         out_axes=0,
         axis_size=self.size,
         **axes,
@@ -78,7 +98,7 @@ class Ensemble(nn.Module):
       return members(self.member, x)
     members = nn.scan(
       lambda member, carry, x: (carry, member(x, train=train)),
-      in_axes=nn.broadcast,
+      in_axes=0 if split else nn.broadcast,
       out_axes=0,
       length=self.size,
       unroll=self.size,
@@ -87,11 +107,14 @@ class Ensemble(nn.Module):
     return members(self.member, None, x)[1]
 
 
-def of(member: nn.Module, size, vectorized: bool | None = None) -> nn.Module:
+def of(
+  member: nn.Module, size, vectorized: bool | None = None, split_batch: bool = False
+) -> nn.Module:
   """`config.ensemble_size` copies of `member`: the member itself for 1 (training exactly
   as without the key), else an `Ensemble`, vectorized unless the default backend is the CPU
-  (or as `vectorized` says). Raises `ConfigError` for a size that is not a positive integer,
-  or for a member that is not a semantic model."""
+  (or as `vectorized` says), each member on its own slice of a training batch with
+  `split_batch` (`config.ensemble_split_batch`). Raises `ConfigError` for a size that is not
+  a positive integer, or for a member that is not a semantic model."""
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ConfigError(f"ensemble_size={size!r} must be a positive integer.")
   if size == 1:
@@ -104,7 +127,7 @@ def of(member: nn.Module, size, vectorized: bool | None = None) -> nn.Module:
     )
   if vectorized is None:
     vectorized = jax.default_backend() != "cpu"
-  return Ensemble(member, size, vectorized)
+  return Ensemble(member, size, vectorized, split_batch)
 
 
 def clip_by_member_norm(max_norm: float) -> optax.GradientTransformation:

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.layers import norms, unpool
+from segjax.layers import norms, pool, unpool
 from segjax.layers.conv_blocks import ConvBlock
 from segjax.layers.upsample import upsample2x
 
@@ -143,7 +143,7 @@ class UNet(nn.Module):
         x, indices = unpool.max_pool_with_argmax(x, 2)
         all_indices.append(indices)
       else:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = pool.max_pool_2x2(x)
         all_indices.append(None)
 
     x = ConvBlock(self.base_width * 2**self.depth, name="bottleneck", **block_kw)(x, train=train)

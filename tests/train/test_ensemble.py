@@ -93,6 +93,61 @@ def test_ensemble_equals_members_trained_alone():
     assert metrics["loss"] == pytest.approx(sum(losses), rel=1e-5)
 
 
+def test_split_batch_members_equal_models_trained_alone_on_their_slices():
+  """`ensemble_split_batch`: member i trains on the i-th third of each batch (E independent
+  batches), as a lone model trained on those examples only; evaluation shares the batch."""
+  config = _tiny_config(optimizer="adamw", ensemble_split_batch=True)
+  single = config.copy_and_resolve_references()
+  single.ensemble_size = 1
+  ensemble, member = build_model(config), build_model(single)
+  assert ensemble.split_batch
+  rng = np.random.default_rng(1)
+  batches = [
+    {
+      "image": jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32),
+      "mask": jnp.asarray(rng.integers(0, 5, size=(6, 16, 16)), jnp.int32),
+    }
+    for _ in range(5)
+  ]
+
+  def jitted_step(model, config):
+    return jax.jit(functools.partial(train_step, loss_fn=semantic.bind_loss(config, model)))
+
+  key = jax.random.key(0, impl="threefry2x32")
+  # Trained one member after the other (what CPUs run); the vmapped members' forward pass on
+  # the slices is compared below.
+  scan = ensemble.clone(vectorized=False)
+  runs = [_train(scan, config, key, batches, jitted_step(scan, config))]
+  step = jitted_step(member, single)
+  losses = []
+  for i, member_key in enumerate(jax.random.split(key, E)):
+    own = [jax.tree.map(lambda x, i=i: x[2 * i : 2 * i + 2], b) for b in batches]
+    alone, alone_metrics = _train(member, single, member_key, own, step)
+    losses.append(float(alone_metrics["loss"]))
+    for trees, _ in runs:
+      jax.tree.map(functools.partial(_assert_member_equals, i), trees, alone)
+  assert len(set(losses)) == E
+  for _, metrics in runs:
+    np.testing.assert_allclose([metrics[f"member_{i}/loss"] for i in range(E)], losses, rtol=1e-5)
+  trees = runs[0][0]
+  variables = {"params": trees[0], "batch_stats": trees[1]}
+  train_logits = [
+    variant.apply(variables, batches[0]["image"], train=True, mutable=["batch_stats"])[0][0]
+    for variant in (scan, ensemble.clone(vectorized=True))
+  ]
+  assert train_logits[0].shape == (E, 2, 16, 16, 5)
+  np.testing.assert_allclose(train_logits[1], train_logits[0], rtol=1e-5, atol=1e-5)
+  # In evaluation every member sees the whole batch.
+  logits, _ = ensemble.apply(variables, batches[0]["image"], train=False)
+  assert logits.shape == (E, 6, 16, 16, 5)
+  with pytest.raises(ConfigError, match="a batch of 4 examples .* does not divide among 3"):
+    jax.eval_shape(
+      functools.partial(ensemble.apply, train=True, mutable=["batch_stats"]),
+      {"params": trees[0], "batch_stats": trees[1]},
+      jnp.zeros((4, 16, 16, 3)),
+    )
+
+
 def test_ensemble_size_one_is_the_member_and_bad_sizes_fail():
   plain = unet_shapes.get_config("tiny")
   one = unet_ensemble_shapes.get_config("tiny")
