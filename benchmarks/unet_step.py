@@ -1,7 +1,7 @@
 """The U-Net step against candidate rewrites of its slow parts, interleaved in one process.
 
   python benchmarks/unet_step.py                  # all candidates, 5 rounds (10-15 min, 2 cores)
-  python benchmarks/unet_step.py --only pool,bn_dot --rounds 7
+  python benchmarks/unet_step.py --only previous_pool,bn_dot --rounds 7
   python benchmarks/unet_step.py --check          # numerics of each candidate against current
 
 The U-Net of configs/unet_shapes.py at batch 8, 128x128 (`benchmarks/vs_pytorch.py --only
@@ -15,15 +15,16 @@ gradients and batch statistics are compared with the current code's on the same 
 for normal inputs and for inputs rounded to integers (ties in every max-pool window).
 
 Candidates (from a profile of the train step: kernel gradients of the 3x3 convs 21 %, max pool
-15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %):
-  pool       2x2 max pool as reshape + max, its gradient to each window's first maximum (what
-             XLA's select-and-scatter picks), instead of reduce_window, whose JVP materialises
-             index iotas of the input's size.
+15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %). "current" has the two that
+were adopted; the "previous_" candidates put back what they replaced, so their ratio is the
+gain:
+  previous_pool  flax's reduce_window max pool, whose JVP materialises index iotas of the
+             input's size (current: segjax/layers/pool.py, reshape + max, the same gradient).
+  previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
+             higher-ranked classes, `semantic.in_top_k`).
   bn_dot     BatchNorm whose training statistics are one (1, N) @ (N, 2C) product.
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
              conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
-  topk       evaluation's top-5 membership by counting higher-ranked classes (no sort).
-  all        pool + bn_dot + topk.
 """
 
 import argparse
@@ -55,49 +56,9 @@ PATCHED_MODULES = ("segjax.models.unet", "segjax.layers.conv_blocks", "segjax.la
 # Candidates
 
 
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, H//2, W//2, C), `nn.max_pool(x, (2, 2), strides=(2, 2))`: an odd last
-  row or column is dropped, as 'VALID' does."""
-  b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def _max_pool_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  b, h, w, c = x.shape
-  hh, ww = h // 2, w // 2
-  windows = x[:, : 2 * hh, : 2 * ww].reshape(b, hh, 2, ww, 2, c)
-  # XLA's select-and-scatter (and JAX's reduce_window JVP) give the gradient to the first
-  # maximum in row-major window order; so does this, so ties agree.
-  taken = jnp.zeros(y.shape, bool)
-  rows = []
-  for i in range(2):
-    row = []
-    for j in range(2):
-      hit = (windows[:, :, i, :, j] == y) & ~taken
-      taken = taken | hit
-      row.append(jnp.where(hit, g, jnp.zeros_like(g)))
-    rows.append(jnp.stack(row, axis=3))  # (B, h, w, 2, C)
-  dx = jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, c)
-  return (jnp.pad(dx, ((0, 0), (0, h - 2 * hh), (0, w - 2 * ww), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def max_pool(x, window_shape, strides=None, padding="VALID"):
-  """`nn.max_pool`, with the NHWC 2x2 / stride 2 / 'VALID' case as `max_pool_2x2`."""
-  if x.ndim == 4 and tuple(window_shape) == (2, 2) and tuple(strides or ()) == (2, 2):
-    if padding == "VALID":
-      return max_pool_2x2(x)
-  return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+def previous_max_pool_2x2(x):
+  """The U-Net's pooling before `segjax.layers.pool`: flax's `reduce_window` max pool."""
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
 class DotBatchNorm(nn.Module):
@@ -216,47 +177,22 @@ def conv_with_kernel_grad(method: str, min_channels: int = 16):
   return functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
-def in_top_k(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """Whether `labels` (...) is among `lax.top_k(scores (..., K), k)`'s indices: fewer than k
-  classes rank before the label's in top_k's order (IEEE total order, ties to the lower index)."""
-  num_classes = scores.shape[-1]
-  if k >= num_classes:
-    return jnp.ones(labels.shape, bool)
-  bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
-  scores = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-  own = jnp.take_along_axis(scores, labels[..., None], axis=-1)
-  before = (scores > own) | ((scores == own) & (jnp.arange(num_classes) < labels[..., None]))
-  return before.sum(-1) < k
+def previous_in_top_k(scores, labels, k):
+  """Top-k membership before `segjax.train.semantic.in_top_k`: by `lax.top_k` (a sort)."""
+  top = lax.top_k(scores, min(k, scores.shape[-1]))[1]
+  return (top == labels[..., None]).any(-1)
 
 
-def eval_counts_rank(scores, batch, *, num_classes, ignore_label=255):
-  """`segjax.train.semantic.eval_counts` with `in_top_k` instead of `lax.top_k`."""
-  from segjax import metrics
-  from segjax.ops import sliding
-
-  weights = jnp.broadcast_to(batch["example_mask"][:, None, None], batch["mask"].shape)
-  if "mask_size" in batch:
-    weights &= sliding.content_mask(batch["mask_size"], batch["mask"].shape[1:3])
-  labelled = weights & (batch["mask"] != ignore_label)
-  labels = jnp.where(labelled, batch["mask"], 0)
-  return {
-    "confusion_matrix": metrics.confusion_matrix(
-      batch["mask"], jnp.argmax(scores, -1), num_classes, ignore_label, weights=weights
-    ),
-    "top5_correct": (in_top_k(scores, labels, 5) & labelled).sum(),
-    "num_pixels": labelled.sum(),
-  }
-
-
-# name -> (nn overrides, semantic overrides)
+# name -> (nn overrides, {module: {attribute: override}})
+PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
+PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
 CANDIDATES = {
   "current": ({}, {}),
-  "pool": ({"max_pool": max_pool}, {}),
+  "previous_pool": ({}, PREVIOUS_POOL),
+  "previous_topk": ({}, PREVIOUS_TOPK),
   "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
   "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
   "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),
-  "topk": ({}, {"eval_counts": eval_counts_rank}),
-  "all": ({"max_pool": max_pool, "BatchNorm": DotBatchNorm}, {"eval_counts": eval_counts_rank}),
 }
 
 
@@ -265,9 +201,7 @@ def patched(name: str):
   """segjax's modules with candidate `name`'s overrides, while tracing."""
   import importlib
 
-  from segjax.train import semantic
-
-  nn_overrides, semantic_overrides = CANDIDATES[name]
+  nn_overrides, attribute_overrides = CANDIDATES[name]
   saved = []
   for module_name in PATCHED_MODULES:
     try:
@@ -279,9 +213,11 @@ def patched(name: str):
       proxy.__dict__.update(nn_overrides)
       saved.append((module, "nn", nn))
       module.nn = proxy
-  for key, value in semantic_overrides.items():
-    saved.append((semantic, key, getattr(semantic, key)))
-    setattr(semantic, key, value)
+  for module_name, overrides in attribute_overrides.items():
+    module = importlib.import_module(module_name)
+    for key, value in overrides.items():
+      saved.append((module, key, getattr(module, key)))
+      setattr(module, key, value)
   try:
     yield
   finally:
