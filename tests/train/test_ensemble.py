@@ -47,6 +47,21 @@ def _train(model, config, key, batches, step):
   return jax.device_get((state.params, state.batch_stats)), jax.device_get(metrics)
 
 
+def _random_batches(count, size, seed):
+  rng = np.random.default_rng(seed)
+  return [
+    {
+      "image": jnp.asarray(rng.normal(size=(size, 16, 16, 3)), jnp.float32),
+      "mask": jnp.asarray(rng.integers(0, 5, size=(size, 16, 16)), jnp.int32),
+    }
+    for _ in range(count)
+  ]
+
+
+def jitted_step(model, config):
+  return jax.jit(functools.partial(train_step, loss_fn=semantic.bind_loss(config, model)))
+
+
 def _assert_member_equals(i, stacked, leaf):
   np.testing.assert_allclose(stacked[i], leaf, rtol=1e-5, atol=1e-5 * np.abs(leaf).max())
 
@@ -60,18 +75,7 @@ def test_ensemble_equals_members_trained_alone():
   single.ensemble_size = 1
   ensemble, member = build_model(config), build_model(single)
   assert isinstance(ensemble, Ensemble) and ensemble.member == member
-  rng = np.random.default_rng(0)
-  batches = [
-    {
-      "image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
-      "mask": jnp.asarray(rng.integers(0, 5, size=(4, 16, 16)), jnp.int32),
-    }
-    for _ in range(5)
-  ]
-
-  def jitted_step(model, config):
-    return jax.jit(functools.partial(train_step, loss_fn=semantic.bind_loss(config, model)))
-
+  batches = _random_batches(5, 4, seed=0)
   key = jax.random.key(0, impl="threefry2x32")
   # The members batched by nn.vmap, and one after the other (what CPUs run).
   runs = [
@@ -101,18 +105,7 @@ def test_split_batch_members_equal_models_trained_alone_on_their_slices():
   single.ensemble_size = 1
   ensemble, member = build_model(config), build_model(single)
   assert ensemble.split_batch
-  rng = np.random.default_rng(1)
-  batches = [
-    {
-      "image": jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32),
-      "mask": jnp.asarray(rng.integers(0, 5, size=(6, 16, 16)), jnp.int32),
-    }
-    for _ in range(5)
-  ]
-
-  def jitted_step(model, config):
-    return jax.jit(functools.partial(train_step, loss_fn=semantic.bind_loss(config, model)))
-
+  batches = _random_batches(5, 6, seed=1)
   key = jax.random.key(0, impl="threefry2x32")
   # Trained one member after the other (what CPUs run); the vmapped members' forward pass on
   # the slices is compared below.
