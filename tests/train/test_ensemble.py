@@ -22,7 +22,7 @@ from segjax.predict import Predictor, normalize_padded
 from segjax.train import checkpoint, loop, semantic
 from segjax.train.state import create_train_state, initial_state
 from segjax.train.steps import train_step
-from tests.markers import TEST_XLA_FLAGS, long_test
+from tests.markers import TEST_XLA_FLAGS, long_test, rbg_prng
 
 # One worker builds the trained fixture once for the tests that share it.
 pytestmark = pytest.mark.xdist_group("ensemble")
@@ -178,12 +178,8 @@ def trained(tmp_path_factory):
   config.dataset.train_kwargs.num_examples = 800
   config.dataset.eval_kwargs.num_examples = 20
   workdir = str(tmp_path_factory.mktemp("ensemble"))
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "rbg")  # Compiles much faster on CPU.
-  try:
+  with rbg_prng():
     metrics = loop.train_and_evaluate(config, workdir)
-  finally:
-    jax.config.update("jax_default_prng_impl", previous)
   return config, workdir, metrics
 
 

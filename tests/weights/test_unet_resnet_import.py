@@ -17,6 +17,7 @@ from segjax.data import ops, shapes
 from segjax.models import build_model
 from segjax.train import init_from, loop
 from segjax.weights import torchvision as tvw
+from tests.markers import rbg_prng
 from tests.weights.conftest import random_images, randomize_and_calibrate
 
 pytest.importorskip("torch")  # Only where the `torch` extra is missing; CI installs it.
@@ -58,12 +59,8 @@ def train(config, workdir, monkeypatch):
 
   load_pretrained = init_from.maybe_load_pretrained
   monkeypatch.setattr(init_from, "maybe_load_pretrained", load)
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "rbg")  # Compiles much faster on CPU.
-  try:
+  with rbg_prng():
     metrics = loop.train_and_evaluate(config, workdir)
-  finally:
-    jax.config.update("jax_default_prng_impl", previous)
   return metrics, seen["start"]
 
 
