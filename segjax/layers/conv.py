@@ -49,24 +49,32 @@ def _is_nhwc(dimension_numbers, ndim: int) -> bool:
 
 
 def _kernel_grad_by_taps(x: Array, g: Array, kernel_shape, strides, padding) -> Array:
-  """`(KH, KW, C, O)` kernel gradient of a NHWC conv: one strided slice and matmul per tap."""
+  """`(KH, KW, C, O)` kernel gradient of a NHWC conv: one strided slice and matmul per tap.
+
+  The taps run one after the other in a loop, so one slice of the input is alive at a time:
+  unrolled, XLA's CPU scheduler kept every tap's slice alive at once, and a Mask R-CNN R50-FPN
+  train step (batch 2, 512x512) needed 4.4 GB of buffers instead of 2.4 (the mask head's four
+  3x3 convs on 256 ROIs: 49 MB per slice).
+  """
   kh, kw, c, o = kernel_shape
   b, ho, wo, _ = g.shape
   sy, sx = strides
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      window = lax.slice(
-        xp, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c), (1, sy, sx, 1)
-      )
-      # (O, C): the output gradient as the left operand is the faster orientation on CPU.
-      taps.append(
-        lax.dot_general(
-          g, window, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
-        )
-      )
-  return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
+  span = (b, (ho - 1) * sy + 1, (wo - 1) * sx + 1, c)
+
+  def tap(t, taps):
+    i, j = t // kw, t % kw
+    window = lax.dynamic_slice(xp, (0, i, j, 0), span)
+    if (sy, sx) != (1, 1):
+      window = lax.slice(window, (0, 0, 0, 0), span, (1, sy, sx, 1))
+    # (O, C): the output gradient as the left operand is the faster orientation on CPU.
+    grad = lax.dot_general(
+      g, window, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return lax.dynamic_update_index_in_dim(taps, grad, t, 0)
+
+  taps = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, o, c), jnp.float32))
+  return taps.reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
