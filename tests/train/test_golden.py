@@ -34,7 +34,10 @@ from segjax.train.state import TrainState
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 
-# Recorded with jax 0.10.2 on CPU; jax 0.12 gives the same to 2e-6 (XLA's summation order).
+# Recorded with jax 0.10.2 on CPU; jax 0.12 gives the same to 2e-6, an AVX-512 CPU (AMD EPYC)
+# to 1.1e-5 (loss_box_reg; the others within 3e-6): XLA's summation order follows the vector
+# width. A change of convention moves a loss by far more (1e-3 and up).
+GOLDEN_RTOL = 5e-5
 GOLDEN = {
   "loss_rpn_cls": 2.1283810138702393,
   "loss_rpn_loc": 7.432342052459717,
@@ -154,7 +157,7 @@ def _with_zero(variables, *paths):
 def test_losses_match_the_record():
   losses = _losses()
   for key in LOSSES:
-    assert losses[key] == pytest.approx(GOLDEN[key], rel=1e-5), (key, losses[key])
+    assert losses[key] == pytest.approx(GOLDEN[key], rel=GOLDEN_RTOL), (key, losses[key])
 
 
 def test_zero_predictors_give_the_uniform_losses():
