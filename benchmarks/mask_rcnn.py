@@ -5,6 +5,7 @@
   python benchmarks/mask_rcnn.py --model r50 [--batch_sizes 1,2] [--image_size 800] [--repeats 2]
   python benchmarks/mask_rcnn.py --model r50 --batch_sizes 2 --image_size 512 --gt_per_image 5 \
     --variants previous,current --train_only --repeats 3
+  python benchmarks/mask_rcnn.py --model toy --cropped_mask_size 56   # masks cropped on the host
 
 `--variants` compiles one step per named model variant (`VARIANTS`: config overrides, e.g. the
 previous implementation of a rewritten op) and times them interleaved (A B A B ...), printing
@@ -48,6 +49,11 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 flags.DEFINE_list("variants", ["current"], "Model variants (VARIANTS keys), timed interleaved.")
 flags.DEFINE_integer("gt_per_image", None, "Ground truths per image; default 1 to ~G/2 random.")
 flags.DEFINE_bool("train_only", False, "Skip the inference step.")
+flags.DEFINE_integer(
+  "cropped_mask_size",
+  0,
+  "S > 0: masks cropped to their boxes at S x S (dataset.cropped_mask_size).",
+)
 
 # Model config overrides (merged into the model settings) naming an implementation choice, so
 # that before and after are measured in one run. "previous" is the tree before the rewrites.
@@ -139,6 +145,20 @@ def synthetic_batch(
   }
 
 
+def with_cropped_masks(batch: dict, size: int) -> dict:
+  """`batch` with `cropped_masks` (B, G, S, S) instead of `instance_masks`, as the instance
+  pipeline crops them (`segjax.data.instance_ops.crop_and_resize_masks`)."""
+  from segjax.data import instance_ops
+
+  masks = batch.pop("instance_masks")
+  b, g = masks.shape[:2]
+  flat = instance_ops.crop_and_resize_masks(
+    masks.reshape(b * g, *masks.shape[2:]), batch["boxes"].reshape(b * g, 4), size
+  )
+  crops = np.asarray(flat).reshape(b, g, size, size) * batch["valid"][..., None, None]
+  return {**batch, "cropped_masks": crops.astype(np.float32)}
+
+
 def _merge(base: dict, overrides: dict) -> dict:
   out = dict(base)
   for key, value in overrides.items():
@@ -146,11 +166,14 @@ def _merge(base: dict, overrides: dict) -> dict:
   return out
 
 
-def _memory_gb(compiled) -> float:
+def _memory(compiled) -> str:
+  """The executable's buffers in GB: all, then arguments, outputs and temporaries."""
   m = compiled.memory_analysis()
   if m is None:
-    return float("nan")
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 1e9
+    return "not reported"
+  parts = (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes)
+  args, outs, temps = (x / 1e9 for x in parts)
+  return f"{sum(parts) / 1e9:.2f} GB (arguments {args:.2f}, outputs {outs:.2f}, temp {temps:.2f})"
 
 
 def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> None:
@@ -171,6 +194,8 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
   g, k = settings["max_instances"], model.roi_heads.num_classes
   note = "" if name != "r50" or size == 800 else " (reduced from torchvision's 800x800 for a CPU)"
   gt = f"{f.gt_per_image} per image" if f.gt_per_image else "1 to G/2 per image"
+  if f.cropped_mask_size:
+    gt += f", masks cropped to {f.cropped_mask_size}x{f.cropped_mask_size}"
   print(
     f"Mask R-CNN {settings['title']}: image {size}x{size}{note}, G={g} ground-truth "
     f"slots ({gt}), {config.optimizer}, backbone dtype {np.dtype(model.backbone.dtype).name}, "
@@ -183,7 +208,10 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
   init = jax.jit(functools.partial(state_lib.create_train_state, model, config))
   fresh_state = init(key, np.zeros((1, 64, 64, 3), np.float32))
   for b in batch_sizes:
-    batch = jax.device_put(synthetic_batch(b, size, g, k, per_image=f.gt_per_image))
+    batch = synthetic_batch(b, size, g, k, per_image=f.gt_per_image)
+    if f.cropped_mask_size:
+      batch = with_cropped_masks(batch, f.cropped_mask_size)
+    batch = jax.device_put(batch)
     steps_by_variant, compiles, states, memory = {}, {}, {}, {}
     for v, m in models.items():
       train = jax.jit(
@@ -192,7 +220,7 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
       )
       states[v] = jax.tree.map(lambda x: x.copy(), fresh_state)  # The step donates it.
       steps_by_variant[v], compiles[v] = compile_timed(train, states[v], batch, key)
-      memory[v] = _memory_gb(steps_by_variant[v])
+      memory[v] = _memory(steps_by_variant[v])
     times = {v: [] for v in models}
     fg = {}
     for round_ in range(warmup + repeats):
@@ -209,7 +237,7 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
       print(
         f"  batch {b} {v:>9}: train {1e3 * train_s:9.1f} ms/step ({b / train_s:6.2f} images/s, "
         f"median of {repeats}, x{train_s / first:.2f} of {f.variants[0]}; compile "
-        f"{compiles[v]:.1f} s; executable memory {memory[v]:.2f} GB; "
+        f"{compiles[v]:.1f} s; executable memory {memory[v]}; "
         f"{fg[v]:.0f} foreground ROIs/image; load {os.getloadavg()[0]:.1f})",
         flush=True,
       )

@@ -62,6 +62,9 @@ def get_config(arg=None):
     ("object",) if num_classes == 1 else tuple(f"class_{i}" for i in range(1, num_classes + 1))
   )
   dataset.max_instances = 32
+  # S > 0: training masks cropped to their boxes at S x S on the host, K S^2 floats an image
+  # instead of K H W bytes (segjax/data/instance_pipeline.py; TPU Mask R-CNN uses 112).
+  dataset.cropped_mask_size = 0
   dataset.overflow = "truncate"
   dataset.min_size = 512
   dataset.max_size = 512

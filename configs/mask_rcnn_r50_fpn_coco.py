@@ -58,6 +58,9 @@ def get_config(arg=None):
   config.dataset.train_split = "train2017"
   config.dataset.eval_split = "val2017"
   config.dataset.max_instances = 100  # Check with `python -m segjax.data.scan_instances`.
+  # S > 0: training masks cropped to their boxes at S x S on the host, K S^2 floats an image
+  # instead of K H W bytes (segjax/data/instance_pipeline.py; TPU Mask R-CNN uses 112).
+  config.dataset.cropped_mask_size = 0
   config.dataset.overflow = "truncate"
   config.dataset.min_size = 800
   config.dataset.max_size = 1333

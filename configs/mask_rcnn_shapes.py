@@ -43,6 +43,9 @@ def get_config(arg=None):
   config.dataset.train_split = "train"
   config.dataset.eval_split = "validation"
   config.dataset.max_instances = 8
+  # S > 0: training masks cropped to their boxes at S x S on the host, K S^2 floats an image
+  # instead of K H W bytes (segjax/data/instance_pipeline.py; TPU Mask R-CNN uses 112).
+  config.dataset.cropped_mask_size = 0
   config.dataset.shuffle_buffer = 2000
   config.dataset.class_names = CLASS_NAMES
   # Generated at the training size: a reference, so `--config.image_size` carries over.

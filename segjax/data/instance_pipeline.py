@@ -9,7 +9,14 @@ Batches (B = local batch size, (H, W) = config.image_size, K = config.dataset.ma
   image: (B, H, W, 3) float32, normalized with the ImageNet mean and std; 0 on padding.
   boxes: (B, K, 4) float32 `[x1, y1, x2, y2]` absolute pixels of the padded image.
   classes: (B, K) int32 contiguous labels 1..C; 0 on padding rows.
-  instance_masks: (B, K, H, W) uint8 in {0, 1}.
+  instance_masks: (B, K, H, W) uint8 in {0, 1}; in training batches with
+    config.dataset.cropped_mask_size = S > 0, `cropped_masks` instead:
+  cropped_masks: (B, K, S, S) float32 in [0, 1], each mask cropped to its box and resized,
+    bilinear values at the centres of an S x S grid over the box
+    (`instance_ops.crop_and_resize_masks`); 0 on rows that are not `valid`. Cropped after
+    resizing, flipping and padding, so in the frame of `boxes`. TPU Mask R-CNN's
+    `cropped_gt_masks`: 4 K S^2 bytes per image instead of K H W (the model's
+    `segjax.ops.mask_targets_from_crops` reads them).
   valid: (B, K) bool, instances to learn from.
   is_crowd: (B, K) bool, COCO crowd regions (`valid` False there): exclude them from matching.
   image_size: (B, 2) int32 (h, w) of the image content before padding; rows
@@ -29,6 +36,8 @@ Config keys read:
     JSON, then read as "coco"; its keys images_dir, masks_dir, mask_pattern, classes_dir,
     classes_file, class_names).
   config.dataset.data_dir, .train_split, .eval_split: where the source reads.
+  config.dataset.cropped_mask_size: S of `cropped_masks` in training batches; 0 or absent:
+    full `instance_masks` (evaluation batches always hold those: COCO evaluation needs them).
   config.dataset.max_instances: K. config.dataset.overflow: "truncate" | "skip" | "error"
     for images with more instances (coco only; evaluation never skips: "skip" truncates).
   config.dataset.min_size, .max_size: detectron2 `ResizeShortestEdge` shorter side and
@@ -53,6 +62,8 @@ from segjax.errors import ConfigError
 
 TRAIN_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "is_crowd", "image_size")
 EVAL_KEYS = TRAIN_KEYS + ("image_id", "scale", "original_size", "example_mask")
+# Training batches of config.dataset.cropped_mask_size > 0.
+CROPPED_TRAIN_KEYS = tuple("cropped_masks" if k == "instance_masks" else k for k in TRAIN_KEYS)
 
 
 def make_instance_source(
@@ -95,8 +106,19 @@ def _check_sizes(config) -> tuple[tuple[int, int], int | None, int | None]:
   return size, min_size, max_size
 
 
-def _prepare(features, flip_seed, *, config, keys):
-  """Resize, flip (when `flip_seed` is given), normalize and pad one example."""
+def cropped_mask_size(config) -> int:
+  """`config.dataset.cropped_mask_size`, 0 when absent (full masks); checked."""
+  size = config.dataset.get("cropped_mask_size", 0) or 0
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise ConfigError(
+      f"config.dataset.cropped_mask_size={size!r} must be an int >= 0 (0: full masks)."
+    )
+  return size
+
+
+def _prepare(features, flip_seed, *, config, keys, crop_size=0):
+  """Resize, flip (when `flip_seed` is given), normalize and pad one example; with
+  `crop_size`, masks cropped to their boxes last."""
   size, min_size, max_size = _check_sizes(config)
   original_size = tf.cast(tf.shape(features["image"])[:2], tf.int32)
   features = instance_ops.with_size(features)
@@ -109,6 +131,8 @@ def _prepare(features, flip_seed, *, config, keys):
   features = instance_ops.normalize(features)
   features = instance_ops.pad_to_multiple(features, size)
   features = instance_ops.pad_instances(features, config.dataset.max_instances)
+  if crop_size:
+    features = instance_ops.crop_instance_masks(features, crop_size)
   features = {**features, "original_size": original_size, "example_mask": tf.constant(True)}
   return {k: features[k] for k in keys}
 
@@ -126,6 +150,8 @@ def instance_train_dataset(
   i): reproducible, and different on every host and epoch.
   """
   _check_sizes(config)
+  crop_size = cropped_mask_size(config)
+  keys = CROPPED_TRAIN_KEYS if crop_size else TRAIN_KEYS
   ds = make_instance_source(
     config,
     config.dataset.train_split,
@@ -142,7 +168,8 @@ def instance_train_dataset(
   @tf.autograph.experimental.do_not_convert  # Plain tf ops; no Python control flow to convert.
   def augment(index, features):
     seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return _prepare(features, seed if flip else None, config=config, keys=TRAIN_KEYS)
+    flip_seed = seed if flip else None
+    return _prepare(features, flip_seed, config=config, keys=keys, crop_size=crop_size)
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)

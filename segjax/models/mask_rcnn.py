@@ -20,8 +20,10 @@ Three entry points, all static-shape and jittable:
 Batch contract (the instance data pipeline produces it; B images, G ground-truth slots):
   image (B, H, W, 3) float32 normalized, H and W padded (multiples of 32 keep the FPN exact);
   boxes (B, G, 4) float32 `[x1, y1, x2, y2]` pixels of the padded image; classes (B, G) int32
-  in 1..K (0 for padding); instance_masks (B, G, H, W) uint8; valid (B, G) bool;
-  image_size (B, 2) int32 true (unpadded) height and width after resizing.
+  in 1..K (0 for padding); instance_masks (B, G, H, W) uint8, or instead cropped_masks
+  (B, G, S, S) float32, each mask cropped to its box at S x S on the host
+  (`config.dataset.cropped_mask_size`, `segjax.data.instance_ops.crop_and_resize_masks`);
+  valid (B, G) bool; image_size (B, 2) int32 true (unpadded) height and width after resizing.
 
 Parameter count: `ROIHeads(num_classes=90)` (labels 0..90 with background 0, torchvision's
 `num_classes=91`) gives 44,401,393 parameters in "params", exactly torchvision
@@ -47,7 +49,8 @@ from segjax.models.rpn import RPN
 
 Array = jax.Array
 
-BATCH_KEYS = ("image", "boxes", "classes", "instance_masks", "valid", "image_size")
+BATCH_KEYS = ("image", "boxes", "classes", "valid", "image_size")
+MASK_KEYS = ("instance_masks", "cropped_masks")  # A batch holds exactly one of them.
 
 # `MaskRCNN.conventions`: the RPN and ROI-head fields each setting overrides. "detectron2"
 # keeps the submodules as configured (their defaults are detectron2's). "torchvision" is
@@ -69,12 +72,22 @@ def check_batch(batch: Mapping[str, Array]) -> None:
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f"Mask R-CNN batch lacks {missing}; it has {sorted(batch)}.")
+  masks = [k for k in MASK_KEYS if k in batch]
+  if len(masks) != 1:
+    raise ValueError(
+      f"Mask R-CNN batch needs exactly one of {list(MASK_KEYS)}; it has {sorted(batch)}."
+    )
   b, h, w, _ = batch["image"].shape
   g = batch["boxes"].shape[1]
+  if masks == ["cropped_masks"]:
+    size = batch["cropped_masks"].shape[-1]
+    mask_shape = {"cropped_masks": (b, g, size, size)}
+  else:
+    mask_shape = {"instance_masks": (b, g, h, w)}
   expected = {
     "boxes": (b, g, 4),
     "classes": (b, g),
-    "instance_masks": (b, g, h, w),
+    **mask_shape,
     "valid": (b, g),
     "image_size": (b, 2),
   }

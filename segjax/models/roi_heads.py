@@ -171,7 +171,8 @@ def mask_loss(
   """Mask R-CNN mask loss (detectron2 `mask_rcnn_loss`): mean per-pixel BCE on foregrounds.
 
   Args:
-    mask_logits: `(..., R, M, M, K + 1)` per-class logits.
+    mask_logits: `(..., R, M, M, K + 1)` per-class logits, or `(..., R, M, M)` those of
+      `gt_classes` (`MaskHead(..., classes=)`).
     targets: `(..., R, M, M)` {0, 1} targets (`ops.mask_targets`).
     gt_classes: `(..., R)` int; only the channel of this class is trained.
     valid: `(..., R)` bool; ROIs with class 0 (background) never count.
@@ -182,9 +183,7 @@ def mask_loss(
     predicted right at logit 0.
   """
   fg = valid & (gt_classes > 0)
-  logits = jnp.take_along_axis(
-    mask_logits.astype(jnp.float32), jnp.where(fg, gt_classes, 0)[..., None, None, None], axis=-1
-  )[..., 0]
+  logits = class_channel(mask_logits, jnp.where(fg, gt_classes, 0))
   bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
   pixels = jnp.maximum(jnp.sum(fg) * logits.shape[-1] * logits.shape[-2], 1).astype(jnp.float32)
   weight = fg[..., None, None]
@@ -265,8 +264,8 @@ def postprocess_masks(
   """Masks of detections of one image (detectron2 `mask_rcnn_inference` + `paste_masks`).
 
   Args:
-    mask_logits: `(D, M, M, K + 1)`; classes: `(D,)` detected classes; boxes: `(D, 4)`;
-      valid: `(D,)` bool.
+    mask_logits: `(D, M, M, K + 1)`, or `(D, M, M)` those of `classes`; classes: `(D,)`
+      detected classes; boxes: `(D, 4)`; valid: `(D,)` bool.
     image_shape: static `(H, W)` of the pasted masks.
     threshold: binarization of the pasted probabilities.
     paste: "detectron2" or "torchvision" pasting (`segjax.ops.masks`).
@@ -275,12 +274,19 @@ def postprocess_masks(
     `mask_probs` `(D, M, M)` float32 sigmoid of the detected class's channel, and
     `masks` `(D, H, W)` bool pasted at the boxes; both zero for invalid rows.
   """
-  logits = jnp.take_along_axis(
-    mask_logits.astype(jnp.float32), classes[:, None, None, None], axis=-1
-  )[..., 0]
+  logits = class_channel(mask_logits, classes)
   probs = jnp.where(valid[:, None, None], jax.nn.sigmoid(logits), 0.0)
   masks = ops.paste_masks(probs, boxes, image_shape, threshold, paste) & valid[:, None, None]
   return probs, masks
+
+
+def class_channel(mask_logits: Array, classes: Array) -> Array:
+  """float32 `(..., M, M)` logits of `classes` `(...)` from per-class `(..., M, M, K + 1)`;
+  logits already of those classes `(..., M, M)` as they are."""
+  mask_logits = mask_logits.astype(jnp.float32)
+  if mask_logits.ndim == classes.ndim + 2:
+    return mask_logits
+  return jnp.take_along_axis(mask_logits, classes[..., None, None, None], axis=-1)[..., 0]
 
 
 def _row_mask(valid: Array | None, lead: tuple[int, ...]) -> Array | None:
@@ -375,9 +381,16 @@ class MaskHead(nn.Module):
   upsampling: str = "transpose"
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, valid: Array | None = None) -> Array:
-    """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`; `train` and `valid` `(...)`
-    as `BoxHead`'s."""
+  def __call__(
+    self,
+    x: Array,
+    *,
+    train: bool = False,
+    valid: Array | None = None,
+    classes: Array | None = None,
+  ) -> Array:
+    """Pooled `(..., m, m, C)` to logits `(..., 2m, 2m, K + 1)`, or `(..., 2m, 2m)` of the
+    classes `(...)` given; `train` and `valid` `(...)` as `BoxHead`'s."""
     lead, tail = x.shape[:-3], x.shape[-3:]
     x = conv_stack(
       x.reshape((-1,) + tail).astype(self.dtype),
@@ -394,15 +407,35 @@ class MaskHead(nn.Module):
         x, self.conv_dims[-1], self.upsampling, name=name, dtype=self.dtype, kernel_init=msra_fill
       )
     )
-    x = nn.Conv(
-      self.num_classes + 1,
-      (1, 1),
-      kernel_init=nn.initializers.normal(0.001),
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      name="predictor",
-    )(x)
+    predictor = ClassMaskPredictor(self.num_classes + 1, self.dtype, name="predictor")
+    if classes is None:
+      x = predictor(x)
+    else:
+      x = predictor(x, jnp.broadcast_to(classes, lead).reshape(-1))
     return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
+
+
+class ClassMaskPredictor(nn.Module):
+  """The mask head's 1x1 conv to per-class logits (`nn.Conv`'s parameters), or to one class's.
+
+  Given `classes`, only those classes' channels are computed: training reads one channel per
+  ROI, and the other K of a `(R, 2m, 2m, K + 1)` output cost a conv's compute and memory.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, classes: Array | None = None) -> Array:
+    """`(N, h, w, C)` to `(N, h, w, features)` logits, or `(N, h, w)` of `classes` `(N,)`."""
+    kernel = self.param(
+      "kernel", nn.initializers.normal(0.001), (1, 1, x.shape[-1], self.features), jnp.float32
+    )
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel[0, 0], bias, dtype=self.dtype)
+    if classes is None:
+      return jnp.einsum("nhwc,ck->nhwk", x, kernel) + bias
+    return jnp.einsum("nhwc,nc->nhw", x, kernel.T[classes]) + bias[classes][:, None, None]
 
 
 class ROIHeads(nn.Module):
@@ -504,16 +537,15 @@ class ROIHeads(nn.Module):
   def _pool(self, features: Mapping[str, Array], boxes: Array, resolution: int) -> Array:
     """`(B, R, 4)` boxes on P2..P5 to `(B, R, r, r, C)`; P6 is the RPN's only."""
     maps = {k: v for k, v in features.items() if k != "p6"}
-    fn = lambda f, b: ops.multilevel_roi_align(
-      f,
-      b,
+    return ops.batched_multilevel_roi_align(
+      maps,
+      boxes,
       (resolution, resolution),
       self.sampling_ratio,
       self.aligned,
       max_sampling_ratio=self.max_sampling_ratio,
       adaptive_layout=self.adaptive_layout,
     )
-    return jax.vmap(fn)(maps, boxes)
 
   def _forward_box(
     self,
@@ -534,11 +566,12 @@ class ROIHeads(nn.Module):
     *,
     train: bool = False,
     valid: Array | None = None,
+    classes: Array | None = None,
   ) -> Array:
-    """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`; `train`, `valid` as above."""
-    return self.mask_head(
-      self._pool(features, boxes, self.mask_resolution), train=train, valid=valid
-    )
+    """Mask logits `(B, R, 2m, 2m, K + 1)` of ROIs `(B, R, 4)`, or `(B, R, 2m, 2m)` of
+    `classes` `(B, R)`; `train`, `valid` as above."""
+    pooled = self._pool(features, boxes, self.mask_resolution)
+    return self.mask_head(pooled, train=train, valid=valid, classes=classes)
 
   def __call__(
     self,
@@ -582,7 +615,11 @@ class ROIHeads(nn.Module):
       class_logits, box_deltas, proposals["boxes"], proposals["valid"], image_size
     )
     mask_logits = self._forward_mask(
-      features, detections["boxes"], train=train, valid=detections["valid"]
+      features,
+      detections["boxes"],
+      train=train,
+      valid=detections["valid"],
+      classes=detections["classes"],
     )
     paste = lambda m, c, b, v: postprocess_masks(
       m, c, b, v, image_shape, self.mask_threshold, self.mask_paste
@@ -607,7 +644,8 @@ class ROIHeads(nn.Module):
       features: FPN maps.
       proposals: `{"boxes": (B, P, 4), "valid": (B, P)}` (no gradient).
       targets: the batch's `boxes` `(B, G, 4)`, `classes` `(B, G)`, `instance_masks`
-        `(B, G, H, W)` and `valid` `(B, G)`.
+        `(B, G, H, W)` (or `cropped_masks` `(B, G, S, S)`: `ops.mask_targets_from_crops`)
+        and `valid` `(B, G)`.
       rng: PRNG key of the ROI sampling.
       train: BatchNorm (norm="bn") on batch statistics of the sampled ROIs (box head) and of
         the foreground ones (mask head), as torchvision, which runs the mask head on those only.
@@ -652,11 +690,20 @@ class ROIHeads(nn.Module):
     # so the mask head's slots are the first ones.
     fg = {k: v[:, : self.mask_slots()] for k, v in rois.items()}
     mask_logits = self._forward_mask(
-      features, fg["boxes"], train=train, valid=fg["valid"] & (fg["classes"] > 0)
+      features,
+      fg["boxes"],
+      train=train,
+      valid=fg["valid"] & (fg["classes"] > 0),
+      classes=fg["classes"],
     )
     m = mask_logits.shape[-2]
-    mask_target = jax.vmap(lambda g, i, r: ops.mask_targets(g, i, r, m))(
-      targets["instance_masks"], fg["gt_index"], fg["boxes"]
-    )
+    if "cropped_masks" in targets:  # Cropped to their boxes on the host.
+      mask_target = jax.vmap(lambda c, g, i, r: ops.mask_targets_from_crops(c, g, i, r, m))(
+        targets["cropped_masks"], targets["boxes"], fg["gt_index"], fg["boxes"]
+      )
+    else:
+      mask_target = jax.vmap(lambda g, i, r: ops.mask_targets(g, i, r, m))(
+        targets["instance_masks"], fg["gt_index"], fg["boxes"]
+      )
     mask_losses, mask_metrics = mask_loss(mask_logits, mask_target, fg["classes"], fg["valid"])
     return {**losses, **mask_losses}, {**metrics, **mask_metrics}

@@ -24,10 +24,19 @@ from segjax.ops.boxes import (
   xyxy_to_cxcywh,
   xyxy_to_xywh,
 )
-from segjax.ops.masks import mask_targets, paste_mask_probs, paste_masks
+from segjax.ops.masks import (
+  mask_targets,
+  mask_targets_from_crops,
+  paste_mask_probs,
+  paste_masks,
+)
 from segjax.ops.matcher import match_boxes, match_by_quality
 from segjax.ops.nms import batched_nms, nms, nms_per_image
-from segjax.ops.poolers import assign_boxes_to_levels, multilevel_roi_align
+from segjax.ops.poolers import (
+  assign_boxes_to_levels,
+  batched_multilevel_roi_align,
+  multilevel_roi_align,
+)
 from segjax.ops.roi_align import roi_align, roi_align_flat
 from segjax.ops.sampling import mask_unsampled, sample_balanced
 
@@ -52,6 +61,7 @@ __all__ = [
   "xyxy_to_cxcywh",
   "xyxy_to_xywh",
   "mask_targets",
+  "mask_targets_from_crops",
   "paste_mask_probs",
   "paste_masks",
   "match_boxes",
@@ -60,6 +70,7 @@ __all__ = [
   "nms",
   "nms_per_image",
   "assign_boxes_to_levels",
+  "batched_multilevel_roi_align",
   "multilevel_roi_align",
   "roi_align",
   "roi_align_flat",

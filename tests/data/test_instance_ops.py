@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from segjax.data import instance_ops
+from tests.ops.test_roi_align import roi_align_ref
 
 
 def detectron2_output_shape(h, w, short, max_size):
@@ -206,3 +207,86 @@ def test_pad_instances_and_normalize():
   np.testing.assert_allclose(out["image"], (features["image"] - mean) / std, rtol=1e-5)
   with pytest.raises(tf.errors.InvalidArgumentError, match="More than max_instances=1"):
     instance_ops.pad_instances(features, 1)
+
+
+def crop_ref(mask, box, size):
+  """A mask's bilinear values at the centres of a size x size grid over the box `[x1, y1, x2,
+  y2]` (pixel areas), with ROIAlign's border rule (torchvision `bilinear_interpolate`): a
+  sample within a pixel outside the image reads the border, one further reads 0. Float64."""
+  x1, y1, x2, y2 = np.asarray(box, np.float64)
+  cells = np.arange(size) + 0.5
+
+  def axis(coords, n):  # low and high pixels, the high one's weight, samples that count
+    inside = (coords >= -1) & (coords <= n)
+    coords = np.clip(coords, 0, n - 1)
+    low = np.floor(coords).astype(int)
+    return low, np.minimum(low + 1, n - 1), coords - low, inside
+
+  y0, y1_, fy, in_y = axis(y1 + cells * (y2 - y1) / size - 0.5, mask.shape[0])
+  x0, x1_, fx, in_x = axis(x1 + cells * (x2 - x1) / size - 0.5, mask.shape[1])
+  m = np.asarray(mask, np.float64)
+  rows = m[y0] * (1 - fy)[:, None] + m[y1_] * fy[:, None]  # (size, W)
+  out = rows[:, x0] * (1 - fx) + rows[:, x1_] * fx
+  return out * (in_y[:, None] & in_x[None, :])
+
+
+CROP_BOXES = np.array(
+  [
+    [3.0, 4.0, 20.0, 30.0],
+    [-0.7, -0.3, 10.3, 5.2],  # past the top-left border
+    [40.0, 30.0, 56.0, 40.0],  # touching the bottom-right border
+    [50.5, 35.1, 58.0, 42.0],  # partly outside the image
+    [12.2, 7.9, 12.6, 8.1],  # smaller than a pixel
+    [0.0, 0.0, 0.0, 0.0],  # empty (a padding row)
+  ],
+  np.float32,
+)
+
+
+@pytest.mark.parametrize("size", [1, 7, 56])
+def test_crop_and_resize_masks_sample_cell_centres(size):
+  rng = np.random.default_rng(0)
+  masks = (rng.uniform(size=(len(CROP_BOXES), 40, 56)) < 0.5).astype(np.uint8)
+  got = instance_ops.crop_and_resize_masks(masks, CROP_BOXES, size).numpy()
+  assert got.shape == (len(CROP_BOXES), size, size) and got.dtype == np.float32
+  ref = np.stack([crop_ref(m, b, size) for m, b in zip(masks, CROP_BOXES)])
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  if size == 7:  # One ROIAlign sample per bin (aligned) is the same sampling.
+    roi = roi_align_ref(masks[0, ..., None].astype(np.float64), CROP_BOXES[:1], (7, 7), 1, 1, True)
+    np.testing.assert_allclose(got[0], roi[0, ..., 0], atol=1e-5)
+
+
+def test_crop_and_resize_normalization_of_the_docstring():
+  # tf.image.crop_and_resize at the documented normalized boxes samples the same points, but
+  # reads 0 past the border: the box past the top-left corner differs, the others agree.
+  rng = np.random.default_rng(1)
+  masks = (rng.uniform(size=(len(CROP_BOXES), 40, 56)) < 0.5).astype(np.float32)
+  size, (h, w) = 9, masks.shape[1:]
+  x1, y1, x2, y2 = CROP_BOXES.T
+  hy, hx = (y2 - y1) / (2 * size), (x2 - x1) / (2 * size)
+  normalized = np.stack(
+    [(y1 + hy - 0.5) / (h - 1), (x1 + hx - 0.5) / (w - 1), (y2 - hy - 0.5) / (h - 1),
+     (x2 - hx - 0.5) / (w - 1)], axis=1
+  )  # fmt: skip
+  tf_crops = tf.image.crop_and_resize(
+    masks[..., None], normalized, np.arange(len(masks)), (size, size)
+  ).numpy()[..., 0]
+  crops = instance_ops.crop_and_resize_masks(masks, CROP_BOXES, size).numpy()
+  away = [0, 2, 4]  # Boxes whose samples stay within the mask.
+  np.testing.assert_allclose(crops[away], tf_crops[away], atol=1e-5)
+  assert np.abs(crops[1] - tf_crops[1]).max() > 0.1
+
+
+@pytest.mark.parametrize("in_dataset", [False, True])
+def test_crop_instance_masks_replaces_full_masks(in_dataset):
+  features = instance_ops.pad_instances(example(), 4)
+  out = run(lambda f: instance_ops.crop_instance_masks(f, 8), features, in_dataset)
+  assert "instance_masks" not in out and out["cropped_masks"].shape == (4, 8, 8)
+  assert out["cropped_masks"].dtype == np.float32
+  masks = np.asarray(features["instance_masks"])
+  for i in range(2):  # Rectangles filling their boxes: 1 but near the edges (bilinear).
+    crop = out["cropped_masks"][i]
+    np.testing.assert_allclose(crop, crop_ref(masks[i], out["boxes"][i], 8), atol=1e-5)
+    np.testing.assert_allclose(crop[2:-2, 2:-2], 1.0, atol=1e-6)
+  assert not out["cropped_masks"][2:].any()  # Padding rows.
+  np.testing.assert_array_equal(out["boxes"], np.asarray(features["boxes"]))

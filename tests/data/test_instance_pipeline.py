@@ -7,6 +7,7 @@ import pytest
 from segjax.data import instance_pipeline
 from segjax.data.shapes import generate_example
 from tests.coco_fixture import COLOURS, LABEL_OF_CATEGORY, SPLIT, write_coco
+from tests.data.test_instance_ops import crop_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -150,6 +151,26 @@ def test_shapes_train_batches_follow_the_contract_and_stay_aligned():
   assert any(flips) and not all(flips)
 
 
+def test_cropped_train_batches_hold_the_crops_of_the_full_masks():
+  # Same seed, same examples and flips: each crop is the full-mask batch's mask cropped.
+  full_ds = instance_pipeline.instance_train_dataset(shapes_config(), local_batch_size=4)
+  config = shapes_config(cropped_mask_size=56)
+  ds = instance_pipeline.instance_train_dataset(config, local_batch_size=4)
+  assert set(ds.element_spec) == set(instance_pipeline.CROPPED_TRAIN_KEYS)
+  assert ds.element_spec["cropped_masks"].shape == (4, 8, 56, 56)
+  assert ds.element_spec["cropped_masks"].dtype.name == "float32"
+  full, cropped = rows(full_ds.take(3).as_numpy_iterator()), rows(ds.take(3).as_numpy_iterator())
+  for a, b in zip(full, cropped):
+    assert "instance_masks" not in b
+    for key in set(b) - {"cropped_masks"}:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    valid = np.flatnonzero(a["valid"])
+    assert len(valid) and not b["cropped_masks"][len(valid) :].any()  # Padding rows are 0.
+    for i in valid:
+      ref = crop_ref(a["instance_masks"][i], a["boxes"][i], 56)
+      np.testing.assert_allclose(b["cropped_masks"][i], ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_shapes_eval_covers_the_split_once_with_padding(process_count):
   config = shapes_config(num_examples=10)
@@ -252,5 +273,9 @@ def test_config_errors():
     )
   with pytest.raises(ValueError, match="multiples of 32"):
     instance_pipeline.instance_eval_dataset(make_config(image_size=(40, 32)), local_batch_size=2)
+  with pytest.raises(ValueError, match="cropped_mask_size=-1 must be an int"):
+    instance_pipeline.instance_train_dataset(
+      shapes_config(cropped_mask_size=-1), local_batch_size=2
+    )
   with pytest.raises(ValueError, match="Unknown dataset.name 'pets'"):
     instance_pipeline.instance_train_dataset(make_config("pets"), local_batch_size=2)

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from configs import mask_rcnn_shapes
+from segjax.data import instance_pipeline
 from segjax.models import create_model, mask_rcnn
 from segjax.models.fpn import FPN
 from segjax.models.resnet import ResNet
@@ -245,6 +247,41 @@ def test_check_batch_fails_early():
   batch["instance_masks"] = batch["instance_masks"][:, :, :32]
   with pytest.raises(ValueError, match="instance_masks"):
     mask_rcnn.check_batch(batch)
+  crops = jnp.zeros((2, 3, 16, 16))
+  with pytest.raises(ValueError, match="exactly one of"):  # Both mask keys.
+    mask_rcnn.check_batch({**synthetic_batch(), "cropped_masks": crops})
+  cropped = {k: v for k, v in synthetic_batch().items() if k != "instance_masks"}
+  with pytest.raises(ValueError, match="exactly one of"):  # Neither.
+    mask_rcnn.check_batch(cropped)
+  mask_rcnn.check_batch({**cropped, "cropped_masks": crops})
+  for wrong in (crops[:, :2], crops[..., :8], crops[..., 0]):  # G, non-square, rank.
+    with pytest.raises(ValueError, match="cropped_masks"):
+      mask_rcnn.check_batch({**cropped, "cropped_masks": wrong})
+
+
+def test_loss_with_cropped_masks_is_close_to_the_full_mask_loss():
+  # The tiny shapes config's first training batch with full masks and cropped at 56 x 56
+  # (dataset.cropped_mask_size); mask logits scaled up so that the loss depends on targets.
+  config = mask_rcnn_shapes.get_config("tiny")
+  model = create_model(config.model)
+  batches = {}
+  for size in (0, 56):
+    config.dataset.cropped_mask_size = size
+    ds = instance_pipeline.instance_train_dataset(config, local_batch_size=2)
+    batches[size] = jax.tree.map(jnp.asarray, next(ds.as_numpy_iterator()))
+  init = functools.partial(model.init, train=False, method=mask_rcnn.MaskRCNN.initialize)
+  variables = jax.jit(init)(KEY, batches[0]["image"])
+  variables = jax.tree_util.tree_map_with_path(
+    lambda path, x: x * 1000.0 if "predictor" in jax.tree_util.keystr(path) else x, variables
+  )
+  losses = jax.jit(lambda b: mask_rcnn.loss_fn(variables, b, KEY, model=model)[1][0])
+  full, cropped = losses(batches[0]), losses(batches[56])
+  inverted = losses({**batches[56], "cropped_masks": 1.0 - batches[56]["cropped_masks"]})
+  for name in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"):
+    assert float(full[name]) == float(cropped[name]), name
+  assert abs(float(inverted["loss_mask"]) / float(full["loss_mask"]) - 1) > 0.2  # Sensitive.
+  # Measured: 1.1637 vs 1.1621 (+0.14 %).
+  np.testing.assert_allclose(cropped["loss_mask"], full["loss_mask"], rtol=0.01)
 
 
 def test_batch_norm_in_fpn_and_heads_trains_its_statistics():

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,47 @@ def test_conv_box_head_and_normed_heads_match_torchvision_v2_parameter_counts():
   gn = roi_heads.MaskHead(num_classes=90, norm="gn")
   gv = jax.eval_shape(lambda: gn.init(KEY, x14))
   assert num_params(gv["params"]) == 2_361_344 + 285_787 and "batch_stats" not in gv
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_predictor_matches_a_1x1_conv_and_its_class_channels(dtype):
+  """`ClassMaskPredictor` against the `nn.Conv` it replaced, on all channels and on each
+  ROI's class (the training path), values and parameter gradients."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 4, 4, 16)), jnp.float32)
+  classes = jnp.asarray([0, 3, 3, 1, 4, 2])  # Background, repeats and the last class.
+  conv = nn.Conv(5, (1, 1), dtype=dtype, param_dtype=jnp.float32)
+  predictor = roi_heads.ClassMaskPredictor(5, dtype)
+  params = predictor.init(KEY, x)["params"]
+  params = {"kernel": params["kernel"], "bias": jnp.asarray(rng.normal(size=5), jnp.float32)}
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+  full = predictor.apply({"params": params}, x)
+  np.testing.assert_allclose(
+    np.asarray(full, np.float32),
+    np.asarray(conv.apply({"params": params}, x), np.float32),
+    **tol,
+  )
+  picked = lambda p: roi_heads.class_channel(
+    predictor.apply({"params": p}, x).astype(jnp.float32), classes
+  )
+  selected = lambda p: predictor.apply({"params": p}, x, classes).astype(jnp.float32)
+  assert selected(params).shape == (6, 4, 4)
+  np.testing.assert_allclose(selected(params), picked(params), **tol)
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
+  grads, ref_grads = jax.grad(loss(selected))(params), jax.grad(loss(picked))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), grads, ref_grads)
+  assert np.all(np.any(grads["kernel"][0, 0] != 0, axis=0))  # Every class's column trains.
+
+
+def test_mask_head_trains_on_the_class_channels_of_its_full_output():
+  head = roi_heads.MaskHead(num_classes=4, conv_dims=(8, 8))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 7, 7, 5)), jnp.float32)
+  classes = jnp.asarray([[1, 4, 0], [2, 2, 3]])
+  variables = head.init(KEY, x)
+  full = head.apply(variables, x)
+  selected = head.apply(variables, x, classes=classes)
+  assert full.shape == (2, 3, 14, 14, 5) and selected.shape == (2, 3, 14, 14)
+  np.testing.assert_allclose(selected, roi_heads.class_channel(full, classes), rtol=1e-5, atol=1e-6)
 
 
 def test_batch_norm_statistics_count_only_valid_rois():
