@@ -3,11 +3,14 @@
 import statistics
 import time
 
+# XLA compiler options for `compile_timed` (benchmarks/unet_step.py's backend candidates).
+COMPILER_OPTIONS: dict[str, str] = {}
+
 
 def compile_timed(fn, *args):
   """(compiled, seconds): ahead-of-time compilation of a jitted/pmapped `fn` for `args`."""
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = fn.lower(*args).compile(compiler_options=COMPILER_OPTIONS or None)
   return compiled, time.perf_counter() - start
 
 

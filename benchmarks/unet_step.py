@@ -23,6 +23,8 @@ gain:
   previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
              higher-ranked classes, `semantic.in_top_k`).
   bn_dot     BatchNorm whose training statistics are one (1, N) @ (N, 2C) product.
+  xla_xnn_greedy / xla_ynn_off   every step compiled with XLA:CPU's XNNPACK graph fusion
+             (greedy) / without its YNNPACK convolution and dot fusions (Eigen's kernels).
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
              conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
 """
@@ -186,8 +188,23 @@ def previous_in_top_k(scores, labels, k):
 # name -> (nn overrides, {module: {attribute: override}})
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
+# XLA:CPU options (jaxlib 0.10's names; the default sends convolutions and dots to YNNPACK).
+XNN_GREEDY = {
+  "timing": {
+    "COMPILER_OPTIONS": {
+      "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"
+    }
+  }
+}
+YNN_OFF = {
+  "timing": {
+    "COMPILER_OPTIONS": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INVALID"}
+  }
+}
 CANDIDATES = {
   "current": ({}, {}),
+  "xla_xnn_greedy": ({}, XNN_GREEDY),
+  "xla_ynn_off": ({}, YNN_OFF),
   "previous_pool": ({}, PREVIOUS_POOL),
   "previous_topk": ({}, PREVIOUS_TOPK),
   "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
@@ -239,6 +256,7 @@ def _config():
 
 def build_calls(name: str) -> dict:
   """{"train", "eval", "forward"}: blocking calls of candidate `name`'s compiled steps."""
+  import timing
   from unet_throughput import unet_steps
 
   from segjax.models import build_model
@@ -250,7 +268,7 @@ def build_calls(name: str) -> dict:
     x = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, SIZE, SIZE, 3)), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], -1))
-    forward = forward.lower(variables, x).compile()
+    forward = forward.lower(variables, x).compile(compiler_options=timing.COMPILER_OPTIONS or None)
   return {
     "train": train_once,
     "eval": eval_once,

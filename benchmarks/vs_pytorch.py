@@ -53,6 +53,28 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _reset_step_peak() -> None:
+  """Restarts Linux's peak-RSS count (`VmHWM`), so that `_step_peak_gb` sees the steps only,
+  not the setup and compilation before them."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def _step_peak_gb() -> float:
+  """`VmHWM` (GB) since `_reset_step_peak`; NaN where /proc does not tell."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return float("nan")
+
+
 def _conv_flops(b, h, w, c, o, k) -> float:
   return 2.0 * b * h * w * c * o * k * k
 
@@ -415,13 +437,14 @@ def _worker(framework: str, part: str, arg, conn) -> None:
     start = time.perf_counter()
     calls, info = BUILDERS[framework, part](arg)
     info["setup_s"] = time.perf_counter() - start
+    _reset_step_peak()
     conn.send(("ready", sorted(calls), info))
     while True:
       message = conn.recv()
       if message[0] == "stop":
         return
       if message[0] == "peak":
-        conn.send(_peak_rss_gb())
+        conn.send((_peak_rss_gb(), _step_peak_gb()))
         continue
       _, name, steps = message
       conn.send(sum(_timed(calls[name]) for _ in range(steps)) / steps)
@@ -450,7 +473,8 @@ class Candidate:
     self.conn.send(("run", name, steps))
     return self.conn.recv()
 
-  def close(self) -> float:
+  def close(self) -> tuple[float, float]:
+    """(peak RSS of the process, peak RSS since its setup and compilation) in GB."""
     self.conn.send(("peak",))
     peak = self.conn.recv()
     self.conn.send(("stop",))
@@ -510,7 +534,12 @@ def measure_part(part: str, args) -> None:
         line += f"  segjax/PyTorch {median / reference:5.2f}x"
       print(line, flush=True)
   for c in candidates:
-    print(f"   peak RSS {c.label}: {c.close():.2f} GB", flush=True)
+    peak, step_peak = c.close()
+    print(
+      f"   peak RSS {c.label}: {peak:.2f} GB (setup and compilation included), "
+      f"{step_peak:.2f} GB in the timed steps",
+      flush=True,
+    )
   print(f"   ({_load()} after; {args.rounds} rounds x {steps} steps, medians)", flush=True)
 
 
