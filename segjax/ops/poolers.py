@@ -125,18 +125,19 @@ def batched_multilevel_roi_align(
     raise ValueError(f"need (B={b}, R, 4) boxes, got {boxes.shape}")
   r = boxes.shape[1]
   sizes = np.array([m.shape[1:3] for m in maps], np.int32)  # (L, 2)
-  # Table rows: level-major, then image, then pixel; a box reads its image's map of its level.
-  level_bases = np.concatenate([[0], np.cumsum(b * sizes[:, 0] * sizes[:, 1])[:-1]])
+  cells = sizes[:, 0] * sizes[:, 1]
+  cells_before = np.concatenate([[0], np.cumsum(cells)[:-1]]).astype(np.int32)
   scales = np.array([2.0**-l for l in levels], np.float32)
   table = jnp.concatenate([m.reshape(-1, c) for m in maps], axis=0)
-  flat_boxes = boxes.reshape(b * r, 4)
+  flat_boxes = boxes.reshape(-1, 4)
   level = (
     assign_boxes_to_levels(flat_boxes, levels[0], levels[-1], canonical_box_size, canonical_level)
     - levels[0]
   )
-  level_sizes = jnp.asarray(sizes[:, 0] * sizes[:, 1])
-  image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
-  base = jnp.asarray(level_bases.astype(np.int32))[level] + image * level_sizes[level]
+  # Table rows: level-major, then image, then pixel; a box reads its image's map of its level.
+  # B may be symbolic (`jax.export`): it stays out of numpy.
+  image = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, r)).reshape(-1)
+  base = b * jnp.asarray(cells_before)[level] + image * jnp.asarray(cells)[level]
   out = roi_align_flat(
     table,
     flat_boxes,
