@@ -343,14 +343,15 @@ def eval_dataset(
         )
       ]
     ):
+      # Both pads after the check: otherwise one may fail first, on negative padding.
       image = tf.pad(
         features["image"], [[0, size[0] - image_size[0]], [0, size[1] - image_size[1]], [0, 0]]
       )
-    mask = tf.pad(
-      features["mask"],
-      [[0, mask_canvas[0] - mask_size[0]], [0, mask_canvas[1] - mask_size[1]]],
-      constant_values=ignore,
-    )
+      mask = tf.pad(
+        features["mask"],
+        [[0, mask_canvas[0] - mask_size[0]], [0, mask_canvas[1] - mask_size[1]]],
+        constant_values=ignore,
+      )
     image.set_shape(size + (3,))
     mask.set_shape(mask_canvas)
     return {
