@@ -113,7 +113,8 @@ def test_targets_from_crops_of_padding_and_empty_images():
   crops = np.ones((3, 8, 8), np.float32)
   boxes = np.array([[4, 4, 12, 12], [0, 0, 0, 0], [2, 2, 30, 20]], np.float32)
   rois = np.array([[4, 4, 12, 12], [0, 0, 5, 5], [100, 100, 110, 110]], np.float32)
-  out = np.asarray(ops.mask_targets_from_crops(crops, boxes, np.array([0, 1, 2]), rois, 7))
+  targets = jax.jit(ops.mask_targets_from_crops, static_argnums=4)
+  out = np.asarray(targets(crops, boxes, np.array([0, 1, 2]), rois, 7))
   assert out.shape == (3, 7, 7) and np.isfinite(out).all()
   np.testing.assert_array_equal(out[0], 1.0)  # The ROI is the box: all of the crop.
   np.testing.assert_array_equal(out[1:], 0.0)  # An empty box; a ROI outside its box.
