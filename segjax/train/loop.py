@@ -169,7 +169,7 @@ def train_and_evaluate(
         summary["images_per_sec"] = (step - timer_step) * config.batch_size / elapsed
         writer.write(step, summary)
         pending, timer_step, timer_start = [], step, time.perf_counter()
-      if step % config.eval_every_steps == 0 or is_last:
+      if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
         eval_metrics = evaluator.run({"params": state.params, "batch_stats": state.batch_stats})
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         timer_step, timer_start = step, time.perf_counter()

@@ -97,6 +97,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     "checkpoint_every_steps",
   ):
     value = config.get(key)
+    if key == "eval_every_steps" and value == 0:  # Never evaluates while training.
+      continue
     if value is not None and (not isinstance(value, int) or value <= 0):
       raise ConfigError(f"{key}={value!r} must be a positive integer.")
   if config.get("eval_batch_size"):

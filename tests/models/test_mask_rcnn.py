@@ -19,6 +19,7 @@ from segjax.models.roi_heads import ROIHeads
 from segjax.models.rpn import RPN
 from segjax.train import steps
 from segjax.train.state import TrainState
+from tests.markers import long_test
 
 KEY = jax.random.key(0, impl="rbg")  # rbg keys compile much faster on CPU than threefry
 H = W = 64
@@ -156,6 +157,7 @@ def test_toy_predict_shapes_and_invariants():
     assert not np.any(masks[i, j] & ~inside)
 
 
+@long_test  # tests/train/test_mask_rcnn_train.py trains the toy through the loop in CI.
 def test_toy_training_steps_lower_the_loss():
   model, batch = toy_model(), synthetic_batch()
   variables = toy_variables()

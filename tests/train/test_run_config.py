@@ -51,6 +51,11 @@ def test_bad_counts_name_the_key():
   config.log_every_steps = 0
   with pytest.raises(ConfigError, match=r"log_every_steps=0 must be a positive integer"):
     run_config.check(config)
+  config.log_every_steps, config.eval_every_steps = 1, 0  # 0: never evaluate in training.
+  run_config.check(config)
+  config.eval_every_steps = -1
+  with pytest.raises(ConfigError, match=r"eval_every_steps=-1 must be a positive integer"):
+    run_config.check(config)
 
 
 def test_eval_batch_rounds_up_to_the_device_count(monkeypatch, capsys):
