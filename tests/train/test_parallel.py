@@ -218,7 +218,8 @@ MASK_RCNN_ARGS = (
 )
 
 
-def _mask_rcnn_records(workdir, devices, extra=()):
+def _mask_rcnn_records(workdir, devices, extra=(), evaluate=False):
+  """Loss records of a `MASK_RCNN_STEPS` run; `evaluate`: also COCO AP at the last step."""
   _finish(
     _launch(
       "train.py",
@@ -228,7 +229,7 @@ def _mask_rcnn_records(workdir, devices, extra=()):
         str(workdir),
         f"--config.num_train_steps={MASK_RCNN_STEPS}",
         "--config.log_every_steps=1",
-        "--config.eval_every_steps=0",  # Losses only; evaluation has its own tests.
+        f"--config.eval_every_steps={1000 if evaluate else 0}",
         "--config.checkpoint_every_steps=1000",
         "--config.eval_batch_size=8",
         "--config.learning_rate=0.01",
@@ -288,7 +289,9 @@ def _first_step_device_losses(config, num_devices):
 
 
 def test_mask_rcnn_pmap_averages_device_losses(tmp_path):
-  records = _mask_rcnn_records(tmp_path, devices=8, extra=["--config.parallelism=pmap"])
+  records = _mask_rcnn_records(
+    tmp_path, devices=8, extra=["--config.parallelism=pmap"], evaluate=True
+  )
   assert len(records) == MASK_RCNN_STEPS
   # Each device normalizes its losses over its own sampled anchors, ROIs and mask pixels, and
   # the step averages them over devices (as detectron2 averages per-GPU losses). Under jit the
