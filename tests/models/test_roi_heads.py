@@ -83,7 +83,11 @@ def test_mask_predictor_matches_a_1x1_conv_and_its_class_channels(dtype):
   np.testing.assert_allclose(selected(params), picked(params), **tol)
   loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
   grads, ref_grads = jax.grad(loss(selected))(params), jax.grad(loss(picked))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), grads, ref_grads)
+  for name in grads:  # bf16 sums of 96 products: errors scale with the tensor, not the entry.
+    scale = float(np.abs(ref_grads[name]).max()) if dtype == jnp.bfloat16 else 1.0
+    np.testing.assert_allclose(
+      grads[name], ref_grads[name], rtol=tol["rtol"], atol=tol["atol"] * scale
+    )
   assert np.all(np.any(grads["kernel"][0, 0] != 0, axis=0))  # Every class's column trains.
 
 
