@@ -116,21 +116,7 @@ def mask_targets_from_crops(
   size = jnp.maximum(gt[:, 2:] - gt[:, :2], 1e-6)
   scale = jnp.array([sw, sh], jnp.float32) / size  # (R, 2) crop cells per pixel
   local = (boxes.astype(jnp.float32) - jnp.tile(gt[:, :2], 2)) * jnp.tile(scale, 2)
-  out = roi_align_flat(
-    crops.reshape(g * sh * sw, 1),
-    local,
-    gt_index * (sh * sw),
-    sh,
-    sw,
-    1.0,
-    (mask_size, mask_size),
-    sampling_ratio=0,
-    aligned=True,
-    max_sampling_ratio=max_sampling_ratio,
-  )[..., 0].astype(jnp.float32)
-  if threshold is None:
-    return out
-  return (out >= threshold).astype(jnp.float32)
+  return mask_targets(crops, gt_index, local, mask_size, threshold, max_sampling_ratio)
 
 
 def _interpolation_matrix(start: Array, stop: Array, size: int, m: int) -> Array:
