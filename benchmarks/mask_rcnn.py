@@ -67,6 +67,8 @@ VARIANTS = {
   "pairs": {"roi_heads": {"adaptive_layout": "pairs"}},
   "mask32": {"roi_heads": {"mask_batch_size_per_image": 32}},
   "mask64": {"roi_heads": {"mask_batch_size_per_image": 64}},
+  "no_buckets": {"roi_heads": {"mask_slot_buckets": 1}},
+  "train_buckets": {"roi_heads": {"train_mask_slot_buckets": 3}},
 }
 
 # Per model: the model config for `create_model`, the optimizer keys of

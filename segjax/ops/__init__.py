@@ -24,6 +24,13 @@ from segjax.ops.boxes import (
   xyxy_to_cxcywh,
   xyxy_to_xywh,
 )
+from segjax.ops.buckets import (
+  bucket_index,
+  bucket_sizes,
+  bucketed_apply,
+  bucketed_loss,
+  used_slots,
+)
 from segjax.ops.masks import (
   mask_targets,
   mask_targets_from_crops,
@@ -47,6 +54,11 @@ __all__ = [
   "image_anchors",
   "multilevel_anchors",
   "num_anchors",
+  "bucket_index",
+  "bucket_sizes",
+  "bucketed_apply",
+  "bucketed_loss",
+  "used_slots",
   "BOX_HEAD_WEIGHTS",
   "RPN_WEIGHTS",
   "decode_boxes",

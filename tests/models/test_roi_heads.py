@@ -506,3 +506,85 @@ def test_mask_head_upsampling_variant_from_a_config_key():
   config.model.roi_heads.mask_upsampling = "cubic"
   with pytest.raises(ValueError, match="Unknown roi_heads.mask_upsampling 'cubic'"):
     shapes(config)
+
+
+@pytest.mark.parametrize("norm, cropped", [("none", False), ("gn", True)])
+def test_mask_slot_buckets_give_the_losses_and_gradients_of_all_slots(norm, cropped):
+  """The mask head on the used foreground slots (`train_mask_slot_buckets`, sizes 1, 2, 8 of
+  8, the 8 in windows of 2) equals it on all 8: every loss, metric and the gradient of every
+  parameter and feature map."""
+  base = roi_heads.ROIHeads(
+    num_classes=3,
+    batch_size_per_image=16,
+    positive_fraction=0.5,
+    box_resolution=2,
+    mask_resolution=4,
+    fc_dims=(8,),
+    mask_conv_dims=(4,),
+    norm=norm,
+  )
+  assert base.clone(train_mask_slot_buckets=3).mask_slot_sizes(8, loss=True) == (1, 2, 8)
+  variables = base.init(KEY, 3, method=roi_heads.ROIHeads.init_heads)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def loss_and_grads(heads, features, proposals, targets):
+    def total(params, features):
+      losses, metrics = heads.apply(
+        {**variables, "params": params}, features, proposals, targets, KEY, method="losses"
+      )
+      return sum(losses.values()), (losses, metrics)
+
+    return jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(variables["params"], features)
+
+  rng = np.random.default_rng(3)
+  fg_per_image = set()
+  for num_fg, num_gt in ((0, 0), (0, 1), (1, 1), (5, 2), (12, 2)):
+    features, proposals, targets = _mask_case(rng, num_fg, num_gt)
+    if cropped:
+      targets["cropped_masks"] = rng.integers(0, 2, (2, 4, 6, 6)).astype(np.uint8)
+      del targets["instance_masks"]
+    (_, (losses, metrics)), grads = loss_and_grads(
+      base.clone(train_mask_slot_buckets=3), features, proposals, targets
+    )
+    (_, (want_losses, want_metrics)), want_grads = loss_and_grads(
+      base, features, proposals, targets
+    )
+    fg_per_image.add(int(np.max(metrics["num_fg_rois"])))
+    for got, want in ((losses, want_losses), (metrics, want_metrics), (grads, want_grads)):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    assert np.any(np.asarray(grads[0]["mask_head"]["predictor"]["kernel"])) == (num_gt > 0)
+  assert {0, 1, 2, 8} <= fg_per_image  # the first slot, each bucket's edge, the last bucket
+
+
+def test_mask_slot_buckets_give_the_detections_of_all_slots():
+  base = roi_heads.ROIHeads(
+    num_classes=3,
+    box_resolution=2,
+    mask_resolution=4,
+    fc_dims=(8,),
+    mask_conv_dims=(4,),
+    score_thresh=0.0,
+    detections_per_image=16,
+  )
+  assert base.mask_slot_sizes(16) == (1, 4, 16)
+  variables = base.init(KEY, 3, method=roi_heads.ROIHeads.init_heads)
+  infer = jax.jit(lambda heads, *args: heads.apply(variables, *args, (32, 32)), static_argnums=0)
+  rng = np.random.default_rng(4)
+  used = set()
+  for num_valid in (0, 1, 12):
+    features, proposals, _ = _mask_case(rng, 6, 2)
+    proposals["valid"] = np.arange(12)[None].repeat(2, 0) < num_valid
+    size = jnp.full((2, 2), 32.0)
+    got = infer(base.clone(mask_slot_buckets=3), features, proposals, size)
+    want = infer(base.clone(mask_slot_buckets=1), features, proposals, size)
+    used.add(int(roi_heads.ops.bucket_index((1, 4, 16), roi_heads.ops.used_slots(got["valid"]))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    assert not np.any(got["instance_masks"][~got["valid"]])
+  assert used == {0, 1, 2}
+
+
+def test_mask_slot_buckets_check_their_count():
+  with pytest.raises(ValueError, match="roi_heads.mask_slot_buckets must be >= 1, got 0"):
+    roi_heads.ROIHeads(mask_slot_buckets=0).mask_slot_sizes(8)
+  with pytest.raises(ValueError, match="roi_heads.train_mask_slot_buckets must be >= 1, got 0"):
+    roi_heads.ROIHeads(train_mask_slot_buckets=0).mask_slot_sizes(8, loss=True)

@@ -479,7 +479,9 @@ def test_end_to_end_detections_match(tv_mask_rcnn, imported):
   n = int(det["valid"][0].sum())
   assert n == len(ref["scores"]) > 10
   np.testing.assert_array_equal(det["classes"][0, :n], ref["labels"].numpy())
-  assert_close(det["scores"][0, :n], ref["scores"].numpy())
+  # The 4x class logits scale float32 differences too: the two frameworks' convolution
+  # kernels (which vary by CPU) move these scores by up to 1.3e-4 of their largest on AMD EPYC.
+  assert_close(det["scores"][0, :n], ref["scores"].numpy(), rel=3e-4)
   assert_close(det["boxes"][0, :n], ref["boxes"].numpy())
   masks = np.asarray(det["instance_masks"][0, :n])
   ref_masks = ref["masks"][:, 0].numpy() >= 0.5

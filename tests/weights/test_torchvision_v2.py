@@ -133,9 +133,10 @@ def test_v2_backbone_fpn_and_rpn_head_match(outputs):
     assert_close(outputs["dl"][level], ref)
 
 
-def near_tie_order(got_boxes, ref_boxes, got_scores, ref_scores, tie=1e-5, atol=0.05):
+def near_tie_order(got_boxes, ref_boxes, got_scores, ref_scores, tie=5e-5, atol=0.05):
   """`p` with `got[p[i]]` the entry matching `ref[i]`: the identity except where scores within
-  `tie` (float32 rounding apart) swap places, every box then within `atol`."""
+  `tie` swap places, every box then within `atol`. The two frameworks' float32 kernels (which
+  vary by CPU) move scores by up to 2.2e-5 on AMD EPYC."""
   got_boxes, ref_boxes = np.asarray(got_boxes), np.asarray(ref_boxes)
   got_scores, ref_scores = np.asarray(got_scores), np.asarray(ref_scores)
   order = []
