@@ -61,14 +61,19 @@ VARIANTS = {
   "current": {},
   "previous": {
     "rpn": {"nms_block_size": 0},
-    "roi_heads": {"adaptive_layout": "pairs", "nms_block_size": 0},
+    "roi_heads": {
+      "adaptive_layout": "pairs",
+      "nms_block_size": 0,
+      "mask_slot_buckets": 1,
+      "train_mask_slot_buckets": 1,
+    },
   },
   "serial_nms": {"rpn": {"nms_block_size": 0}, "roi_heads": {"nms_block_size": 0}},
   "pairs": {"roi_heads": {"adaptive_layout": "pairs"}},
   "mask32": {"roi_heads": {"mask_batch_size_per_image": 32}},
   "mask64": {"roi_heads": {"mask_batch_size_per_image": 64}},
-  "no_buckets": {"roi_heads": {"mask_slot_buckets": 1}},
-  "train_buckets": {"roi_heads": {"train_mask_slot_buckets": 3}},
+  "no_buckets": {"roi_heads": {"mask_slot_buckets": 1, "train_mask_slot_buckets": 1}},
+  "no_train_buckets": {"roi_heads": {"train_mask_slot_buckets": 1}},
 }
 
 # Per model: the model config for `create_model`, the optimizer keys of

@@ -88,11 +88,13 @@ def _jax_unet(kernel_grad: str):
 
   from configs import unet_shapes
   from segjax.layers import conv as conv_lib
+  from segjax.train import host_memory
 
   config = unet_shapes.get_config()
   config.batch_size, config.image_size = UNET_BATCH, (UNET_SIZE, UNET_SIZE)
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"  # Read while tracing.
   train_once, eval_once, info = unet_steps(config)
+  host_memory.release_freed_memory()  # As segjax's train loop does after compiling.
   return {"train": train_once, "inference": eval_once}, info
 
 
@@ -156,8 +158,8 @@ def _jax_maskrcnn(kernel_grad: str):
 
   from segjax.layers import conv as conv_lib
   from segjax.models import create_model, mask_rcnn
+  from segjax.train import host_memory, steps
   from segjax.train import state as state_lib
-  from segjax.train import steps
 
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"
   # rpn: 256 anchors sampled per image, roi_heads: 512 ROIs, backbone: freeze_at=2 (defaults).
@@ -189,6 +191,7 @@ def _jax_maskrcnn(kernel_grad: str):
   train_compiled, train_compile = compile_timed(train, state, batch, key)
   variables = lambda: {"params": state.params, "batch_stats": state.batch_stats}
   predict_compiled, predict_compile = compile_timed(predict, variables(), test_batch)
+  host_memory.release_freed_memory()  # As segjax's train loop does after compiling.
 
   def train_once():
     nonlocal state

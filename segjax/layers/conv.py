@@ -7,7 +7,10 @@ the same gradient as nine `(O, N) @ (N, C)` matrix products, one per kernel tap;
 channels (8 x 128 x 128) XLA's was the faster, 0.8 s against 1.1 s (both on a 2-core CPU
 under load; `benchmarks/vs_pytorch.py --only conv --compare_kernel_grad` times them in place).
 `conv_general_dilated` here computes the same values as `jax.lax.conv_general_dilated`: the
-forward pass and the input gradient are XLA's own, the kernel gradient is
+forward pass is XLA's own; the input gradient at stride 1 is the convolution of the output
+gradient with the flipped kernel in HWIO order (`jax.vjp`'s swaps the kernel's channel
+dimensions instead, which XLA:CPU compiles to a slow loop inside a `lax.switch` branch or a
+loop body: 3x the mask head's gradient time), XLA's own at other strides; the kernel gradient is
 
     dK[i, j] = sum over (b, y, x) of  x_padded[b, s*y + i, s*x + j, :]^T  g[b, y, x, :]
 
@@ -77,6 +80,29 @@ def _kernel_grad_by_taps(x: Array, g: Array, kernel_shape, strides, padding) -> 
   return taps.reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
+def _input_grad(x, g, kernel, strides, padding, precision) -> Array:
+  """The convolution's input gradient. At stride 1, a convolution of `g` with the flipped
+  kernel, its in and out channels swapped into HWIO order, as a layout XLA:CPU runs with its
+  fast kernels everywhere (`jax.vjp`'s transposed kernel dimensions are slow inside a
+  `lax.switch` branch or a loop body)."""
+  kh, kw = kernel.shape[:2]
+  if tuple(strides) != (1, 1) or not all(
+    0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(padding, (kh, kw), strict=True)
+  ):
+    _, input_vjp = jax.vjp(
+      lambda x: lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+      ),
+      x,
+    )
+    return input_vjp(g)[0]
+  flipped = jnp.swapaxes(jnp.flip(kernel, (0, 1)), 2, 3)
+  pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, (kh, kw), strict=True))
+  return lax.conv_general_dilated(
+    g, flipped, (1, 1), pads, dimension_numbers=_NHWC, precision=precision
+  ).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_nhwc(x: Array, kernel: Array, strides, padding, precision) -> Array:
   return lax.conv_general_dilated(
@@ -93,8 +119,7 @@ def _conv_nhwc_bwd(strides, padding, precision, residuals, g):
   conv = lambda x, k: lax.conv_general_dilated(
     x, k, strides, padding, dimension_numbers=_NHWC, precision=precision
   )
-  _, input_vjp = jax.vjp(lambda x: conv(x, kernel), x)
-  (dx,) = input_vjp(g)
+  dx = _input_grad(x, g, kernel, strides, padding, precision)
 
   def xla_kernel_grad(x, g):
     _, kernel_vjp = jax.vjp(lambda k: conv(x, k), kernel)

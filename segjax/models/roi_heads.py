@@ -481,10 +481,9 @@ class ROIHeads(nn.Module):
       compiled) that holds every image's valid detections (`segjax.ops.buckets`); the same
       detections as on all D. 1: always all D.
     train_mask_slot_buckets: the same for the mask loss, of the F foreground slots (the
-      largest size in windows of the next), its gradient taken inside the chosen branch; not
-      with norm="bn" (batch statistics inside a branch). Off (1) by default: on the R50-FPN
-      step it is faster with few foregrounds (3.8 against 6.4 s with 8 slots in use) but the
-      largest size takes twice the plain step (12.8 against 6.4 s), README "Training cost".
+      largest size in windows of the next, so memory is that of F / 4 slots), its gradient
+      taken inside the chosen branch; the same losses and gradients as on all F. Not with
+      norm="bn" (batch statistics inside a branch). 1: always all F.
   """
 
   num_classes: int = 80
@@ -514,7 +513,7 @@ class ROIHeads(nn.Module):
   norm: str = "none"
   mask_upsampling: str = "transpose"
   mask_slot_buckets: int = 3
-  train_mask_slot_buckets: int = 1
+  train_mask_slot_buckets: int = 3
 
   def setup(self):
     norms.check_norm(self.norm, "roi_heads.norm")

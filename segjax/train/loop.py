@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from segjax.data.iteration import next_batch
 from segjax.errors import Terminated
 from segjax.models import build_model
-from segjax.train import checkpoint, init_from, parallel, run_config, tasks
+from segjax.train import checkpoint, host_memory, init_from, parallel, run_config, tasks
 from segjax.train.state import initial_state, learning_rate_schedule
 from segjax.train.steps import train_step
 from segjax.train.writer import MetricWriter
@@ -77,7 +77,8 @@ class StepRunner:
 
   def __init__(self, config, loss_fn, mesh):
     runner = parallel.runner(config, mesh)
-    self.step = runner.train_step(functools.partial(train_step, loss_fn=loss_fn))
+    step = runner.train_step(functools.partial(train_step, loss_fn=loss_fn))
+    self.step = host_memory.CompileFirst(step)  # Compiled, its freed memory released, run.
     self.batch = runner.batch
     self.to_run_state = runner.to_run_state
     self.to_global_state = runner.to_global_state  # What checkpoints hold.

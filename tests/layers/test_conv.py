@@ -33,7 +33,8 @@ def _loss(conv_fn, strides, padding):
 
 
 # (input shape, kernel shape, strides, padding): stride 2 on odd sizes, 1x1, the ResNet stem,
-# non-square inputs and kernels, batch 1.
+# non-square inputs and kernels, batch 1; at stride 1 (the input gradient as a convolution with
+# the flipped kernel) "SAME", "VALID", asymmetric and one-sided padding, non-square kernels.
 CASES = [
   ((2, 9, 7, 3), (3, 3, 3, 4), (2, 2), "SAME"),
   ((1, 11, 13, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1))),
@@ -41,6 +42,10 @@ CASES = [
   ((1, 17, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
   ((2, 10, 6, 3), (3, 2, 3, 5), (1, 2), ((1, 2), (0, 1))),
   ((2, 5, 5, 2), (3, 3, 2, 2), (1, 1), "VALID"),
+  ((2, 8, 7, 6), (3, 3, 6, 5), (1, 1), "SAME"),
+  ((1, 9, 6, 3), (3, 2, 3, 4), (1, 1), "SAME"),
+  ((2, 7, 8, 4), (3, 3, 4, 4), (1, 1), ((0, 2), (2, 1))),
+  ((1, 6, 6, 2), (5, 3, 2, 3), (1, 1), ((4, 0), (0, 0))),
 ]
 
 
@@ -55,9 +60,10 @@ def test_forward_and_gradients_equal_lax(x_shape, k_shape, strides, padding):
   np.testing.assert_allclose(dk, ref_dk, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_gradients_close_to_float32_lax():
+@pytest.mark.parametrize("strides", [(2, 2), (1, 1)])
+def test_bfloat16_gradients_close_to_float32_lax(strides):
   x, kernel = _normal(3, (2, 9, 9, 8), (3, 3, 8, 6))
-  strides, padding = (2, 2), "SAME"
+  padding = "SAME"
   grad = jax.jit(jax.grad(_loss(conv_general_dilated, strides, padding), (0, 1)))
   dx, dk = grad(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16))
   assert dx.dtype == dk.dtype == jnp.bfloat16
@@ -66,6 +72,32 @@ def test_bfloat16_gradients_close_to_float32_lax():
   for ours, ref in ((dx, ref_dx), (dk, ref_dk)):
     err = np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max()
     assert err < 3e-2, err
+
+
+def test_stride_one_input_gradient_keeps_a_fast_layout_inside_a_branch():
+  """Inside `lax.switch`, `jax.vjp`'s input gradient (a convolution over the reversed kernel
+  with its channel dimensions swapped) compiled to XLA:CPU's slow loop; segjax's gives HWIO
+  kernels to every convolution of the branch, with the same gradients."""
+  x, kernel = _normal(5, (2, 6, 6, 4), (3, 3, 4, 4))
+
+  def branched(conv_fn):
+    loss = _loss(conv_fn, (1, 1), "SAME")
+    pick = lambda i, x, k: jax.lax.switch(i, [loss, lambda x, k: 2 * loss(x, k)], x, k)
+    return jax.jit(jax.grad(pick, (1, 2)))
+
+  hlo = branched(conv_general_dilated).lower(1, x, kernel).compile().as_text()
+  labels = [
+    line.split("dim_labels=")[1].split(",")[0]
+    for line in hlo.splitlines()
+    if "convolution(" in line
+  ]
+  assert labels and all("_01io->" in label for label in labels), labels
+  for i in (0, 1):
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+      branched(conv_general_dilated)(i, x, kernel),
+      branched(lax.conv_general_dilated)(i, x, kernel),
+    )
 
 
 def test_under_vmap():
