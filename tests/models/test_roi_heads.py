@@ -400,9 +400,9 @@ def _mask_case(rng, num_fg, num_gt):
   return features, {"boxes": proposals, "valid": np.ones((2, 12), bool)}, targets
 
 
-def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
-  # The previous implementation ran the mask head on all int(16 * 0.5) = 8 foreground slots.
-  base = roi_heads.ROIHeads(
+def _mask_case_heads(**overrides):
+  """Small heads for `_mask_case`: 16 sampled ROIs per image, at most 8 foregrounds."""
+  kwargs = dict(
     num_classes=3,
     batch_size_per_image=16,
     positive_fraction=0.5,
@@ -411,6 +411,12 @@ def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
     fc_dims=(8,),
     mask_conv_dims=(4,),
   )
+  return roi_heads.ROIHeads(**{**kwargs, **overrides})
+
+
+def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
+  # The previous implementation ran the mask head on all int(16 * 0.5) = 8 foreground slots.
+  base = _mask_case_heads()
   variables = base.init(KEY, 3, method=roi_heads.ROIHeads.init_heads)
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -513,16 +519,7 @@ def test_mask_slot_buckets_give_the_losses_and_gradients_of_all_slots(norm, crop
   """The mask head on the used foreground slots (`train_mask_slot_buckets`, sizes 1, 2, 8 of
   8, the 8 in windows of 2) equals it on all 8: every loss, metric and the gradient of every
   parameter and feature map."""
-  base = roi_heads.ROIHeads(
-    num_classes=3,
-    batch_size_per_image=16,
-    positive_fraction=0.5,
-    box_resolution=2,
-    mask_resolution=4,
-    fc_dims=(8,),
-    mask_conv_dims=(4,),
-    norm=norm,
-  )
+  base = _mask_case_heads(norm=norm)
   assert base.clone(train_mask_slot_buckets=3).mask_slot_sizes(8, loss=True) == (1, 2, 8)
   variables = base.init(KEY, 3, method=roi_heads.ROIHeads.init_heads)
 
