@@ -13,7 +13,7 @@ import numpy as np
 
 from configs import unet_shapes
 from segjax.models import build_model
-from segjax.train import checkpoint, run_config
+from segjax.train import checkpoint, parallel, run_config
 from segjax.train.state import initial_state
 from tests.markers import long_test
 
@@ -68,7 +68,7 @@ def test_bilinear_unet_from_config_keys_trains_through_train_py(tmp_path):
   config = run_config.load(workdir)  # What train.py recorded: the variant's keys.
   assert config.model.upsampling == "bilinear"
   model = build_model(config)
-  _, abstract = initial_state(config, model, jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, model, parallel.make_mesh(1))
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
   with manager:
     state, _ = checkpoint.restore(manager, abstract)
@@ -142,7 +142,7 @@ def test_mask_rcnn_with_a_bilinear_mask_head_trains_through_train_py(tmp_path):
   config = run_config.load(workdir)
   assert config.model.roi_heads.mask_upsampling == "bilinear"
   model = build_model(config)
-  _, abstract = initial_state(config, model, jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, model, parallel.make_mesh(1))
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
   with manager:
     state, _ = checkpoint.restore(manager, abstract)

@@ -114,10 +114,11 @@ def as_global_mean(tree, count: jax.Array):
   return jax.tree.map(lambda x: x * share, tree)
 
 
-def make_mesh() -> Mesh:
-  return jax.make_mesh(
-    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
-  )
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over `DATA_AXIS` of the first `num_devices` devices (default all), its axis
+  of type Auto (jax >= 0.12 makes meshes Explicit by default)."""
+  n = jax.device_count() if num_devices is None else num_devices
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -15,7 +15,7 @@ import pytest
 from configs import unet_shapes
 from segjax.errors import ConfigError
 from segjax.models import build_model
-from segjax.train import checkpoint, loop
+from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +34,7 @@ def _config(**overrides):
 
 def _restore_all(config, workdir):
   """{step: (params, batch_stats)} of every checkpoint kept in `workdir`."""
-  _, abstract = initial_state(config, build_model(config), jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, build_model(config), parallel.make_mesh(1))
   with checkpoint.checkpoint_manager(workdir, save_every_steps=1) as manager:
     return {
       step: jax.device_get((state.params, state.batch_stats))

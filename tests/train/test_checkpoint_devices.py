@@ -14,7 +14,7 @@ import pytest
 
 from configs import unet_shapes
 from segjax.models import build_model
-from segjax.train import checkpoint, loop
+from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
 from tests.markers import TEST_XLA_FLAGS, long_test
 
@@ -79,7 +79,7 @@ def _losses(workdir):
 def _params(workdir, step):
   """The checkpoint's parameters and statistics, restored on this process's 1 device."""
   config = _config(4)
-  _, abstract = initial_state(config, build_model(config), jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, build_model(config), parallel.make_mesh(1))
   with checkpoint.checkpoint_manager(str(workdir), save_every_steps=1) as manager:
     state, _ = checkpoint.restore(manager, abstract, step=step)
   return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})

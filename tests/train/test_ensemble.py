@@ -19,7 +19,7 @@ from segjax.data.shapes import shapes
 from segjax.errors import ConfigError
 from segjax.models import Ensemble, UNet, build_model
 from segjax.predict import Predictor, normalize_padded
-from segjax.train import checkpoint, loop, semantic
+from segjax.train import checkpoint, loop, parallel, semantic
 from segjax.train.state import create_train_state, initial_state
 from segjax.train.steps import train_step
 from tests.markers import TEST_XLA_FLAGS, long_test, rbg_prng
@@ -207,7 +207,7 @@ def test_predictor_restores_the_ensemble_and_predicts_its_mean_softmax(trained):
   # By hand: each member alone, its parameters sliced from the checkpoint's stacked tree.
   member = predictor.model.member
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
-  _, abstract = initial_state(config, predictor.model, jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, predictor.model, parallel.make_mesh(1))
   with manager:
     state, _ = checkpoint.restore(manager, abstract)
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})

@@ -14,7 +14,7 @@ import pytest
 from configs import unet_shapes
 from segjax.errors import Terminated
 from segjax.models import build_model
-from segjax.train import checkpoint, loop
+from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
 from segjax.train.writer import MetricWriter
 
@@ -27,7 +27,7 @@ def _records(workdir):
 
 
 def _final_params(config, workdir):
-  mesh = jax.make_mesh((1,), ("data",))
+  mesh = parallel.make_mesh(1)
   model = build_model(config)
   _, abstract = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(workdir, save_every_steps=1)
@@ -241,7 +241,7 @@ def test_bfloat16_computes_in_bf16_with_float32_state(tmp_path):
   config.model.dtype = "bfloat16"
   config.num_train_steps = 10
   model = build_model(config)
-  _, abstract = initial_state(config, model, jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, model, parallel.make_mesh(1))
   assert {
     x.dtype
     for x in jax.tree.leaves((abstract.params, abstract.opt_state))

@@ -12,7 +12,7 @@ import pytest
 
 from configs import unet_shapes
 from segjax.models import build_model
-from segjax.train import checkpoint, loop
+from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
 
 POISONED_STEP = 5
@@ -56,7 +56,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, monkeyp
   assert f"Non-finite training metrics at step {POISONED_STEP}: {{" in message
   assert "'loss': nan" in message and "Every checkpoint kept holds finite values" in message
   assert _logged_steps(workdir) == [1, 2, 3, 4]  # Nothing logged for the NaN step.
-  _, abstract = initial_state(config, build_model(config), jax.make_mesh((1,), ("data",)))
+  _, abstract = initial_state(config, build_model(config), parallel.make_mesh(1))
   with checkpoint.checkpoint_manager(workdir, save_every_steps=1) as manager:
     assert manager.all_steps() == [2, 4]
     state, _ = checkpoint.restore(manager, abstract)

@@ -89,7 +89,7 @@ def _losses(workdir):
 def _params(workdir):
   config = unet_shapes.get_config("tiny")
   config.optimizer = "sgd"  # As trained: the optimizer state's structure must match.
-  mesh = jax.make_mesh((1,), ("data",))
+  mesh = parallel.make_mesh(1)
   model = build_model(config)
   _, abstract = initial_state(config, model, mesh)
   manager = checkpoint.checkpoint_manager(str(workdir), save_every_steps=1)
@@ -264,7 +264,7 @@ def _first_step_device_losses(config, num_devices):
   """Each device's first-step losses, computed here as the pmap step does: device d gets
   example d of the first batch and the step's key folded with d; BatchNorm statistics are
   means over the devices (vmap with the pmap axis name, traced `parallel.per_device`)."""
-  mesh = jax.make_mesh((1,), ("data",))
+  mesh = parallel.make_mesh(1)
   model = build_model(config)
   init, _ = initial_state(config, model, mesh)
   state = init()
