@@ -80,21 +80,16 @@ def _kernel_grad_by_taps(x: Array, g: Array, kernel_shape, strides, padding) -> 
   return taps.reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
-def _input_grad(x, g, kernel, strides, padding, precision) -> Array:
-  """The convolution's input gradient. At stride 1, a convolution of `g` with the flipped
-  kernel, its in and out channels swapped into HWIO order, as a layout XLA:CPU runs with its
-  fast kernels everywhere (`jax.vjp`'s transposed kernel dimensions are slow inside a
+def _input_grad(conv, x, g, kernel, strides, padding, precision) -> Array:
+  """The input gradient of `conv(x, kernel)`. At stride 1, a convolution of `g` with the
+  flipped kernel, its in and out channels swapped into HWIO order, as a layout XLA:CPU runs
+  with its fast kernels everywhere (`jax.vjp`'s transposed kernel dimensions are slow inside a
   `lax.switch` branch or a loop body)."""
   kh, kw = kernel.shape[:2]
   if tuple(strides) != (1, 1) or not all(
     0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(padding, (kh, kw), strict=True)
   ):
-    _, input_vjp = jax.vjp(
-      lambda x: lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
-      ),
-      x,
-    )
+    _, input_vjp = jax.vjp(lambda x: conv(x, kernel), x)
     return input_vjp(g)[0]
   flipped = jnp.swapaxes(jnp.flip(kernel, (0, 1)), 2, 3)
   pads = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, (kh, kw), strict=True))
@@ -119,7 +114,7 @@ def _conv_nhwc_bwd(strides, padding, precision, residuals, g):
   conv = lambda x, k: lax.conv_general_dilated(
     x, k, strides, padding, dimension_numbers=_NHWC, precision=precision
   )
-  dx = _input_grad(x, g, kernel, strides, padding, precision)
+  dx = _input_grad(conv, x, g, kernel, strides, padding, precision)
 
   def xla_kernel_grad(x, g):
     _, kernel_vjp = jax.vjp(lambda k: conv(x, k), kernel)

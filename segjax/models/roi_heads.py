@@ -539,20 +539,27 @@ class ROIHeads(nn.Module):
       raise ValueError(f"roi_heads.mask_batch_size_per_image must be >= 1, got {slots}")
     return min(slots, most_fg)
 
-  def mask_slot_sizes(self, slots: int, *, loss: bool = False) -> tuple[int, ...]:
-    """Static sizes, increasing, the mask head may run on out of `slots` padded slots: at
-    inference (`mask_slot_buckets`) or in the mask loss (`train_mask_slot_buckets`)."""
+  def _slot_buckets(self, loss: bool) -> int:
+    """`train_mask_slot_buckets` (the mask loss) or `mask_slot_buckets` (inference), checked."""
     name = "train_mask_slot_buckets" if loss else "mask_slot_buckets"
     buckets = getattr(self, name)
     if buckets < 1:
       raise ValueError(f"roi_heads.{name} must be >= 1, got {buckets}")
-    return ops.bucket_sizes(slots, buckets)
+    return buckets
+
+  def mask_slot_sizes(self, slots: int, *, loss: bool = False) -> tuple[int, ...]:
+    """Static sizes, increasing, the mask head may run on out of `slots` padded slots: at
+    inference (`mask_slot_buckets`) or in the mask loss (`train_mask_slot_buckets`)."""
+    return ops.bucket_sizes(slots, self._slot_buckets(loss))
 
   def _bucketed(self, train: bool, *, loss: bool = False) -> bool:
     """Whether the mask head runs on the used slots only: not while creating its variables,
     nor on batch statistics."""
-    buckets = self.train_mask_slot_buckets if loss else self.mask_slot_buckets
-    return buckets > 1 and not self.is_initializing() and not (train and self.norm == "bn")
+    return (
+      self._slot_buckets(loss) > 1
+      and not self.is_initializing()
+      and not (train and self.norm == "bn")
+    )
 
   def _mask_head_fn(self) -> tuple[Any, dict]:
     """The mask head as a pure `apply(variables, pooled, **kwargs)` and its variables, to
