@@ -15,16 +15,17 @@ gradients and batch statistics are compared with the current code's on the same 
 for normal inputs and for inputs rounded to integers (ties in every max-pool window).
 
 Candidates (from a profile of the train step: kernel gradients of the 3x3 convs 21 %, max pool
-15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %). "current" has the two that
+15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %). "current" has the three that
 were adopted; the "previous_" candidates put back what they replaced, so their ratio is the
 gain:
+  previous_ynn   XLA:CPU's default YNNPACK fusions of convolutions and dots (current: the
+             config's `compiler_options`, Eigen's kernels; segjax/train/xla_options.py).
   previous_pool  flax's reduce_window max pool, whose JVP materialises index iotas of the
              input's size (current: segjax/layers/pool.py, reshape + max, the same gradient).
   previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
              higher-ranked classes, `semantic.in_top_k`).
   bn_dot     BatchNorm whose training statistics are one (1, N) @ (N, 2C) product.
-  xla_xnn_greedy / xla_ynn_off   every step compiled with XLA:CPU's XNNPACK graph fusion
-             (greedy) / without its YNNPACK convolution and dot fusions (Eigen's kernels).
+  xla_xnn_greedy  every step compiled with XLA:CPU's XNNPACK graph fusion (greedy).
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
              conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
 """
@@ -188,7 +189,7 @@ def previous_in_top_k(scores, labels, k):
 # name -> (nn overrides, {module: {attribute: override}})
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
-# XLA:CPU options (jaxlib 0.10's names; the default sends convolutions and dots to YNNPACK).
+# XLA:CPU options (jaxlib 0.10's names), merged over the config's.
 XNN_GREEDY = {
   "timing": {
     "COMPILER_OPTIONS": {
@@ -196,15 +197,18 @@ XNN_GREEDY = {
     }
   }
 }
-YNN_OFF = {
-  "timing": {
-    "COMPILER_OPTIONS": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INVALID"}
-  }
-}
+
+
+def _without_compiler_options(config):
+  del config["compiler_options"]
+
+
+# name -> edit of the config the candidate builds its steps from.
+CONFIG_EDITS = {"previous_ynn": _without_compiler_options}
 CANDIDATES = {
   "current": ({}, {}),
   "xla_xnn_greedy": ({}, XNN_GREEDY),
-  "xla_ynn_off": ({}, YNN_OFF),
+  "previous_ynn": ({}, {}),
   "previous_pool": ({}, PREVIOUS_POOL),
   "previous_topk": ({}, PREVIOUS_TOPK),
   "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
@@ -256,24 +260,13 @@ def _config():
 
 def build_calls(name: str) -> dict:
   """{"train", "eval", "forward"}: blocking calls of candidate `name`'s compiled steps."""
-  import timing
   from unet_throughput import unet_steps
 
-  from segjax.models import build_model
-
   config = _config()
+  CONFIG_EDITS.get(name, lambda config: None)(config)
   with patched(name):
-    train_once, eval_once, _ = unet_steps(config)
-    model = build_model(config)
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, SIZE, SIZE, 3)), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-    forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], -1))
-    forward = forward.lower(variables, x).compile(compiler_options=timing.COMPILER_OPTIONS or None)
-  return {
-    "train": train_once,
-    "eval": eval_once,
-    "forward": lambda: jax.block_until_ready(forward(variables, x)),
-  }
+    calls, _ = unet_steps(config)
+  return calls
 
 
 def _load() -> str:

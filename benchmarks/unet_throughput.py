@@ -26,12 +26,16 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 
 
 def unet_steps(config):
-  """The U-Net of `config` as `(train_once, eval_once, info)`: one blocking call each of the
-  compiled train step (forward, backward, optimizer update, batch-norm statistics) and the
-  evaluation forward, on a random batch of `config.batch_size` at `config.image_size`; info
+  """The U-Net of `config` as `(calls, info)`: one blocking call each of the compiled train
+  step (forward, backward, optimizer update, batch-norm statistics), the evaluation step
+  (logits, confusion matrix, top-k counts) and the forward pass with its argmax (what a
+  prediction runs), `calls["train"]`, `["eval"]`, `["forward"]`, on a random batch of
+  `config.batch_size` at `config.image_size`, compiled with the config's XLA options; info
   holds the compile times ("train_compile_s", "eval_compile_s") and "num_params"."""
+  import jax.numpy as jnp
+
   from segjax.models import build_model
-  from segjax.train import loop, parallel, semantic
+  from segjax.train import loop, parallel, semantic, xla_options
   from segjax.train.evaluator import Evaluator
   from segjax.train.state import initial_state
 
@@ -62,21 +66,31 @@ def unet_steps(config):
   variables = lambda: {"params": state.params, "batch_stats": state.batch_stats}
   eval_batch = evaluator.put(local)
   evaluate, eval_compile = compile_timed(evaluator.step, variables(), eval_batch)
+  forward = jax.jit(
+    lambda v, x: jnp.argmax(semantic.logits_fn(model, v)(x), -1),
+    compiler_options=xla_options.compiler_options(config),
+  )
+  forward, _ = compile_timed(forward, variables(), eval_batch["image"])
   info = dict(
     train_compile_s=train_compile,
     eval_compile_s=eval_compile,
     num_params=sum(x.size for x in jax.tree.leaves(state.params)),
   )
-  return train_once, lambda: jax.block_until_ready(evaluate(variables(), eval_batch)), info
+  calls = {
+    "train": train_once,
+    "eval": lambda: jax.block_until_ready(evaluate(variables(), eval_batch)),
+    "forward": lambda: jax.block_until_ready(forward(variables(), eval_batch["image"])),
+  }
+  return calls, info
 
 
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  train_once, eval_once, info = unet_steps(config)
+  calls, info = unet_steps(config)
   repeats, warmup = flags.FLAGS.repeats, flags.FLAGS.warmup
-  train_s = median_seconds(train_once, repeats, warmup)
-  eval_s = median_seconds(eval_once, repeats, warmup)
+  train_s = median_seconds(calls["train"], repeats, warmup)
+  eval_s = median_seconds(calls["eval"], repeats, warmup)
   train_compile, eval_compile = info["train_compile_s"], info["eval_compile_s"]
   h, w = config.image_size
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"

@@ -93,9 +93,10 @@ def _jax_unet(kernel_grad: str):
   config = unet_shapes.get_config()
   config.batch_size, config.image_size = UNET_BATCH, (UNET_SIZE, UNET_SIZE)
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"  # Read while tracing.
-  train_once, eval_once, info = unet_steps(config)
+  calls, info = unet_steps(config)
   host_memory.release_freed_memory()  # As segjax's train loop does after compiling.
-  return {"train": train_once, "inference": eval_once}, info
+  # Inference as PyTorch's row runs it: the forward pass and its argmax.
+  return {"train": calls["train"], "inference": calls["forward"]}, info
 
 
 def _jax_conv(kernel_grad: str):
@@ -156,9 +157,10 @@ def _jax_maskrcnn(kernel_grad: str):
   import ml_collections
   from timing import compile_timed
 
+  from configs import mask_rcnn_r50_fpn_coco
   from segjax.layers import conv as conv_lib
   from segjax.models import create_model, mask_rcnn
-  from segjax.train import host_memory, steps
+  from segjax.train import host_memory, steps, xla_options
   from segjax.train import state as state_lib
 
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"
@@ -181,11 +183,14 @@ def _jax_maskrcnn(kernel_grad: str):
   init = jax.jit(functools.partial(state_lib.create_train_state, model, config))
   state = init(key, np.zeros((1, 64, 64, 3), np.float32))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  # The R50-FPN COCO recipe's XLA options (configs/mask_rcnn_r50_fpn_coco.py).
+  options = xla_options.compiler_options(mask_rcnn_r50_fpn_coco.get_config())
   train = jax.jit(
     functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)),
     donate_argnums=0,
+    compiler_options=options,
   )
-  predict = jax.jit(functools.partial(mask_rcnn.predict, model=model))
+  predict = jax.jit(functools.partial(mask_rcnn.predict, model=model), compiler_options=options)
   batch = jax.device_put(_mrcnn_batch(MRCNN_BATCH, MRCNN_SIZE))
   test_batch = jax.device_put(_mrcnn_batch(1, MRCNN_TEST_SIZE, seed=1))
   train_compiled, train_compile = compile_timed(train, state, batch, key)

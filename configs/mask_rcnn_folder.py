@@ -47,6 +47,11 @@ def get_config(arg=None):
   config.log_every_steps = 20
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
+  # XLA options by platform (segjax/train/xla_options.py): XLA:CPU's memory-optimized
+  # schedule; the R50-FPN train step holds 0.97 instead of 1.31 GiB of temporaries.
+  config.compiler_options = ml_collections.ConfigDict(
+    {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+  )
 
   dataset = config.dataset = ml_collections.ConfigDict()
   dataset.name = "instance_folder"

@@ -48,6 +48,11 @@ def get_config(arg=None):
   config.eval_every_steps = 90_000  # detectron2 evaluates once, at the end.
   config.checkpoint_every_steps = 5000
   config.parallelism = "jit"
+  # XLA options by platform (segjax/train/xla_options.py): XLA:CPU's memory-optimized
+  # schedule; the R50-FPN train step holds 0.97 instead of 1.31 GiB of temporaries.
+  config.compiler_options = ml_collections.ConfigDict(
+    {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+  )
   # Required: a workdir (train.py or `python -m segjax.weights.torchvision`) whose latest
   # checkpoint initialises a fresh run; here the imported ImageNet ResNet-50.
   config.init_from = ml_collections.config_dict.placeholder(str)

@@ -33,6 +33,11 @@ def get_config(arg=None):
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.parallelism = "jit"  # Or "pmap"; instance evaluation runs under jit either way.
+  # XLA options by platform (segjax/train/xla_options.py): XLA:CPU's memory-optimized
+  # schedule; the R50-FPN train step holds 0.97 instead of 1.31 GiB of temporaries.
+  config.compiler_options = ml_collections.ConfigDict(
+    {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+  )
   # A workdir (train.py or `python -m segjax.weights.torchvision`) whose latest checkpoint
   # initialises a fresh run (segjax/train/init_from.py).
   config.init_from = ml_collections.config_dict.placeholder(str)

@@ -29,6 +29,11 @@ def get_config(arg=None):
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.parallelism = "jit"  # Or "pmap"; either splits `batch_size` over all devices.
+  # XLA options by platform (segjax/train/xla_options.py): on CPU, Eigen's convolutions
+  # rather than YNNPACK's fusions make this U-Net's steps 1.15-1.24x faster.
+  config.compiler_options = ml_collections.ConfigDict(
+    {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+  )
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"

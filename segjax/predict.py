@@ -42,7 +42,7 @@ import numpy as np
 from segjax.data.images import read_image
 from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
 from segjax.models import build_model
-from segjax.train import evaluation, parallel, run_config, tasks
+from segjax.train import evaluation, parallel, run_config, tasks, xla_options
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -125,7 +125,10 @@ class Predictor:
     self.score_threshold = score_threshold
     self.multiple = math.lcm(bucket or 1, self.task.stride(self.config))
     self.postprocess = self.task.bind_postprocess(self.config)
-    self.infer = jax.jit(inference_fn(self.task.bind_predict(self.config, self.model)))
+    self.infer = jax.jit(
+      inference_fn(self.task.bind_predict(self.config, self.model)),
+      compiler_options=xla_options.compiler_options(self.config),
+    )
     self.step = None
 
   @classmethod

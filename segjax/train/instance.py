@@ -80,6 +80,7 @@ class Evaluator:
       functools.partial(mask_rcnn.predict, model=model),
       in_shardings=(replicated, sharded),
       out_shardings=sharded,
+      compiler_options=self.runner.compiler_options,
     )
     self.results: list[dict] = []
 

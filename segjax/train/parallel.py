@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from segjax.errors import ConfigError
 from segjax.layers import norms
+from segjax.train import xla_options
 
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
@@ -234,20 +235,33 @@ def allgather_json(value) -> list:
 
 class JitRunner:
   """Steps jitted over `mesh`: the state replicated, batches split along `DATA_AXIS` of
-  every device of every process, outputs replicated."""
+  every device of every process, outputs replicated; compiled with XLA `compiler_options`
+  (`segjax.train.xla_options`)."""
 
-  def __init__(self, mesh: Mesh):
+  def __init__(self, mesh: Mesh, compiler_options: dict | None = None):
     self.mesh = mesh
+    self.compiler_options = compiler_options
 
   def train_step(self, step):
     """`step(state, batch, rng) -> (state, metrics)` compiled, donating the state."""
     r, d = replicated(self.mesh), data_sharded(self.mesh)
-    return jax.jit(step, in_shardings=(r, d, r), out_shardings=(r, r), donate_argnums=0)
+    return jax.jit(
+      step,
+      in_shardings=(r, d, r),
+      out_shardings=(r, r),
+      donate_argnums=0,
+      compiler_options=self.compiler_options,
+    )
 
   def sum_step(self, step):
     """`step(variables, batch) -> sums over the batch` compiled: sums of the global batch."""
     r = replicated(self.mesh)
-    return jax.jit(step, in_shardings=(r, data_sharded(self.mesh)), out_shardings=r)
+    return jax.jit(
+      step,
+      in_shardings=(r, data_sharded(self.mesh)),
+      out_shardings=r,
+      compiler_options=self.compiler_options,
+    )
 
   def batch(self, local_batch: dict) -> dict:
     """This process's numpy batch as the compiled steps take it."""
@@ -269,7 +283,8 @@ class JitRunner:
 class PmapRunner(JitRunner):
   """Steps pmapped over this process's devices along `PMAP_AXIS` and traced `per_device`: the
   state stacked over the devices, each device a slice of the batch; a train step averages
-  gradients and metrics over the devices (`segjax.train.steps`), a sum step sums its sums."""
+  gradients and metrics over the devices (`segjax.train.steps`), a sum step sums its sums.
+  `jax.pmap` takes no compiler options: `compiler_options` are not applied."""
 
   def train_step(self, step):
     return jax.pmap(per_device(step), axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=0)
@@ -293,6 +308,8 @@ class PmapRunner(JitRunner):
 
 
 def runner(config, mesh: Mesh) -> JitRunner:
-  """The runner of `config.parallelism` ("jit", the default, or "pmap") on `mesh`."""
+  """The runner of `config.parallelism` ("jit", the default, or "pmap") on `mesh`, with
+  `config.compiler_options` for this platform."""
   name = check_parallelism(config.get("parallelism", "jit"))
-  return PmapRunner(mesh) if name == "pmap" else JitRunner(mesh)
+  cls = PmapRunner if name == "pmap" else JitRunner
+  return cls(mesh, xla_options.compiler_options(config))
