@@ -10,7 +10,7 @@ applied. XLA rejects an unknown option by name when the step compiles.
 
 The U-Net configs set the one above: XLA:CPU then runs convolutions and matrix products with
 its Eigen kernels instead of YNNPACK's fusions, 1.15-1.24x faster for the U-Net step on 2-core
-x86 CPUs (`benchmarks/unet_step.py --only xla_ynn_off`). The Mask R-CNN configs keep YNNPACK
+x86 CPUs (`benchmarks/unet_step.py --only previous_ynn`). The Mask R-CNN configs keep YNNPACK
 (its train step is slower without) and set `xla_cpu_scheduler_type:
 CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`: the R50-FPN train step's temporaries go from 1.31 to
 0.97 GiB, and it runs faster too (README "Benchmarks").
