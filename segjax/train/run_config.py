@@ -4,9 +4,9 @@ resume.
 `check(config)` normalises and validates the keys every task shares and raises `ConfigError`
 naming the key. `record(config, workdir, ...)` writes `workdir/config.json`; when a run
 resumes from a checkpoint, a config that differs from the recorded one in anything but how
-long the run is and how often it logs, evaluates and saves is refused, listing the
-differences, unless the change is allowed: then the new config is also kept as
-`config.<step>.json`, the config in force from that step on.
+long the run is, how often it logs, evaluates and saves, how it evaluates and its XLA
+`compiler_options` is refused, listing the differences, unless the change is allowed: then
+the new config is also kept as `config.<step>.json`, the config in force from that step on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import ml_collections
 from segjax.errors import ConfigError
 
 # Keys that may change between a checkpoint and its resumption: how long the run is, how
-# often it logs, evaluates and saves, and how it evaluates (a section, by its prefix).
+# often it logs, evaluates and saves, how it evaluates and how XLA compiles its steps (the
+# last two sections, by their prefix).
 RUN_LENGTH_KEYS = (
   "num_train_steps",
   "log_every_steps",
@@ -30,6 +31,7 @@ RUN_LENGTH_KEYS = (
   "eval_batch_size",
   "init_from",
   "evaluation.",
+  "compiler_options.",
 )
 
 
@@ -125,7 +127,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def differences(old: dict, new: dict, *, ignore=RUN_LENGTH_KEYS) -> list[str]:
   """`key: old -> new` for each key whose value differs, outside `ignore` (keys, or sections
-  ending in ".")."""
+  ending in ".", the section's own key included)."""
   old, new = _flat(old), _flat(new)
   missing = object()
   return [
@@ -133,7 +135,7 @@ def differences(old: dict, new: dict, *, ignore=RUN_LENGTH_KEYS) -> list[str]:
       repr(missing), "(absent)"
     )
     for key in sorted(set(old) | set(new))
-    if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore)
+    if not any(key in (k, k.rstrip(".")) or (k.endswith(".") and key.startswith(k)) for k in ignore)
     and old.get(key, missing) != new.get(key, missing)
   ]
 

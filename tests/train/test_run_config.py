@@ -75,6 +75,7 @@ def test_differences_name_changed_keys_outside_run_length():
     "model": {"depth": 3},
     "extra": 1,
     "evaluation": {"mode": "slide"},
+    "compiler_options": {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"}},
   }
   assert run_config.differences(old, new) == [
     "extra: (absent) -> 1",
@@ -82,6 +83,10 @@ def test_differences_name_changed_keys_outside_run_length():
     "model.depth: 2 -> 3",
     "model.norm: 'batch' -> (absent)",
   ]
+  # A section's own key (None or {} in one of the configs) is part of the section.
+  assert run_config.differences({"compiler_options": None}, {"compiler_options": {"cpu": {}}}) == []
+  assert run_config.differences({"evaluation": None}, {"evaluation": {"mode": "whole"}}) == []
+  assert run_config.differences({"evaluations": 1}, {}) == ["evaluations: 1 -> (absent)"]
 
 
 def test_class_names_must_name_every_class_the_model_outputs():
