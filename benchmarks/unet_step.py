@@ -15,11 +15,13 @@ gradients and batch statistics are compared with the current code's on the same 
 for normal inputs and for inputs rounded to integers (ties in every max-pool window).
 
 Candidates (from a profile of the train step: kernel gradients of the 3x3 convs 21 %, max pool
-15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %). "current" has the three that
+15 %, BatchNorm 15 %; of the evaluation step: `lax.top_k` 23 %). "current" has the four that
 were adopted; the "previous_" candidates put back what they replaced, so their ratio is the
 gain:
   previous_ynn   XLA:CPU's default YNNPACK fusions of convolutions and dots (current: the
              config's `compiler_options`, Eigen's kernels; segjax/train/xla_options.py).
+  previous_concat  the decoder's first conv on the concatenated upsampled features and skip
+             (current: a conv per part, summed; segjax/layers/concat_conv.py).
   previous_pool  flax's reduce_window max pool, whose JVP materialises index iotas of the
              input's size (current: segjax/layers/pool.py, reshape + max, the same gradient).
   previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
@@ -186,9 +188,18 @@ def previous_in_top_k(scores, labels, k):
   return (top == labels[..., None]).any(-1)
 
 
+class PreviousConcatConv(nn.Conv):
+  """The U-Net decoder's first conv before `segjax.layers.concat_conv`: `nn.Conv` on the
+  materialised concatenation of the upsampled features and the skip (the same variables)."""
+
+  def __call__(self, parts):
+    return super().__call__(jnp.concatenate(parts, axis=-1))
+
+
 # name -> (nn overrides, {module: {attribute: override}})
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
+PREVIOUS_CONCAT = {"segjax.layers.conv_blocks": {"ConcatConv": PreviousConcatConv}}
 # XLA:CPU options (jaxlib 0.10's names), merged over the config's.
 XNN_GREEDY = {
   "timing": {
@@ -211,6 +222,7 @@ CANDIDATES = {
   "previous_ynn": ({}, {}),
   "previous_pool": ({}, PREVIOUS_POOL),
   "previous_topk": ({}, PREVIOUS_TOPK),
+  "previous_concat": ({}, PREVIOUS_CONCAT),
   "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
   "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
   "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),

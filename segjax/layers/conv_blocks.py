@@ -4,6 +4,7 @@ Norms are `segjax.layers.norms`' ("bn", "frozen_bn", "gn", "none"); a conv follo
 has no bias (the norm's shift makes it redundant), one without keeps it.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.layers import norms
+from segjax.layers.concat_conv import ConcatConv
 from segjax.layers.conv import Conv
 
 Array = jax.Array
@@ -18,7 +20,9 @@ Array = jax.Array
 
 class ConvBlock(nn.Module):
   """Two 3x3 'SAME' convolutions ("conv_0", "conv_1"), each followed by a norm ("norm_0",
-  "norm_1") and ReLU: a U-Net level.
+  "norm_1") and ReLU: a U-Net level. The input is an array or a sequence of arrays (e.g. the
+  upsampled features and the skip) that "conv_0" takes as their channel concatenation
+  (`segjax.layers.concat_conv`: the same variables, without concatenating).
 
   Attributes:
     features: output channels of both convolutions.
@@ -33,12 +37,12 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array | Sequence[Array], *, train: bool) -> Array:
     for i in range(2):
-      x = nn.Conv(
+      conv = nn.Conv if i or isinstance(x, jax.Array) else ConcatConv
+      x = conv(
         self.features,
         (3, 3),
-        padding="SAME",
         use_bias=self.norm == "none",
         dtype=self.dtype,
         param_dtype=jnp.float32,

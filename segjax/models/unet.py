@@ -62,14 +62,13 @@ class UpBlock(nn.Module):
       x = upsample2x(x, self.features, self.upsampling, name="upsample", dtype=self.dtype)
     # Kept only when "intermediates" is mutable: lets tests and debugging see the upsampling.
     self.sow("intermediates", "upsampled", x)
-    x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
     return ConvBlock(
       self.features,
       norm=self.norm,
       bn_momentum=self.bn_momentum,
       dtype=self.dtype,
       name="conv_block",
-    )(x, train=train)
+    )((x, skip.astype(x.dtype)), train=train)
 
 
 class UNet(nn.Module):

@@ -103,15 +103,15 @@ class ResNetUNet(nn.Module):
     x = stages["c5"]
     for i, features_out in enumerate(self.decoder_channels):
       x = unpool.nearest_unpool(x, 2)
-      if i < len(SKIPS):
-        x = jnp.concatenate([x, features[SKIPS[i]].astype(x.dtype)], axis=-1)
+      # With a skip, the block's first conv takes both (their concatenation's, unmaterialised).
+      inputs = (x, features[SKIPS[i]].astype(x.dtype)) if i < len(SKIPS) else x
       x = ConvBlock(
         features_out,
         norm=self.decoder_norm,
         bn_momentum=self.bn_momentum,
         dtype=self.dtype,
         name=f"decoder_{i}",
-      )(x, train=train)
+      )(inputs, train=train)
       aux[f"decoder_{i}"] = x
     logits = nn.Conv(
       self.num_classes,

@@ -1,0 +1,79 @@
+"""Tests for segjax/layers/concat_conv.py: the sum of per-input convolutions is flax's Conv on
+the concatenation (variables, outputs and gradients), and ConvBlock takes either form."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.layers.concat_conv import ConcatConv
+from segjax.layers.conv_blocks import ConvBlock
+
+
+def _parts(channels, seed=0, size=(2, 8, 6)):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(*size, c)), jnp.float32) for c in channels]
+
+
+@pytest.mark.parametrize(
+  ("channels", "kernel_size", "use_bias"),
+  [
+    ((3, 5), (3, 3), False),
+    ((4, 4), (3, 3), True),
+    ((1, 2, 7), (1, 1), True),
+    ((6,), (3, 3), True),
+  ],
+)
+def test_matches_flax_conv_on_the_concatenation(channels, kernel_size, use_bias):
+  parts = _parts(channels)
+  concat = jnp.concatenate(parts, -1)
+  split = ConcatConv(5, kernel_size, use_bias=use_bias)
+  plain = nn.Conv(5, kernel_size, padding="SAME", use_bias=use_bias)
+  key = jax.random.key(3)
+  variables = split.init(key, parts)
+  reference = plain.init(key, concat)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference)
+  jax.tree.map(np.testing.assert_array_equal, variables, reference)  # Same initializers.
+  if use_bias:  # A nonzero bias, so that it is checked too.
+    variables = {"params": {**variables["params"], "bias": 0.1 * jnp.arange(5.0)}}
+  out = split.apply(variables, parts)
+  np.testing.assert_allclose(out, plain.apply(variables, concat), rtol=1e-5, atol=1e-5)
+
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+  grads = jax.grad(lambda v, xs: jnp.sum(split.apply(v, xs) * cotangent), (0, 1))(variables, parts)
+  ref = jax.grad(
+    lambda v, xs: jnp.sum(plain.apply(v, jnp.concatenate(xs, -1)) * cotangent), (0, 1)
+  )(variables, parts)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref)
+
+
+def test_bfloat16_computes_in_bfloat16_like_flax_conv():
+  parts = _parts((3, 4))
+  split = ConcatConv(6, dtype=jnp.bfloat16)
+  plain = nn.Conv(6, (3, 3), padding="SAME", dtype=jnp.bfloat16)
+  variables = split.init(jax.random.key(0), parts)
+  out = split.apply(variables, parts)
+  ref = plain.apply(variables, jnp.concatenate(parts, -1))
+  assert out.dtype == ref.dtype == jnp.bfloat16
+  assert float(jnp.max(jnp.abs(variables["params"]["bias"]))) == 0.0
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0.05, atol=0.05
+  )
+
+
+def test_conv_block_takes_parts_as_their_concatenation():
+  parts = _parts((4, 4), seed=1, size=(3, 8, 8))
+  block = ConvBlock(6, norm="bn")
+  key = jax.random.key(1)
+  variables = block.init(key, parts, train=False)
+  reference = block.init(key, jnp.concatenate(parts, -1), train=False)
+  jax.tree.map(np.testing.assert_array_equal, variables, reference)
+  out, updates = block.apply(variables, parts, train=True, mutable=["batch_stats"])
+  ref, ref_updates = block.apply(
+    variables, jnp.concatenate(parts, -1), train=True, mutable=["batch_stats"]
+  )
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), updates, ref_updates
+  )
