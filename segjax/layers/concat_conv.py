@@ -23,7 +23,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 class ConcatConv(nn.Module):
-  """'SAME', stride-1 `flax.linen.Conv` applied to `jnp.concatenate(parts, -1)`.
+  """'SAME', stride-1 `flax.linen.Conv` applied to `jnp.concatenate(parts, -1)`; parts of
+  shape (..., H, W, C_i) with the same leading axes (any number, none included).
 
   Attributes:
     features: output channels.
@@ -54,10 +55,17 @@ class ConcatConv(nn.Module):
       else None
     )
     *parts, kernel, bias = promote_dtype(*parts, kernel, bias, dtype=self.dtype)
+    # As flax's Conv: any leading batch axes, none included (H, W, C), flattened to one.
+    lead = parts[0].shape[:-3]
     out, start = None, 0
     for part, c in zip(parts, channels, strict=True):
       y = lax.conv_general_dilated(
-        part, kernel[:, :, start : start + c], (1, 1), "SAME", dimension_numbers=_NHWC
+        part.reshape(-1, *part.shape[-3:]),
+        kernel[:, :, start : start + c],
+        (1, 1),
+        "SAME",
+        dimension_numbers=_NHWC,
       )
       out, start = (y if out is None else out + y), start + c
+    out = out.reshape(*lead, *out.shape[1:])
     return out if bias is None else out + bias

@@ -20,8 +20,8 @@ Array = jax.Array
 
 class ConvBlock(nn.Module):
   """Two 3x3 'SAME' convolutions ("conv_0", "conv_1"), each followed by a norm ("norm_0",
-  "norm_1") and ReLU: a U-Net level. The input is an array or a sequence of arrays (e.g. the
-  upsampled features and the skip) that "conv_0" takes as their channel concatenation
+  "norm_1") and ReLU: a U-Net level. The input is an array or a tuple or list of arrays (e.g.
+  the upsampled features and the skip) that "conv_0" takes as their channel concatenation
   (`segjax.layers.concat_conv`: the same variables, without concatenating).
 
   Attributes:
@@ -39,7 +39,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array | Sequence[Array], *, train: bool) -> Array:
     for i in range(2):
-      conv = nn.Conv if i or isinstance(x, jax.Array) else ConcatConv
+      conv = ConcatConv if i == 0 and isinstance(x, tuple | list) else nn.Conv
       x = conv(
         self.features,
         (3, 3),

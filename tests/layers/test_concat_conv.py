@@ -48,6 +48,18 @@ def test_matches_flax_conv_on_the_concatenation(channels, kernel_size, use_bias)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref)
 
 
+@pytest.mark.parametrize("size", [(8, 6), (2, 3, 8, 6)])
+def test_leading_axes_as_flax_conv(size):
+  parts = _parts((2, 3), size=size)
+  split, plain = ConcatConv(4), nn.Conv(4, (3, 3), padding="SAME")
+  variables = split.init(jax.random.key(0), parts)
+  out = split.apply(variables, parts)
+  assert out.shape == (*size, 4)
+  np.testing.assert_allclose(
+    out, plain.apply(variables, jnp.concatenate(parts, -1)), rtol=1e-5, atol=1e-5
+  )
+
+
 def test_bfloat16_computes_in_bfloat16_like_flax_conv():
   parts = _parts((3, 4))
   split = ConcatConv(6, dtype=jnp.bfloat16)
@@ -59,6 +71,18 @@ def test_bfloat16_computes_in_bfloat16_like_flax_conv():
   assert float(jnp.max(jnp.abs(variables["params"]["bias"]))) == 0.0
   np.testing.assert_allclose(
     np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0.05, atol=0.05
+  )
+
+
+def test_conv_block_takes_a_numpy_array_as_one_input():
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  block = ConvBlock(4, norm="none")
+  variables = block.init(jax.random.key(0), x, train=False)
+  assert variables["params"]["conv_0"]["kernel"].shape == (3, 3, 3, 4)
+  np.testing.assert_allclose(
+    block.apply(variables, x, train=False),
+    block.apply(variables, jnp.asarray(x), train=False),
+    rtol=1e-6,
   )
 
 
