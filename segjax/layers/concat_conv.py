@@ -3,11 +3,13 @@ concatenation: conv(concat(a, b), k) = conv(a, k_a) + conv(b, k_b), k split alon
 channels.
 
 The U-Net decoder's first convolution takes the upsampled features and the skip. On XLA:CPU
-the split form made the U-Net's forward pass 1.24x faster (Eigen's kernels: the wider
-convolution runs at a lower rate, and the concatenation is one more pass over the largest
-maps). The variables are `flax.linen.Conv`'s on the concatenation ("kernel" (KH, KW, sum of
-the inputs' channels, features), "bias"), with its initializers, so checkpoints and weights
-of either form load into the other.
+the split form made the U-Net's forward pass 1.19x and its train step 1.11x faster (Eigen's
+kernels: the wider convolution runs at a lower rate, and the concatenation is one more pass
+over the largest maps; `benchmarks/unet_step.py --only previous_concat`).
+
+The variables are `flax.linen.Conv`'s on the concatenation ("kernel" (KH, KW, sum of the
+inputs' channels, features), "bias"), with its initializers, so checkpoints and weights of
+either form load into the other.
 """
 
 from collections.abc import Sequence

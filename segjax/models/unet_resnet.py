@@ -103,7 +103,7 @@ class ResNetUNet(nn.Module):
     x = stages["c5"]
     for i, features_out in enumerate(self.decoder_channels):
       x = unpool.nearest_unpool(x, 2)
-      # With a skip, the block's first conv takes both (their concatenation's, unmaterialised).
+      # With a skip, the block's first conv takes the pair as their concatenation, unbuilt.
       inputs = (x, features[SKIPS[i]].astype(x.dtype)) if i < len(SKIPS) else x
       x = ConvBlock(
         features_out,
