@@ -284,7 +284,8 @@ class PmapRunner(JitRunner):
   """Steps pmapped over this process's devices along `PMAP_AXIS` and traced `per_device`: the
   state stacked over the devices, each device a slice of the batch; a train step averages
   gradients and metrics over the devices (`segjax.train.steps`), a sum step sums its sums.
-  `jax.pmap` takes no compiler options: `compiler_options` are not applied."""
+  `jax.pmap` takes no compiler options: the pmapped steps compile without `compiler_options`
+  (jitted steps built beside them, as instance evaluation's, still take them)."""
 
   def train_step(self, step):
     return jax.pmap(per_device(step), axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=0)

@@ -4,9 +4,10 @@
 
 The options under the name of JAX's default backend ("cpu", "gpu", "tpu") go to every step
 that `segjax.train.parallel.runner` compiles under `parallelism="jit"` (train and evaluation
-steps) and to `segjax.predict.Predictor`; the other platforms' are ignored, so one config runs
-everywhere. `jax.pmap` takes no compiler options: under `parallelism="pmap"` they are not
-applied. XLA rejects an unknown option by name when the step compiles.
+steps), to instance evaluation's jitted prediction and to `segjax.predict.Predictor`; the
+other platforms' are ignored, so one config runs everywhere. `jax.pmap` takes no compiler
+options: under `parallelism="pmap"` the pmapped steps compile without them. XLA rejects an
+unknown option by name when the step compiles.
 
 The U-Net configs set the one above: XLA:CPU then runs convolutions and matrix products with
 its Eigen kernels instead of YNNPACK's fusions, 1.15-1.24x faster for the U-Net step on 2-core
