@@ -12,6 +12,7 @@ from test_predict import predictor, trained  # The same models, built once per w
 
 from segjax.export import export_predictor
 from segjax.predict import Predictor
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("predict_models")
@@ -97,6 +98,7 @@ def test_exported_unet_from_the_command_line_equals_the_predictor(tmp_path_facto
     assert got["probs"].shape == (len(images), 32, 48, config.model.num_classes)
 
 
+@long_test  # In CI, export: the U-Net tests here.
 def test_exported_mask_rcnn_equals_the_predictor(tmp_path_factory, tmp_path):
   config, _ = trained("mask_rcnn", tmp_path_factory)
   mask_rcnn = predictor("mask_rcnn", tmp_path_factory)  # Compiled for this batch already.

@@ -261,6 +261,7 @@ def test_check_batch_fails_early():
       mask_rcnn.check_batch({**cropped, "cropped_masks": wrong})
 
 
+@long_test  # In CI, crops: tests/ops/test_mask_targets_from_crops.py.
 def test_loss_with_cropped_masks_is_close_to_the_full_mask_loss():
   # The tiny shapes config's first training batch with full masks and cropped at 56 x 56
   # (dataset.cropped_mask_size); mask logits scaled up so that the loss depends on targets.

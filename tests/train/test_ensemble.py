@@ -97,6 +97,7 @@ def test_ensemble_equals_members_trained_alone():
     assert metrics["loss"] == pytest.approx(sum(losses), rel=1e-5)
 
 
+@long_test  # In CI, ensembles: test_ensemble_equals_members_trained_alone.
 def test_split_batch_members_equal_models_trained_alone_on_their_slices():
   """`ensemble_split_batch`: member i trains on the i-th third of each batch (E independent
   batches), as a lone model trained on those examples only; evaluation shares the batch."""

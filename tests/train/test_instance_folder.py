@@ -13,6 +13,7 @@ from segjax import coco_eval
 from segjax.data import instance_pipeline
 from segjax.train import instance, loop
 from tests.data.test_to_coco import write_pennfudan
+from tests.markers import long_test
 
 
 @pytest.fixture
@@ -67,6 +68,7 @@ def test_ground_truth_as_detections_scores_ap_1(config):
   assert ap["box_AP"] == pytest.approx(1.0) and ap["mask_AP"] == pytest.approx(1.0)
 
 
+@long_test  # In CI, training: tests/train/test_mask_rcnn_train.py.
 def test_tiny_model_trains_and_evaluates(config, tmp_path):
   config, _ = config
   previous = jax.config.jax_default_prng_impl

@@ -17,7 +17,7 @@ from segjax.data import instance_pipeline, pipeline
 from segjax.models import build_model
 from segjax.train import checkpoint, parallel, tasks
 from segjax.train.state import initial_state
-from tests.markers import TEST_XLA_FLAGS
+from tests.markers import TEST_XLA_FLAGS, long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -250,6 +250,7 @@ def mask_rcnn_one_device(tmp_path_factory):
 
 
 # The tests sharing `mask_rcnn_one_device` run on one worker, which trains it once.
+@long_test  # In CI, 8 devices: test_eight_devices_train_like_one.
 @pytest.mark.xdist_group("mask_rcnn_one_device")
 def test_mask_rcnn_eight_devices_train_like_one(mask_rcnn_one_device, tmp_path):
   _, one = mask_rcnn_one_device
@@ -288,6 +289,7 @@ def _first_step_device_losses(config, num_devices):
   )
 
 
+@long_test  # In CI, U-Net pmap: test_pmap_trains_like_jit.
 def test_mask_rcnn_pmap_averages_device_losses(tmp_path):
   records = _mask_rcnn_records(
     tmp_path, devices=8, extra=["--config.parallelism=pmap"], evaluate=True
@@ -335,6 +337,7 @@ def _evaluate_mask_rcnn(workdir, num_processes):
     return json.load(f), json.load(g)
 
 
+@long_test  # In CI, 2 processes: test_two_processes_train_together.
 @pytest.mark.xdist_group("mask_rcnn_one_device")
 def test_two_processes_evaluate_mask_rcnn_like_one(mask_rcnn_one_device):
   workdir, _ = mask_rcnn_one_device

@@ -14,7 +14,7 @@ from segjax.models import build_model
 from segjax.train import parallel, semantic, tasks, xla_options
 from segjax.train.state import initial_state
 from segjax.train.steps import train_step
-from tests.markers import rbg_prng
+from tests.markers import long_test, rbg_prng
 
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -123,6 +123,7 @@ def _mask_rcnn_step(options):
   return temp, jax.device_get(metrics), jax.device_get(state.params)
 
 
+@long_test  # In CI, options: the U-Net test.
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options")
 def test_mask_rcnn_memory_optimized_schedule_holds_less_and_computes_the_same():
   from configs import mask_rcnn_shapes

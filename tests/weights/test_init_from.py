@@ -14,6 +14,7 @@ from segjax.models import build_model
 from segjax.train import evaluation, init_from, loop, parallel
 from segjax.train.state import frozen_params
 from segjax.weights import torchvision as tvw
+from tests.markers import long_test
 from tests.weights.conftest import MASK_RCNN
 
 pytest.importorskip("torch")  # Only where the `torch` extra is missing; CI installs it.
@@ -65,6 +66,7 @@ def start_params(flat_variables):
   )
 
 
+@long_test  # In CI, init_from: tests/weights/test_unet_resnet_import.py.
 def test_fine_tuning_starts_from_the_import_and_trains(
   tmp_path, tv_mask_rcnn, imported_workdir, capsys, monkeypatch
 ):
