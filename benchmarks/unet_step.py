@@ -200,6 +200,7 @@ class PreviousConcatConv(nn.Conv):
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
 PREVIOUS_CONCAT = {"segjax.layers.conv_blocks": {"ConcatConv": PreviousConcatConv}}
+PREVIOUS_BN = {"segjax.layers.norms": {"BatchNorm": nn.BatchNorm}}
 # XLA:CPU options (jaxlib 0.10's names), merged over the config's.
 XNN_GREEDY = {
   "timing": {
@@ -223,6 +224,7 @@ CANDIDATES = {
   "previous_pool": ({}, PREVIOUS_POOL),
   "previous_topk": ({}, PREVIOUS_TOPK),
   "previous_concat": ({}, PREVIOUS_CONCAT),
+  "previous_bn": ({}, PREVIOUS_BN),
   "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
   "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
   "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),

@@ -17,7 +17,7 @@ long_test = pytest.mark.skipif(
 # takes 15-25 % less; the golden losses move by 1.5e-5, within their tolerance
 # (tests/train/test_golden.py). tests/conftest.py sets it for the test processes; subprocesses
 # that set their own XLA_FLAGS prepend it.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 
 
 @contextlib.contextmanager

@@ -13,9 +13,10 @@ from test_predict import predictor, trained  # The same models, built once per w
 from segjax.export import export_predictor
 from segjax.predict import Predictor
 from tests.markers import long_test
+from tests.trained_models import XDIST_GROUP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.xdist_group("predict_models")
+pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 
 # Runs the exported file on each .npy batch; fails if anything but jax and numpy was loaded.
 LOAD_AND_CALL = """

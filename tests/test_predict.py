@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from configs import mask_rcnn_shapes, unet_shapes
+from configs import unet_shapes
 from segjax import visualize
 from segjax.data import instance_pipeline, pipeline
 from segjax.data.images import read_image
@@ -24,18 +24,21 @@ from segjax.data.ops import IMAGENET_MEAN, IMAGENET_STD
 from segjax.data.shapes import shapes
 from segjax.predict import Predictor, list_images, normalize_padded
 from segjax.train import instance, loop, parallel, semantic
+from tests.trained_models import XDIST_GROUP, trained_mask_rcnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Both trained models are built once per worker, for this file and tests/test_export.py.
-pytestmark = pytest.mark.xdist_group("predict_models")
+pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 _TRAINED, _PREDICTORS = {}, {}
 
 
 def trained(kind: str, tmp_path_factory) -> tuple:
   """(config, workdir) of the tiny shapes model `kind` ("unet" or "mask_rcnn"), trained once
-  per process."""
+  per process (Mask R-CNN: tests/trained_models.py's, 100 steps)."""
+  if kind == "mask_rcnn":
+    return trained_mask_rcnn(tmp_path_factory)[:2]
   if kind not in _TRAINED:
-    config = {"unet": unet_shapes, "mask_rcnn": mask_rcnn_shapes}[kind].get_config("tiny")
+    config = unet_shapes.get_config("tiny")
     workdir = str(tmp_path_factory.mktemp(f"predict_{kind}"))
     previous = jax.config.jax_default_prng_impl
     jax.config.update("jax_default_prng_impl", "rbg")  # Compiles much faster on CPU.

@@ -1,7 +1,8 @@
 """Normalization layers of every segjax model, named by one vocabulary (`NORMS`).
 
   * "bn": BatchNorm (Ioffe and Szegedy, 2015, arXiv:1502.03167): batch statistics when
-    training, running averages (momentum 0.9) in the "batch_stats" collection otherwise.
+    training, running averages (momentum 0.9) in the "batch_stats" collection otherwise;
+    `segjax.layers.batch_norm.BatchNorm`, flax's with its sums as matrix-vector products.
   * "frozen_bn": `FrozenBatchNorm` (detectron2 `FrozenBatchNorm2d`): fixed scale, bias, mean
     and variance, all four in "batch_stats", never updated nor trained.
   * "gn": GroupNorm (Wu and He, 2018, arXiv:1803.08494) with 32 groups, or the largest divisor
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
+from segjax.layers.batch_norm import BatchNorm
 
 Array = jax.Array
 
@@ -124,7 +126,7 @@ def norm_layer(
   if kind == "frozen_bn":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if kind == "bn":
-    return nn.BatchNorm(
+    return BatchNorm(
       use_running_average=not train,
       momentum=momentum,
       epsilon=EPSILON,

@@ -415,6 +415,7 @@ def _mask_case_heads(**overrides):
   return roi_heads.ROIHeads(**{**kwargs, **overrides})
 
 
+@long_test  # In CI, mask slots: test_mask_slot_buckets_give_the_detections_of_all_slots.
 def test_mask_head_on_fewer_slots_equals_all_foreground_slots_when_they_fit():
   # The previous implementation ran the mask head on all int(16 * 0.5) = 8 foreground slots.
   base = _mask_case_heads()

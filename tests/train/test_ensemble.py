@@ -66,6 +66,7 @@ def _assert_member_equals(i, stacked, leaf):
   np.testing.assert_allclose(stacked[i], leaf, rtol=1e-5, atol=1e-5 * np.abs(leaf).max())
 
 
+@long_test  # In CI, ensembles: tests/train/test_evaluator.py's.
 def test_ensemble_equals_members_trained_alone():
   # Adam with gradient clipping that bites: global-norm clipping would scale every member by
   # the ensemble's norm, not each by its own. Threefry keys: nn.vmap splits the init key with

@@ -11,40 +11,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import mask_rcnn_shapes
 from segjax import visualize
 from segjax.data import instance_pipeline
-from segjax.train import evaluation, loop
+from segjax.train import evaluation
+from tests.trained_models import XDIST_GROUP, trained_mask_rcnn
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 AP_KEYS = tuple(
   f"{p}_{n}" for p in ("box", "mask") for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")
 )
-# One worker trains the fixture once for all tests (pytest-xdist --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("mask_rcnn_train")
-
-
-def trained_config():
-  """The tiny config trained long enough to detect: 100 steps at a constant 5e-3 reach box and
-  mask AP of about 0.06 and 0.05 (AP50 0.27) on its 4 validation images, a few seconds more
-  than its own 20 steps (box AP 0.01, mask AP 0); 60 steps still score 0. Other seeds and
-  jax 0.12's rbg bits give 0.03 to 0.06: positive, with margin."""
-  config = mask_rcnn_shapes.get_config("tiny")
-  config.num_train_steps = 100
-  config.schedule = "constant"
-  config.learning_rate = 5e-3
-  config.eval_every_steps = config.checkpoint_every_steps = 100
-  return config
+pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 
 
 @pytest.fixture(scope="session")  # Kept across modules: built once per worker.
 def trained(tmp_path_factory):
+  config, workdir, eval_metrics = trained_mask_rcnn(tmp_path_factory)
   previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "rbg")  # Compiles much faster on CPU.
+  jax.config.update("jax_default_prng_impl", "rbg")  # As trained.
   try:
-    config = trained_config()
-    workdir = str(tmp_path_factory.mktemp("mask_rcnn"))
-    eval_metrics = loop.train_and_evaluate(config, workdir)
     checkpoint_metrics = evaluation.evaluate_checkpoint(config, workdir, num_visualizations=2)
   finally:
     jax.config.update("jax_default_prng_impl", previous)

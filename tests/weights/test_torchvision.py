@@ -22,6 +22,7 @@ from segjax.models import build_model
 from segjax.models.resnet import ResNet
 from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
+from tests.markers import long_test
 from tests.weights.conftest import (
   MASK_RCNN,
   assert_close,
@@ -296,6 +297,7 @@ def test_import_writes_a_workdir_that_evaluation_reads(tv_mask_rcnn, imported, i
     tvw.import_weights(MASK_RCNN, path, workdir)
 
 
+@long_test  # In CI, the import command: the torch tests here.
 def test_command_imports_an_npz_without_torch(tmp_path, resnet18_state_dict):
   np.savez(tmp_path / "r18.npz", **resnet18_state_dict)
   workdir = tmp_path / "r18"

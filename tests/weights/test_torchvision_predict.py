@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from segjax.data import instance_ops
+from tests.markers import long_test
 from tests.weights.conftest import MASK_RCNN
 
 try:
@@ -146,6 +147,7 @@ def sharpened(tv_mask_rcnn, tmp_path_factory):
   return model.eval(), path
 
 
+@long_test  # In CI, torchvision's detections: test_torchvision.py's end-to-end test.
 def test_predictor_on_an_imported_workdir_returns_torchvisions_detections(sharpened, tmp_path):
   from segjax.predict import Predictor
 

@@ -19,6 +19,7 @@ from configs import mask_rcnn_torchvision
 from segjax.models import build_model, create_model
 from segjax.models.roi_heads import BoxHead, MaskHead
 from segjax.weights import torchvision as tvw
+from tests.markers import long_test
 from tests.weights.conftest import MASK_RCNN, MASK_RCNN_V2, assert_close, nhwc, random_rois
 
 try:
@@ -120,6 +121,7 @@ def test_v2_maps_every_tensor_one_to_one(tv_mask_rcnn_v2, imported):
   assert config.model.roi_heads.num_classes == 90
 
 
+@long_test  # In CI, v2: test_v2_maps_every_tensor_one_to_one.
 def test_v2_backbone_fpn_and_rpn_head_match(outputs):
   tv, aux = outputs["tv"], outputs["aux"]
   for level in range(2, 6):

@@ -17,7 +17,7 @@ from segjax.data import ops, shapes
 from segjax.models import build_model
 from segjax.train import init_from, loop
 from segjax.weights import torchvision as tvw
-from tests.markers import rbg_prng
+from tests.markers import long_test, rbg_prng
 from tests.weights.conftest import random_images, randomize_and_calibrate
 
 pytest.importorskip("torch")  # Only where the `torch` extra is missing; CI installs it.
@@ -84,6 +84,7 @@ def shapes_images(n, size):
   return jnp.asarray((np.stack(images) - mean) / std, jnp.float32)
 
 
+@long_test  # In CI, the import: test_norm_scale_and_bias_load_across_frozen_and_trainable_layouts.
 def test_unet_starts_from_the_imported_resnet18_and_trains(
   tmp_path, resnet18_import, capsys, monkeypatch
 ):
