@@ -17,6 +17,7 @@ from PIL import Image
 from configs import unet_shapes
 from segjax import analysis, models
 from segjax.train import loop
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W, C, K = 8, 6, 3, 4
@@ -217,6 +218,7 @@ def corrupted_workdir(tmp_path_factory):
   return workdir
 
 
+@long_test  # In CI, analysis: test_per_example_gradients_equal_a_loop_of_grad.
 @pytest.mark.xdist_group("analysis_corrupted")
 def test_hardest_ranks_corrupted_masks_first(corrupted_workdir):
   top_k = 5
@@ -233,6 +235,7 @@ def test_hardest_ranks_corrupted_masks_first(corrupted_workdir):
   assert panels == [f"{r['rank']:03d}_{r['index']}.png" for r in ranked[:top_k]]
 
 
+@long_test  # In CI, analysis: test_per_example_gradients_equal_a_loop_of_grad.
 @pytest.mark.xdist_group("analysis_corrupted")
 def test_hardest_command_ranks_by_grad_norm(corrupted_workdir):
   out = subprocess.run(

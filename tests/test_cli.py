@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.markers import long_test
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_SECONDS = 60
 START_SECONDS = 240  # Imports and compiles, on a loaded 2-core machine.
@@ -224,6 +226,7 @@ def test_bad_image_in_first_batch_exits_naming_the_file(tmp_path):
   assert_failed(exited, rf"training data: Cannot read image {re.escape(bad)}")
 
 
+@long_test  # In CI, bad images: test_bad_image_in_first_batch_exits_naming_the_file.
 def test_bad_image_mid_run_exits_keeping_checkpoints(tmp_path):
   data_dir = write_folder(tmp_path / "data")
   bad = corrupt(os.path.join(data_dir, "train", "images", "im020.png"))
@@ -373,6 +376,7 @@ def test_failed_save_exits(tmp_path):
   assert run(args).returncode == 0  # The next start runs.
 
 
+@long_test  # In CI, SIGTERM: tests/train/test_loop.py::test_sigterm_saves_checkpoint_before_exit.
 def test_sigterm_while_compiling_saves_and_exits(tmp_path):
   def terminate_when_compiling(line, proc):
     if "the first step compiles" in line:

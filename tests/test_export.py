@@ -81,6 +81,7 @@ def _assert_same(got, want):
       np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
+@long_test  # In CI, export: test_export_fixes_the_batch_on_request_and_checks_the_size.
 def test_exported_unet_from_the_command_line_equals_the_predictor(tmp_path_factory, tmp_path):
   config, workdir = trained("unet", tmp_path_factory)
   path = str(tmp_path / "unet.jax")

@@ -209,7 +209,8 @@ def test_instance_predictions_equal_the_evaluators_coco_results(mask_rcnn):
     np.testing.assert_array_equal([r["category_id"] for r in mine], out["labels"])
     xywh = out["boxes"].astype(np.float64)
     xywh[:, 2:] -= xywh[:, :2]
-    np.testing.assert_allclose([r["bbox"] for r in mine], xywh.reshape(-1, 4), atol=1e-3)
+    boxes = np.array([r["bbox"] for r in mine]).reshape(-1, 4)  # An image may have none.
+    np.testing.assert_allclose(boxes, xywh.reshape(-1, 4), atol=1e-3)
     for r, mask in zip(mine, out["masks"]):
       np.testing.assert_array_equal(mask_util.decode(r["segmentation"]).astype(bool), mask)
 
@@ -360,7 +361,7 @@ def test_predict_py_writes_coco_results_that_pycocotools_loads(mask_rcnn, tmp_pa
   for i, name in enumerate(sizes):
     expected = predictor(read_image(str(tmp_path / f"{name}.png")))
     mine = [r for r in results if r["image_id"] == i]
-    assert {r["file_name"] for r in mine} == {name}
+    assert {r["file_name"] for r in mine} <= {name}  # An image may have no detections.
     np.testing.assert_allclose([r["score"] for r in mine], expected["scores"], rtol=1e-5)
     for r, mask in zip(mine, expected["masks"]):
       assert tuple(r["segmentation"]["size"]) == sizes[name]

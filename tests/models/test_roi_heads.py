@@ -516,9 +516,8 @@ def test_mask_head_upsampling_variant_from_a_config_key():
     shapes(config)
 
 
-@pytest.mark.parametrize(
-  "norm, cropped", [("none", False), pytest.param("gn", True, marks=long_test)]
-)
+@long_test  # In CI, mask slots: test_mask_slot_buckets_give_the_detections_of_all_slots.
+@pytest.mark.parametrize("norm, cropped", [("none", False), ("gn", True)])
 def test_mask_slot_buckets_give_the_losses_and_gradients_of_all_slots(norm, cropped):
   """The mask head on the used foreground slots (`train_mask_slot_buckets`, sizes 1, 2, 8 of
   8, the 8 in windows of 2) equals it on all 8: every loss, metric and the gradient of every

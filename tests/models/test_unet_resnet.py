@@ -9,6 +9,7 @@ from flax import traverse_util
 
 from segjax.models import build_model, create_model, resnet, unet_resnet
 from segjax.train import loop
+from tests.markers import long_test
 
 KEY = jax.random.key(0, impl="rbg")  # rbg keys compile much faster on CPU than threefry
 H, W = 64, 96  # Non-square, multiples of 32.
@@ -132,6 +133,7 @@ def test_unknown_decoder_norm_is_refused():
     create_model(dict(name="unet_resnet", num_classes=2, backbone=dict(width=3)))
 
 
+@long_test  # In CI, training: the U-Net's, tests/train/test_loop.py.
 def test_tiny_config_trains_and_evaluates(tmp_path):
   from configs import unet_resnet_shapes
 

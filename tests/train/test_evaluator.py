@@ -11,6 +11,7 @@ from segjax import metrics
 from segjax.ops import sliding
 from segjax.train import semantic
 from segjax.train.evaluator import add_counts
+from tests.markers import long_test
 
 
 def test_counts_add_past_int32_exactly():
@@ -90,6 +91,7 @@ def test_ensemble_is_scored_by_its_mean_softmax_and_each_member_alone():
   assert result["mean_iou"] == ensemble["mean_iou"]
 
 
+@long_test  # In CI, ensembles: tests/train/test_ensemble.py's shorter tests.
 def test_ensemble_dense_probabilities_are_the_mean_of_each_members():
   variables, batch, _ = _linear_case()
   infer = functools.partial(sliding.dense_probabilities, multiple=1, flip=True)

@@ -17,6 +17,7 @@ from segjax.models import build_model
 from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
 from segjax.train.writer import MetricWriter
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -236,6 +237,7 @@ def test_bad_config_override_is_a_clear_error(tmp_path, override, expected):
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
+@long_test  # In CI, bfloat16: the models' dtype tests.
 def test_bfloat16_computes_in_bf16_with_float32_state(tmp_path):
   config = unet_shapes.get_config("tiny")
   config.model.dtype = "bfloat16"

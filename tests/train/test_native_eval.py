@@ -15,7 +15,7 @@ from segjax.errors import ConfigError
 from segjax.models import build_model
 from segjax.train import evaluation, parallel, semantic
 from segjax.train.evaluator import Evaluator
-from tests.markers import TEST_XLA_FLAGS
+from tests.markers import TEST_XLA_FLAGS, long_test
 
 IGNORE = 255
 MEAN = 255 * np.array([0.485, 0.456, 0.406])
@@ -204,6 +204,7 @@ print("RESULT", json.dumps(results))
 """
 
 
+@long_test  # In CI, devices: tests/train/test_parallel.py.
 def test_two_devices_jit_and_pmap_evaluate_like_one(folder):
   """Sizes and windows sharded over devices (a subprocess, ~30 s): the same metrics."""
   import json

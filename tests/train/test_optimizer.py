@@ -15,6 +15,7 @@ from segjax.errors import ConfigError
 from segjax.models import create_model
 from segjax.train import steps, tasks
 from segjax.train.state import create_train_state, learning_rate_schedule, make_optimizer
+from tests.markers import long_test
 
 LR, WARMUP, TOTAL = 0.1, 10, 110
 STEPS = [0, 1, 5, 9, 10, 11, 35, 60, 85, 109, 110, 150]
@@ -125,6 +126,7 @@ def _flat(tree):
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
+@long_test  # In CI, frozen parameters: tests/weights/test_init_from.py's weight-decay test.
 def test_frozen_parameters_stay_bit_identical_under_weight_decay():
   """A U-Net whose ResNet encoder freezes the stem and res2 (`freeze_at=2`, trainable BatchNorm
   elsewhere), trained 3 AdamW steps with a weight decay large enough to show: the frozen

@@ -62,6 +62,7 @@ def _unet_setup(config):
   return step, runner.to_run_state(init()), runner.batch(batch)
 
 
+@long_test  # In CI, options: test_options_of_the_named_platform_only.
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options")
 def test_unet_step_compiles_with_the_config_options_and_computes_the_same():
   with_options = unet_shapes.get_config()
@@ -86,6 +87,7 @@ def test_unet_step_compiles_with_the_config_options_and_computes_the_same():
   )
 
 
+@long_test  # In CI, options: the U-Net step test.
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's options")
 def test_predictor_compiles_with_the_config_options():
   from segjax.predict import Predictor
