@@ -100,7 +100,7 @@ def test_exported_unet_from_the_command_line_equals_the_predictor(tmp_path_facto
     assert got["probs"].shape == (len(images), 32, 48, config.model.num_classes)
 
 
-@long_test  # In CI, export: the U-Net tests here.
+@long_test  # In CI, export: test_export_fixes_the_batch_on_request_and_checks_the_size.
 def test_exported_mask_rcnn_equals_the_predictor(tmp_path_factory, tmp_path):
   config, _ = trained("mask_rcnn", tmp_path_factory)
   mask_rcnn = predictor("mask_rcnn", tmp_path_factory)  # Compiled for this batch already.

@@ -146,7 +146,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@long_test  # In CI, processes: test_processes_read_disjoint_halves; devices: test_eight_devices_train_like_one.
+@long_test  # In CI, hosts: test_processes_read_disjoint_halves (the data).
 def test_two_processes_train_together(tmp_path):
   port = _free_port()
   procs = [_train(tmp_path, devices=1, process_id=i, num_processes=2, port=port) for i in range(2)]
