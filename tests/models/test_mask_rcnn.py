@@ -127,6 +127,7 @@ def test_initialize_creates_the_variables_of_call():
   jax.tree.map(np.testing.assert_array_equal, full, toy_variables())
 
 
+@long_test  # In CI, prediction: tests/test_predict.py's Mask R-CNN tests.
 def test_toy_predict_shapes_and_invariants():
   model, batch = toy_model(score_thresh=0.0), synthetic_batch()
   det = jax.jit(functools.partial(mask_rcnn.predict, model=model))(toy_variables(), batch)

@@ -17,6 +17,7 @@ from segjax.errors import ConfigError
 from segjax.models import build_model
 from segjax.train import checkpoint, loop, parallel
 from segjax.train.state import initial_state
+from tests.markers import long_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -143,6 +144,7 @@ def test_diverged_state_is_never_saved(tmp_path):
   assert all(np.all(np.isfinite(x)) for step in kept for x in jax.tree.leaves(kept[step]))
 
 
+@long_test  # In CI, resume: test_each_step_logged_once_after_kill_and_resume.
 def test_changed_config_is_refused_on_resume_unless_allowed(trained, tmp_path):
   config, original, _ = trained
   workdir = str(tmp_path / "w")

@@ -366,6 +366,7 @@ def test_box_and_mask_heads_match_from_the_features(tv_mask_rcnn, imported, outp
   assert_close(sj_masks[0], nhwc(masks))
 
 
+@long_test  # In CI, torchvision parity: test_end_to_end_detections_match.
 def test_rpn_proposals_match(tv_mask_rcnn, imported, outputs):
   from torchvision.models.detection.image_list import ImageList
 
@@ -388,6 +389,7 @@ def test_rpn_proposals_match(tv_mask_rcnn, imported, outputs):
   assert_close(got["boxes"][0, :200], ref[:200])
 
 
+@long_test  # In CI, torchvision parity: test_end_to_end_detections_match.
 def test_postprocess_matches_torchvision_with_small_box_filtering(tv_mask_rcnn):
   from segjax.models import roi_heads
 
