@@ -1,7 +1,7 @@
 """The U-Net step against candidate rewrites of its slow parts, interleaved in one process.
 
   python benchmarks/unet_step.py                  # all candidates, 5 rounds (10-15 min, 2 cores)
-  python benchmarks/unet_step.py --only previous_pool,bn_dot --rounds 7
+  python benchmarks/unet_step.py --only previous_pool,previous_bn --rounds 7
   python benchmarks/unet_step.py --check          # numerics of each candidate against current
 
 The U-Net of configs/unet_shapes.py at batch 8, 128x128 (`benchmarks/vs_pytorch.py --only
@@ -26,7 +26,8 @@ gain:
              input's size (current: segjax/layers/pool.py, reshape + max, the same gradient).
   previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
              higher-ranked classes, `semantic.in_top_k`).
-  bn_dot     BatchNorm whose training statistics are one (1, N) @ (N, 2C) product.
+  previous_bn  flax's BatchNorm (current: segjax/layers/batch_norm.py, its sums over the
+             batch as matrix-vector products, forward and backward).
   xla_xnn_greedy  every step compiled with XLA:CPU's XNNPACK graph fusion (greedy).
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
              conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
@@ -40,7 +41,6 @@ import statistics
 import sys
 import time
 import types
-from typing import Any
 
 import numpy as np
 
@@ -64,45 +64,6 @@ PATCHED_MODULES = ("segjax.models.unet", "segjax.layers.conv_blocks", "segjax.la
 def previous_max_pool_2x2(x):
   """The U-Net's pooling before `segjax.layers.pool`: flax's `reduce_window` max pool."""
   return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
-class DotBatchNorm(nn.Module):
-  """`nn.BatchNorm` (feature axis -1, fast variance) with the same variables and arguments
-  the U-Net passes; in training the per-channel sums of x and x**2 are one matmul."""
-
-  use_running_average: bool | None = None
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, use_running_average=None):
-    use_running_average = nn.merge_param(
-      "use_running_average", self.use_running_average, use_running_average
-    )
-    c = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      flat = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, c)
-      n = flat.shape[0]
-      # XLA's CPU backend reduces over N by transposing x to put C first; a matmul does not.
-      sums = jnp.ones((n,), flat.dtype) @ jnp.concatenate([flat, flat * flat], axis=-1)
-      mean, mean2 = sums[:c] / n, sums[c:] / n
-      if self.axis_name is not None and not self.is_initializing():
-        mean, mean2 = lax.pmean(jnp.stack([mean, mean2]), self.axis_name)
-      var = jnp.maximum(0.0, mean2 - mean * mean)
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
-    return jnp.asarray(y, nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -225,7 +186,6 @@ CANDIDATES = {
   "previous_topk": ({}, PREVIOUS_TOPK),
   "previous_concat": ({}, PREVIOUS_CONCAT),
   "previous_bn": ({}, PREVIOUS_BN),
-  "bn_dot": ({"BatchNorm": DotBatchNorm}, {}),
   "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
   "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),
 }
