@@ -74,7 +74,10 @@ VARIANTS = {
   "mask64": {"roi_heads": {"mask_batch_size_per_image": 64}},
   "no_buckets": {"roi_heads": {"mask_slot_buckets": 1, "train_mask_slot_buckets": 1}},
   "no_train_buckets": {"roi_heads": {"train_mask_slot_buckets": 1}},
+  "onednn": {},
 }
+# Variants whose convolutions run on the CPU by oneDNN (`config.cpu_convolutions`).
+ONEDNN_VARIANTS = ("onednn",)
 
 # Per model: the model config for `create_model`, the optimizer keys of
 # `create_train_state`, ground-truth slots G, and the defaults of the flags above.
@@ -183,6 +186,12 @@ def _memory(compiled) -> str:
   return f"{sum(parts) / 1e9:.2f} GB (arguments {args:.2f}, outputs {outs:.2f}, temp {temps:.2f})"
 
 
+def _traced(variant: str, fn):
+  from segjax.layers import conv
+
+  return conv.traced_with("onednn" if variant in ONEDNN_VARIANTS else "xla", fn)
+
+
 def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> None:
   from segjax.models import create_model, mask_rcnn
   from segjax.train import state as state_lib
@@ -222,7 +231,12 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
     steps_by_variant, compiles, states, memory = {}, {}, {}, {}
     for v, m in models.items():
       train = jax.jit(
-        functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=m)),
+        _traced(
+          v,
+          functools.partial(
+            steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=m)
+          ),
+        ),
         donate_argnums=0,
       )
       states[v] = jax.tree.map(lambda x: x.copy(), fresh_state)  # The step donates it.
@@ -251,7 +265,7 @@ def measure(name: str, batch_sizes, size: int, repeats: int, warmup: int) -> Non
     if f.train_only:
       continue
     for v, m in models.items():
-      predict = jax.jit(functools.partial(mask_rcnn.predict, model=m))
+      predict = jax.jit(_traced(v, functools.partial(mask_rcnn.predict, model=m)))
       variables = {"params": states[v].params, "batch_stats": states[v].batch_stats}
       predict_compiled, predict_compile = compile_timed(predict, variables, batch)
       run = functools.partial(predict_compiled, variables, batch)

@@ -29,6 +29,8 @@ gain:
   previous_bn  flax's BatchNorm (current: segjax/layers/batch_norm.py, its sums over the
              batch as matrix-vector products, forward and backward).
   xla_xnn_greedy  every step compiled with XLA:CPU's XNNPACK graph fusion (greedy).
+  onednn     `config.cpu_convolutions = "onednn"`: every convolution (forward, input and kernel
+             gradients) by oneDNN through XLA's FFI (segjax/kernels/onednn_conv.py).
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
              conv.py's) / as one im2col matmul, for every conv of 16 or more channels.
 """
@@ -162,6 +164,10 @@ PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
 PREVIOUS_CONCAT = {"segjax.layers.conv_blocks": {"ConcatConv": PreviousConcatConv}}
 PREVIOUS_BN = {"segjax.layers.norms": {"BatchNorm": nn.BatchNorm}}
+KGRAD_TAPS, KGRAD_IM2COL = (
+  {m: {"PlainConv": conv_with_kernel_grad(method)} for m in PATCHED_MODULES[:2]}
+  for method in ("taps", "im2col")
+)
 # XLA:CPU options (jaxlib 0.10's names), merged over the config's.
 XNN_GREEDY = {
   "timing": {
@@ -177,7 +183,11 @@ def _without_compiler_options(config):
 
 
 # name -> edit of the config the candidate builds its steps from.
-CONFIG_EDITS = {"previous_ynn": _without_compiler_options}
+def _onednn(config):
+  config.cpu_convolutions = "onednn"
+
+
+CONFIG_EDITS = {"previous_ynn": _without_compiler_options, "onednn": _onednn}
 CANDIDATES = {
   "current": ({}, {}),
   "xla_xnn_greedy": ({}, XNN_GREEDY),
@@ -186,8 +196,9 @@ CANDIDATES = {
   "previous_topk": ({}, PREVIOUS_TOPK),
   "previous_concat": ({}, PREVIOUS_CONCAT),
   "previous_bn": ({}, PREVIOUS_BN),
-  "kgrad_taps": ({"Conv": conv_with_kernel_grad("taps")}, {}),
-  "kgrad_im2col": ({"Conv": conv_with_kernel_grad("im2col")}, {}),
+  "onednn": ({}, {}),
+  "kgrad_taps": ({}, KGRAD_TAPS),
+  "kgrad_im2col": ({}, KGRAD_IM2COL),
 }
 
 
@@ -282,9 +293,11 @@ def time_candidates(names, rounds: int, steps: int) -> None:
 def _outputs(name: str, variables: dict, x, mask):
   """Logits (train, eval), loss, parameter gradients and new batch stats of candidate `name`."""
   from segjax.models import build_model
-  from segjax.train import semantic
+  from segjax.train import semantic, xla_options
 
   config = _config()
+  CONFIG_EDITS.get(name, lambda config: None)(config)
+  jit = lambda fn: xla_options.jit(fn, config)  # The candidate's compiler options and convs.
   with patched(name):
     model = build_model(config)
     tree = jax.tree.map(jnp.shape, model.init(jax.random.key(0), x[:1], train=False))
@@ -295,13 +308,13 @@ def _outputs(name: str, variables: dict, x, mask):
       out, (_, updates) = semantic.loss_fn(v, batch, None, model=model, train=True)
       return out, updates
 
-    (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    train_logits = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-      variables
-    )[0][0]
-    eval_logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)[0]
+    (value, updates), grads = jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    train_logits = jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)[
+      0
+    ][0]
+    eval_logits = jit(lambda v: model.apply(v, x, train=False))(variables)[0]
     batch = {"image": x, "mask": mask, "example_mask": jnp.ones((x.shape[0],), bool)}
-    counts = jax.jit(
+    counts = jit(
       lambda v: semantic.eval_step(v, batch, model=model, num_classes=config.model.num_classes)
     )(variables)
   return tree, {

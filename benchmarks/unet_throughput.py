@@ -66,10 +66,7 @@ def unet_steps(config):
   variables = lambda: {"params": state.params, "batch_stats": state.batch_stats}
   eval_batch = evaluator.put(local)
   evaluate, eval_compile = compile_timed(evaluator.step, variables(), eval_batch)
-  forward = jax.jit(
-    lambda v, x: jnp.argmax(semantic.logits_fn(model, v)(x), -1),
-    compiler_options=xla_options.compiler_options(config),
-  )
+  forward = xla_options.jit(lambda v, x: jnp.argmax(semantic.logits_fn(model, v)(x), -1), config)
   forward, _ = compile_timed(forward, variables(), eval_batch["image"])
   info = dict(
     train_compile_s=train_compile,

@@ -183,14 +183,14 @@ def _jax_maskrcnn(kernel_grad: str):
   init = jax.jit(functools.partial(state_lib.create_train_state, model, config))
   state = init(key, np.zeros((1, 64, 64, 3), np.float32))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  # The R50-FPN COCO recipe's XLA options (configs/mask_rcnn_r50_fpn_coco.py).
-  options = xla_options.compiler_options(mask_rcnn_r50_fpn_coco.get_config())
-  train = jax.jit(
+  # The R50-FPN COCO recipe's XLA options and convolutions (configs/mask_rcnn_r50_fpn_coco.py).
+  recipe = mask_rcnn_r50_fpn_coco.get_config()
+  train = xla_options.jit(
     functools.partial(steps.train_step, loss_fn=functools.partial(mask_rcnn.loss_fn, model=model)),
+    recipe,
     donate_argnums=0,
-    compiler_options=options,
   )
-  predict = jax.jit(functools.partial(mask_rcnn.predict, model=model), compiler_options=options)
+  predict = xla_options.jit(functools.partial(mask_rcnn.predict, model=model), recipe)
   batch = jax.device_put(_mrcnn_batch(MRCNN_BATCH, MRCNN_SIZE))
   test_batch = jax.device_put(_mrcnn_batch(1, MRCNN_TEST_SIZE, seed=1))
   train_compiled, train_compile = compile_timed(train, state, batch, key)

@@ -52,6 +52,8 @@ def get_config(arg=None):
   config.compiler_options = ml_collections.ConfigDict(
     {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
   )
+  # On the CPU, oneDNN's convolutions where it loads, else XLA's ("onednn", "xla").
+  config.cpu_convolutions = "auto"
 
   dataset = config.dataset = ml_collections.ConfigDict()
   dataset.name = "instance_folder"

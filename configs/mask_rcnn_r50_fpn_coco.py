@@ -53,6 +53,8 @@ def get_config(arg=None):
   config.compiler_options = ml_collections.ConfigDict(
     {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
   )
+  # On the CPU, oneDNN's convolutions where it loads, else XLA's ("onednn", "xla").
+  config.cpu_convolutions = "auto"
   # Required: a workdir (train.py or `python -m segjax.weights.torchvision`) whose latest
   # checkpoint initialises a fresh run; here the imported ImageNet ResNet-50.
   config.init_from = ml_collections.config_dict.placeholder(str)

@@ -38,6 +38,8 @@ def get_config(arg=None):
   config.compiler_options = ml_collections.ConfigDict(
     {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
   )
+  # On the CPU, oneDNN's convolutions where it loads, else XLA's ("onednn", "xla").
+  config.cpu_convolutions = "auto"
   # A workdir (train.py or `python -m segjax.weights.torchvision`) whose latest checkpoint
   # initialises a fresh run (segjax/train/init_from.py).
   config.init_from = ml_collections.config_dict.placeholder(str)

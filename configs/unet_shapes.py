@@ -34,6 +34,8 @@ def get_config(arg=None):
   config.compiler_options = ml_collections.ConfigDict(
     {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
   )
+  # On the CPU, oneDNN's convolutions where it loads, else XLA's ("onednn", "xla").
+  config.cpu_convolutions = "auto"
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "shapes"

@@ -125,9 +125,8 @@ class Predictor:
     self.score_threshold = score_threshold
     self.multiple = math.lcm(bucket or 1, self.task.stride(self.config))
     self.postprocess = self.task.bind_postprocess(self.config)
-    self.infer = jax.jit(
-      inference_fn(self.task.bind_predict(self.config, self.model)),
-      compiler_options=xla_options.compiler_options(self.config),
+    self.infer = xla_options.jit(
+      inference_fn(self.task.bind_predict(self.config, self.model)), self.config
     )
     self.step = None
 

@@ -21,7 +21,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from segjax.layers.conv import selected
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_conv = selected(lax.conv_general_dilated)
 
 
 class ConcatConv(nn.Module):
@@ -61,7 +64,7 @@ class ConcatConv(nn.Module):
     lead = parts[0].shape[:-3]
     out, start = None, 0
     for part, c in zip(parts, channels, strict=True):
-      y = lax.conv_general_dilated(
+      y = _conv(
         part.reshape(-1, *part.shape[-3:]),
         kernel[:, :, start : start + c],
         (1, 1),

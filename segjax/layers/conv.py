@@ -20,15 +20,22 @@ stem, are faster as XLA's convolution); other backends keep XLA's gradient, chos
 by `jax.lax.platform_dependent`. Dilations and feature groups go to `jax.lax` unchanged.
 
 `Conv` is `flax.linen.Conv` using it: the same module with the same parameters ("kernel"
-`(KH, KW, C, O)`, "bias"), so checkpoints and the torchvision import are unaffected.
+`(KH, KW, C, O)`, "bias"), so checkpoints and the torchvision import are unaffected;
+`PlainConv` is `flax.linen.Conv` with XLA's gradients. Traced under `cpu_convolutions("onednn")`
+(a run's steps: `segjax.train.xla_options.cpu_convolutions`), both run their convolutions by
+oneDNN instead (`segjax/kernels/onednn_conv.py`), as every segjax model's convolutions do.
 """
 
+import contextlib
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from segjax.kernels import onednn_conv
 
 Array = jax.Array
 
@@ -38,17 +45,6 @@ MIN_MATMUL_CHANNELS = 128
 USE_MATMUL_KERNEL_GRAD = True
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _is_nhwc(dimension_numbers, ndim: int) -> bool:
-  if ndim != 4:
-    return False
-  if dimension_numbers is None:
-    return False  # lax's default is NCHW / OIHW.
-  if all(isinstance(d, str) for d in dimension_numbers):
-    return tuple(dimension_numbers) == _NHWC
-  nhwc = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
-  return tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, nhwc))
 
 
 def _kernel_grad_by_taps(x: Array, g: Array, kernel_shape, strides, padding) -> Array:
@@ -150,7 +146,7 @@ def conv_general_dilated(
   """
   ones = (1,) * (lhs.ndim - 2)
   plain = (
-    _is_nhwc(dimension_numbers, lhs.ndim)
+    onednn_conv.is_nhwc(dimension_numbers, lhs.ndim)
     and tuple(lhs_dilation or ones) == ones
     and tuple(rhs_dilation or ones) == ones
     and feature_group_count == 1
@@ -179,5 +175,59 @@ def conv_general_dilated(
   return _conv_nhwc(lhs, rhs, tuple(window_strides), padding, precision)
 
 
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
-Conv.__doc__ = "`flax.linen.Conv` with `conv_general_dilated`'s CPU kernel gradient."
+# ---------------------------------------------------------------------------------------------
+# Which convolutions run on the CPU: XLA's ("xla") or oneDNN's ("onednn", segjax/kernels/
+# onednn_conv.py), chosen while a step is traced (`traced_with`), as `config.cpu_convolutions`.
+
+CPU_CONVOLUTIONS = ("xla", "onednn")
+_cpu_convolutions = "xla"
+
+
+@contextlib.contextmanager
+def cpu_convolutions(name: str):
+  """Convolutions traced inside the block run on the CPU by `name` (one of CPU_CONVOLUTIONS);
+  "onednn" builds and loads oneDNN's first (`onednn_conv.OnednnUnavailable` if it cannot)."""
+  global _cpu_convolutions
+  if name not in CPU_CONVOLUTIONS:
+    raise ValueError(f"cpu_convolutions: {name!r} is not one of {CPU_CONVOLUTIONS}.")
+  if name == "onednn":
+    onednn_conv.load()
+  saved, _cpu_convolutions = _cpu_convolutions, name
+  try:
+    yield
+  finally:
+    _cpu_convolutions = saved
+
+
+def traced_with(name: str, fn: Callable) -> Callable:
+  """`fn`, whose convolutions run on the CPU by `name` when it is traced (e.g. by jax.jit)."""
+  if name == "xla":
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with cpu_convolutions(name):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
+def selected(conv_fn: Callable) -> Callable:
+  """`conv_fn` (`lax.conv_general_dilated`'s signature), or oneDNN's where it applies when the
+  convolutions are traced under `cpu_convolutions("onednn")`."""
+
+  @functools.wraps(conv_fn)
+  def conv(*args, **kwargs):
+    if _cpu_convolutions == "onednn":
+      return onednn_conv.conv_general_dilated(*args, **kwargs)
+    return conv_fn(*args, **kwargs)
+
+  return conv
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=selected(conv_general_dilated))
+Conv.__doc__ = (
+  "`flax.linen.Conv` with `conv_general_dilated`'s CPU kernel gradient (or oneDNN's, selected)."
+)
+PlainConv = functools.partial(nn.Conv, conv_general_dilated=selected(lax.conv_general_dilated))
+PlainConv.__doc__ = "`flax.linen.Conv` with XLA's convolutions (or oneDNN's, selected)."

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from segjax.layers import norms
 from segjax.layers.concat_conv import ConcatConv
-from segjax.layers.conv import Conv
+from segjax.layers.conv import Conv, PlainConv
 
 Array = jax.Array
 
@@ -39,7 +39,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array | Sequence[Array], *, train: bool) -> Array:
     for i in range(2):
-      conv = ConcatConv if i == 0 and isinstance(x, tuple | list) else nn.Conv
+      conv = ConcatConv if i == 0 and isinstance(x, tuple | list) else PlainConv
       x = conv(
         self.features,
         (3, 3),

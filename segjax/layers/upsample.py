@@ -11,11 +11,11 @@ config key.
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from segjax.layers import unpool
+from segjax.layers.conv import PlainConv
 from segjax.layers.upconv import UpConv2x
 
 METHODS = ("transpose", "nearest", "bilinear")
@@ -36,7 +36,7 @@ def upsample2x(
   init = {} if kernel_init is None else {"kernel_init": kernel_init}
   if method == "transpose":
     return UpConv2x(features, dtype=dtype, name=name, **init)(x)
-  x = nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name, **init)(x)
+  x = PlainConv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name, **init)(x)
   if method == "nearest":
     return unpool.nearest_unpool(x, 2)
   b, h, w, c = x.shape

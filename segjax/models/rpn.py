@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from segjax import ops
-from segjax.layers.conv import Conv
+from segjax.layers.conv import Conv, PlainConv
 from segjax.losses import smooth_l1_loss
 from segjax.ops import anchors as anchor_lib
 from segjax.ops.nms import DEFAULT_BLOCK_SIZE
@@ -246,7 +246,7 @@ class RPN(nn.Module):
       )
       for i in range(self.num_convs)
     ]
-    cls = nn.Conv(
+    cls = PlainConv(
       a,
       (1, 1),
       kernel_init=init,
@@ -254,7 +254,7 @@ class RPN(nn.Module):
       param_dtype=jnp.float32,
       name="objectness_logits",
     )
-    box = nn.Conv(
+    box = PlainConv(
       4 * a,
       (1, 1),
       kernel_init=init,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.layers import norms, pool, unpool
+from segjax.layers.conv import PlainConv
 from segjax.layers.conv_blocks import ConvBlock
 from segjax.layers.upsample import upsample2x
 
@@ -54,7 +55,7 @@ class UpBlock(nn.Module):
     if self.upsampling == "max_unpool":
       if pool_indices is None:
         raise ValueError("upsampling='max_unpool' needs the encoder's pool_indices.")
-      x = nn.Conv(
+      x = PlainConv(
         self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="upsample"
       )(x)
       x = unpool.max_unpool(x, pool_indices, skip.shape)
@@ -155,7 +156,7 @@ class UNet(nn.Module):
       )
       aux[f"decoder_{i}"] = x
 
-    logits = nn.Conv(
+    logits = PlainConv(
       self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="head"
     )(x)
     return logits.astype(jnp.float32), aux

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.layers import norms, unpool
+from segjax.layers.conv import PlainConv
 from segjax.layers.conv_blocks import ConvBlock
 from segjax.models.resnet import ResNet
 
@@ -113,7 +114,7 @@ class ResNetUNet(nn.Module):
         name=f"decoder_{i}",
       )(inputs, train=train)
       aux[f"decoder_{i}"] = x
-    logits = nn.Conv(
+    logits = PlainConv(
       self.num_classes,
       (3, 3),
       padding="SAME",

@@ -77,7 +77,7 @@ class Evaluator:
     self.put = functools.partial(parallel.to_global, mesh=mesh)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
     self.predict = jax.jit(
-      functools.partial(mask_rcnn.predict, model=model),
+      self.runner.traced(functools.partial(mask_rcnn.predict, model=model)),
       in_shardings=(replicated, sharded),
       out_shardings=sharded,
       compiler_options=self.runner.compiler_options,

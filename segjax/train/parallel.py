@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from segjax.errors import ConfigError
-from segjax.layers import norms
+from segjax.layers import conv, norms
 from segjax.train import xla_options
 
 DATA_AXIS = "data"
@@ -235,18 +235,25 @@ def allgather_json(value) -> list:
 
 class JitRunner:
   """Steps jitted over `mesh`: the state replicated, batches split along `DATA_AXIS` of
-  every device of every process, outputs replicated; compiled with XLA `compiler_options`
-  (`segjax.train.xla_options`)."""
+  every device of every process, outputs replicated; compiled with XLA `compiler_options`,
+  their convolutions traced as `cpu_convolutions` says (`segjax.train.xla_options`)."""
 
-  def __init__(self, mesh: Mesh, compiler_options: dict | None = None):
+  def __init__(
+    self, mesh: Mesh, compiler_options: dict | None = None, cpu_convolutions: str = "xla"
+  ):
     self.mesh = mesh
     self.compiler_options = compiler_options
+    self.cpu_convolutions = cpu_convolutions
+
+  def traced(self, fn):
+    """`fn` with its convolutions as `cpu_convolutions` says when a step traces it."""
+    return conv.traced_with(self.cpu_convolutions, fn)
 
   def train_step(self, step):
     """`step(state, batch, rng) -> (state, metrics)` compiled, donating the state."""
     r, d = replicated(self.mesh), data_sharded(self.mesh)
     return jax.jit(
-      step,
+      self.traced(step),
       in_shardings=(r, d, r),
       out_shardings=(r, r),
       donate_argnums=0,
@@ -257,7 +264,7 @@ class JitRunner:
     """`step(variables, batch) -> sums over the batch` compiled: sums of the global batch."""
     r = replicated(self.mesh)
     return jax.jit(
-      step,
+      self.traced(step),
       in_shardings=(r, data_sharded(self.mesh)),
       out_shardings=r,
       compiler_options=self.compiler_options,
@@ -288,11 +295,14 @@ class PmapRunner(JitRunner):
   (jitted steps built beside them, as instance evaluation's, still take them)."""
 
   def train_step(self, step):
-    return jax.pmap(per_device(step), axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=0)
+    return jax.pmap(
+      per_device(self.traced(step)), axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=0
+    )
 
   def sum_step(self, step):
     return jax.pmap(
-      per_device(lambda v, b: jax.lax.psum(step(v, b), PMAP_AXIS)), axis_name=PMAP_AXIS
+      per_device(lambda v, b: jax.lax.psum(self.traced(step)(v, b), PMAP_AXIS)),
+      axis_name=PMAP_AXIS,
     )
 
   def batch(self, local_batch: dict) -> dict:
@@ -310,7 +320,7 @@ class PmapRunner(JitRunner):
 
 def runner(config, mesh: Mesh) -> JitRunner:
   """The runner of `config.parallelism` ("jit", the default, or "pmap") on `mesh`, with
-  `config.compiler_options` for this platform."""
+  `config.compiler_options` for this platform and `config.cpu_convolutions`."""
   name = check_parallelism(config.get("parallelism", "jit"))
   cls = PmapRunner if name == "pmap" else JitRunner
-  return cls(mesh, xla_options.compiler_options(config))
+  return cls(mesh, xla_options.compiler_options(config), xla_options.cpu_convolutions(config))

@@ -4,9 +4,10 @@ resume.
 `check(config)` normalises and validates the keys every task shares and raises `ConfigError`
 naming the key. `record(config, workdir, ...)` writes `workdir/config.json`; when a run
 resumes from a checkpoint, a config that differs from the recorded one in anything but how
-long the run is, how often it logs, evaluates and saves, how it evaluates and its XLA
-`compiler_options` is refused, listing the differences, unless the change is allowed: then
-the new config is also kept as `config.<step>.json`, the config in force from that step on.
+long the run is, how often it logs, evaluates and saves, how it evaluates and how XLA
+compiles its steps (`compiler_options`, `cpu_convolutions`) is refused, listing the
+differences, unless the change is allowed: then the new config is also kept as
+`config.<step>.json`, the config in force from that step on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ RUN_LENGTH_KEYS = (
   "init_from",
   "evaluation.",
   "compiler_options.",
+  "cpu_convolutions",
 )
 
 

@@ -143,3 +143,60 @@ def test_mask_rcnn_memory_optimized_schedule_holds_less_and_computes_the_same():
   jax.tree.map(
     functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), params_a, params_b
   )
+
+
+def _conv_config(name):
+  return ml_collections.ConfigDict({"cpu_convolutions": name})
+
+
+def _onednn_loads() -> bool:
+  from segjax.kernels import onednn_conv
+
+  return onednn_conv.available()
+
+
+def test_cpu_convolutions_choice(monkeypatch):
+  from segjax.kernels import onednn_conv
+
+  on_cpu = jax.default_backend() == "cpu"
+  assert xla_options.cpu_convolutions(_conv_config("xla")) == "xla"
+  expected = "onednn" if on_cpu and _onednn_loads() else "xla"
+  assert xla_options.cpu_convolutions(ml_collections.ConfigDict()) == expected  # "auto"
+  with pytest.raises(ConfigError, match=r"cpu_convolutions: 'mkl' is not one of"):
+    xla_options.cpu_convolutions(_conv_config("mkl"))
+
+  def unavailable():
+    raise onednn_conv.OnednnUnavailable("no C++ compiler found")
+
+  monkeypatch.setattr(onednn_conv, "load", unavailable)
+  assert xla_options.cpu_convolutions(_conv_config("auto")) == "xla"
+  if on_cpu:
+    with pytest.raises(ConfigError, match=r"cpu_convolutions='onednn': no C\+\+ compiler"):
+      xla_options.cpu_convolutions(_conv_config("onednn"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN's convolutions: CPU only")
+def test_unet_step_on_onednn_convolutions_computes_the_same():
+  if not _onednn_loads():
+    pytest.skip("oneDNN unavailable")
+  results, calls = [], []
+  for name in ("onednn", "xla"):
+    config = unet_shapes.get_config()
+    config.cpu_convolutions = name
+    step, state, batch = _unet_setup(config)
+    key = jax.random.key(0)
+    text = step.lower(state, batch, key).as_text()
+    calls.append(
+      [text.count(f"segjax_onednn_conv_{k}") for k in ("forward", "input_grad", "kernel_grad")]
+    )
+    for _ in range(2):
+      state, metrics = step(state, batch, key)
+    results.append((jax.device_get(metrics), jax.device_get(state.params)))
+  # Depth 2: 4 convs in the encoder, 2 in the bottleneck, 2 x 3 in the decoder (its first
+  # ones a conv per part), the 1x1 head: 13, each with its gradients but for the image's.
+  assert calls == [[13, 12, 13], [0, 0, 0]]
+  (metrics_a, params_a), (metrics_b, params_b) = results
+  np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-3, atol=1e-5), params_a, params_b
+  )
