@@ -15,15 +15,18 @@ Parts:
             up-convolutions) at batch 8, 128x128: train step (forward, backward, AdamW) and
             inference; parameter counts asserted equal.
   conv      one 3x3 conv 64->64 on 8x128x128 (forward: the achievable GFLOP/s, and forward +
-            backward), and the RPN head's 3x3 conv 256->256 on 2x128x128 (forward + backward).
+            backward), and the RPN head's 3x3 conv 256->256 on 2x128x128 (forward + backward),
+            by the convolutions segjax's models use here (oneDNN's where it loads:
+            `cpu_convolutions`, printed as "convolutions").
   maskrcnn  Mask R-CNN R50-FPN, 91 classes, frozen BN, stem and res2 frozen, train step (SGD)
             at batch 2, 512x512, 5 ground-truth boxes per image, 256 anchors and 512 ROIs
             sampled per image; inference on one 640x640 image. torchvision's model is built
             with FrozenBatchNorm2d and min_size = max_size = the image side (no resize).
 With `--compare_kernel_grad` the segjax candidates are also run with XLA's own convolution
 kernel gradient (`segjax.layers.conv.USE_MATMUL_KERNEL_GRAD = False`): before and after. It
-changes the conv and maskrcnn parts (the ResNet, FPN and heads use `segjax.layers.conv.Conv`);
-the U-Net keeps `flax.linen.Conv`, where the matmul kernel gradient did not prove faster.
+changes the conv and maskrcnn parts where they run XLA's convolutions (`cpu_convolutions="xla"`,
+or oneDNN not loading; the ResNet, FPN and heads use `segjax.layers.conv.Conv`); the U-Net
+keeps XLA's kernel gradient (`PlainConv`), where the matmul one did not prove faster.
 """
 
 import argparse
@@ -102,12 +105,16 @@ def _jax_unet(kernel_grad: str):
 def _jax_conv(kernel_grad: str):
   import jax
   import jax.numpy as jnp
+  import ml_collections
 
   from segjax.layers import conv as conv_lib
+  from segjax.train import xla_options
 
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"
+  # The convolutions segjax's models run here: oneDNN's where it loads (`cpu_convolutions`).
+  convolutions = xla_options.cpu_convolutions(ml_collections.ConfigDict())
   dn = ("NHWC", "HWIO", "NHWC")
-  calls, info = {}, {}
+  calls, info = {}, {"convolutions": convolutions}
   for name, (b, s, c) in {
     "conv64": (CONV_BATCH, CONV_SIZE, CONV_CHANNELS),
     "conv256": (2, 128, 256),
@@ -116,7 +123,10 @@ def _jax_conv(kernel_grad: str):
     x = jnp.asarray(rng.normal(size=(b, s, s, c)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, c, c)), jnp.float32)
     forward = jax.jit(
-      lambda x, k: conv_lib.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+      conv_lib.traced_with(
+        convolutions,
+        lambda x, k: conv_lib.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn),
+      )
     )
     grads = jax.jit(jax.grad(lambda x, k, f=forward: jnp.sum(f(x, k) ** 2) / 2, (0, 1)))
     forward(x, k).block_until_ready()

@@ -5,6 +5,7 @@
 // oneDNN chooses for the shape, and the kernel gradient back to HWIO.
 
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -54,27 +55,49 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const 
   return g;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src,
-      g.weights_any, g.dst, g.strides, g.dilation, g.pad_lo, g.pad_hi);
+// Every primitive takes its scratchpad from the caller: XLA runs custom calls of several
+// devices (pmap, sharded jit) at once, and oneDNN's own scratchpad is one per process.
+const dnnl::primitive_attr& Attr() {
+  static const dnnl::primitive_attr attr = [] {
+    dnnl::primitive_attr a;
+    a.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    return a;
+  }();
+  return attr;
 }
 
-// A kernel in oneDNN's layout, in a buffer this thread reuses from call to call: a fresh
-// allocation per call costs more in page faults than the reorder itself (a 256x256x3x3 kernel:
-// 3.6 ms against 0.3).
-memory KernelBuffer(const memory::desc& desc) {
-  thread_local std::vector<char> buffer;
+// Buffers this thread reuses from call to call: a fresh allocation per call costs more in page
+// faults than the work it holds (a 256x256x3x3 kernel's reorder: 3.6 ms against 0.3).
+enum Slot { kKernel, kScratchpad, kNumSlots };
+memory ThreadBuffer(Slot slot, const memory::desc& desc) {
+  thread_local std::vector<char> buffers[kNumSlots];
+  std::vector<char>& buffer = buffers[slot];
   if (buffer.size() < desc.get_size()) buffer.resize(desc.get_size());
   return memory(desc, Engine(), buffer.data());
 }
 
-// `from` in the layout of `to_desc`: the same memory when the layouts agree, else a reorder.
-memory Reordered(dnnl::stream& stream, const memory& from, const memory::desc& to_desc) {
+template <typename PrimitiveDesc, typename Primitive>
+void Execute(dnnl::stream& stream, const PrimitiveDesc& pd, std::unordered_map<int, memory> args) {
+  args.insert({DNNL_ARG_SCRATCHPAD, ThreadBuffer(kScratchpad, pd.scratchpad_desc())});
+  Primitive(pd).execute(stream, args);
+}
+
+// `from` in the layout of `to_desc`: the same memory when the layouts agree, else a reorder
+// into `to` (this thread's kernel buffer when absent).
+memory Reordered(dnnl::stream& stream, const memory& from, const memory::desc& to_desc,
+                 memory to = memory()) {
   if (from.get_desc() == to_desc) return from;
-  memory to = KernelBuffer(to_desc);
-  dnnl::reorder(from, to).execute(stream, const_cast<memory&>(from), to);
+  if (!to) to = ThreadBuffer(kKernel, to_desc);
+  dnnl::reorder::primitive_desc pd(from, to, Attr());
+  Execute<dnnl::reorder::primitive_desc, dnnl::reorder>(
+      stream, pd, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
   return to;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src,
+      g.weights_any, g.dst, g.strides, g.dilation, g.pad_lo, g.pad_hi, Attr());
 }
 
 template <typename Fn>
@@ -101,8 +124,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     memory weights(g.weights, Engine(), kernel.typed_data());
     memory dst(g.dst, Engine(), y->typed_data());
     memory weights_used = Reordered(stream, weights, pd.weights_desc());
-    dnnl::convolution_forward(pd).execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DST, dst}});
+    Execute<decltype(pd), dnnl::convolution_forward>(
+        stream, pd, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DST, dst}});
     stream.wait();
   });
 }
@@ -119,13 +142,13 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
     auto hint = ForwardDesc(g);
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
-        g.dilation, g.pad_lo, g.pad_hi, hint);
+        g.dilation, g.pad_lo, g.pad_hi, hint, Attr());
     memory diff_dst(g.dst, Engine(), dy.typed_data());
     memory weights(g.weights, Engine(), kernel.typed_data());
     memory diff_src(g.src, Engine(), dx->typed_data());
     memory weights_used = Reordered(stream, weights, pd.weights_desc());
-    dnnl::convolution_backward_data(pd).execute(
-        stream,
+    Execute<decltype(pd), dnnl::convolution_backward_data>(
+        stream, pd,
         {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DIFF_SRC, diff_src}});
     stream.wait();
   });
@@ -143,16 +166,16 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     auto hint = ForwardDesc(g);
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
-        g.dilation, g.pad_lo, g.pad_hi, hint);
+        g.dilation, g.pad_lo, g.pad_hi, hint, Attr());
     memory src(g.src, Engine(), x.typed_data());
     memory diff_dst(g.dst, Engine(), dy.typed_data());
     memory diff_weights(g.weights, Engine(), dkernel->typed_data());
     bool direct = pd.diff_weights_desc() == g.weights;
-    memory computed = direct ? diff_weights : KernelBuffer(pd.diff_weights_desc());
-    dnnl::convolution_backward_weights(pd).execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                 {DNNL_ARG_DIFF_WEIGHTS, computed}});
-    if (!direct) dnnl::reorder(computed, diff_weights).execute(stream, computed, diff_weights);
+    memory computed = direct ? diff_weights : ThreadBuffer(kKernel, pd.diff_weights_desc());
+    Execute<decltype(pd), dnnl::convolution_backward_weights>(
+        stream, pd,
+        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, computed}});
+    Reordered(stream, computed, g.weights, diff_weights);
     stream.wait();
   });
 }

@@ -5,6 +5,9 @@ Skipped where oneDNN cannot be built (not Linux x86-64, or no C++ compiler); CI 
 """
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,6 +17,7 @@ import pytest
 from jax import lax
 
 from segjax.kernels import onednn_conv
+from tests.markers import TEST_XLA_FLAGS
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -178,3 +182,39 @@ def test_a_failed_load_is_not_retried(monkeypatch):
     with pytest.raises(onednn_conv.OnednnUnavailable, match="no space left"):
       onednn_conv.load()
   assert not onednn_conv.available() and len(calls) == 1
+
+
+_EIGHT_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from segjax.kernels import onednn_conv
+onednn_conv.load()
+dn = ("NHWC", "HWIO", "NHWC")
+rng = np.random.default_rng(0)
+# (kernel, in, out, stride): a stem, 1x1s, a strided 1x1, 3x3s; devices run them at once.
+layers = [(7, 3, 32, 2), (1, 32, 128, 1), (3, 128, 128, 1), (1, 128, 256, 2), (3, 256, 64, 1)]
+x = rng.normal(size=(8, 1, 32, 32, 3)).astype(np.float32)
+ks = [rng.normal(size=(8, s, s, a, b)).astype(np.float32) / np.sqrt(s * s * a)
+      for s, a, b, _ in layers]
+def grads(conv):
+  def loss(x, ks):
+    for k, (_, _, _, st) in zip(ks, layers):
+      x = jnp.tanh(conv(x, k, (st, st), "SAME", dimension_numbers=dn))
+    return jnp.sum(x)
+  return jax.pmap(jax.grad(loss, (0, 1)))
+for _ in range(5):
+  got = jax.block_until_ready(grads(onednn_conv.conv_general_dilated)(x, ks))
+want = grads(lax.conv_general_dilated)(x, ks)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+"""
+
+
+def test_eight_devices_at_once_match_lax():
+  """pmap runs each device's custom calls on its own thread: each needs its own scratchpad
+  (a shared one corrupted the heap in an 8-device Mask R-CNN run)."""
+  env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
+  done = subprocess.run(
+    [sys.executable, "-c", _EIGHT_DEVICES], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
