@@ -113,6 +113,7 @@ def _jax_conv(kernel_grad: str):
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"
   # The convolutions segjax's models run here: oneDNN's where it loads (`cpu_convolutions`).
   convolutions = xla_options.cpu_convolutions(ml_collections.ConfigDict())
+  conv = conv_lib.selected(conv_lib.conv_general_dilated)  # `conv_lib.Conv`'s.
   dn = ("NHWC", "HWIO", "NHWC")
   calls, info = {}, {"convolutions": convolutions}
   for name, (b, s, c) in {
@@ -125,7 +126,7 @@ def _jax_conv(kernel_grad: str):
     forward = jax.jit(
       conv_lib.traced_with(
         convolutions,
-        lambda x, k: conv_lib.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn),
+        lambda x, k: conv(x, k, (1, 1), "SAME", dimension_numbers=dn),
       )
     )
     grads = jax.jit(jax.grad(lambda x, k, f=forward: jnp.sum(f(x, k) ** 2) / 2, (0, 1)))

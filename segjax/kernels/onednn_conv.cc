@@ -100,10 +100,17 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.weights_any, g.dst, g.strides, g.dilation, g.pad_lo, g.pad_hi, Attr());
 }
 
-template <typename Fn>
-ffi::Error Guarded(Fn&& fn) {
+// Runs `body(geometry, stream)` on the call's geometry; oneDNN's errors become XLA's.
+template <typename Body>
+ffi::Error Run(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
+               ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation, Body&& body) {
+  auto geometry = MakeGeometry(x, kernel, y, strides, padding, dilation);
+  if (geometry.has_error()) return geometry.error();
   try {
-    fn();
+    dnnl::stream stream(Engine());
+    body(*geometry, stream);
+    stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN conv: ") + e.what());
   }
@@ -113,12 +120,8 @@ ffi::Error Guarded(Fn&& fn) {
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  auto geometry = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), strides,
-                               padding, dilation);
-  if (geometry.has_error()) return geometry.error();
-  const Geometry& g = *geometry;
-  return Guarded([&] {
-    dnnl::stream stream(Engine());
+  return Run(x.dimensions(), kernel.dimensions(), y->dimensions(), strides, padding, dilation,
+             [&](const Geometry& g, dnnl::stream& stream) {
     auto pd = ForwardDesc(g);
     memory src(g.src, Engine(), x.typed_data());
     memory weights(g.weights, Engine(), kernel.typed_data());
@@ -126,19 +129,14 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     memory weights_used = Reordered(stream, weights, pd.weights_desc());
     Execute<decltype(pd), dnnl::convolution_forward>(
         stream, pd, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DST, dst}});
-    stream.wait();
   });
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
                      ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  auto geometry = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
-                               padding, dilation);
-  if (geometry.has_error()) return geometry.error();
-  const Geometry& g = *geometry;
-  return Guarded([&] {
-    dnnl::stream stream(Engine());
+  return Run(dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides, padding, dilation,
+             [&](const Geometry& g, dnnl::stream& stream) {
     auto hint = ForwardDesc(g);
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
@@ -150,19 +148,14 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
     Execute<decltype(pd), dnnl::convolution_backward_data>(
         stream, pd,
         {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DIFF_SRC, diff_src}});
-    stream.wait();
   });
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dkernel, ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  auto geometry = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides,
-                               padding, dilation);
-  if (geometry.has_error()) return geometry.error();
-  const Geometry& g = *geometry;
-  return Guarded([&] {
-    dnnl::stream stream(Engine());
+  return Run(x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides, padding, dilation,
+             [&](const Geometry& g, dnnl::stream& stream) {
     auto hint = ForwardDesc(g);
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
@@ -176,7 +169,6 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
         stream, pd,
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, computed}});
     Reordered(stream, computed, g.weights, diff_weights);
-    stream.wait();
   });
 }
 
