@@ -49,6 +49,7 @@ def export_predictor(
   import jax.numpy as jnp
   import numpy as np
 
+  from segjax.layers import conv
   from segjax.predict import inference_fn
 
   size = tuple(int(s) for s in (image_size or predictor.config.image_size))
@@ -64,7 +65,9 @@ def export_predictor(
 
   batch = jax.export.symbolic_shape("b")[0] if batch_size is None else int(batch_size)
   spec = jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8)
-  return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+  # XLA's own convolutions: oneDNN's custom calls exist only in a segjax process.
+  with conv.cpu_convolutions("xla"):
+    return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
 
 
 def define_flags() -> None:

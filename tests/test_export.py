@@ -129,3 +129,23 @@ def test_export_fixes_the_batch_on_request_and_checks_the_size(tmp_path_factory)
   assert str(exported.in_avals[0]) == "uint8[2,32,32,3]" and exported.platforms == ("cpu",)
   with pytest.raises(ValueError, match="multiples of 4"):
     export_predictor(predictor, image_size=(30, 32))
+
+
+def test_export_holds_xla_convolutions_even_when_traced_for_onednn(tmp_path_factory):
+  from segjax.kernels import onednn_conv
+  from segjax.layers import conv
+
+  if not onednn_conv.available():
+    pytest.skip("oneDNN unavailable")
+  _, workdir = trained("unet", tmp_path_factory)
+  predictor = Predictor.from_workdir(workdir)
+  assert (
+    "segjax_onednn_conv"
+    in predictor.infer.lower(
+      predictor.variables, np.zeros((1, 32, 32, 3), np.uint8), np.full((1, 2), 32, np.int32)
+    ).as_text()
+  )
+  with conv.cpu_convolutions("onednn"):
+    exported = export_predictor(predictor, batch_size=1, platforms=("cpu",))
+  text = exported.mlir_module()
+  assert "convolution" in text and "segjax_onednn_conv" not in text
