@@ -29,6 +29,8 @@ gain:
   previous_bn  flax's BatchNorm (current: segjax/layers/batch_norm.py, its sums over the
              batch as matrix-vector products, forward and backward).
   xla_xnn_greedy  every step compiled with XLA:CPU's XNNPACK graph fusion (greedy).
+  previous_upconv  the 2x up-convolutions as XLA's matrix product under oneDNN too (current:
+             oneDNN's 1x1 convolution to 4x the channels, segjax/layers/upconv.py).
   onednn     `config.cpu_convolutions = "onednn"`: every convolution (forward, input and kernel
              gradients) by oneDNN through XLA's FFI (segjax/kernels/onednn_conv.py).
   kgrad_taps / kgrad_im2col   3x3 conv kernel gradients as nine matmuls per conv (segjax/layers/
@@ -159,6 +161,14 @@ class PreviousConcatConv(nn.Conv):
     return super().__call__(jnp.concatenate(parts, axis=-1))
 
 
+def previous_upconv2x(x, kernel, bias=None):
+  """The 2x up-convolution before oneDNN: XLA's matrix product (one einsum), always."""
+  *lead, h, w, _ = x.shape
+  y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1])
+  y = y.reshape(*lead, 2 * h, 2 * w, kernel.shape[-1])
+  return y if bias is None else y + bias
+
+
 # name -> (nn overrides, {module: {attribute: override}})
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
@@ -197,6 +207,7 @@ CANDIDATES = {
   "previous_concat": ({}, PREVIOUS_CONCAT),
   "previous_bn": ({}, PREVIOUS_BN),
   "onednn": ({}, {}),
+  "previous_upconv": ({}, {"segjax.layers.upconv": {"upconv2x": previous_upconv2x}}),
   "kgrad_taps": ({}, KGRAD_TAPS),
   "kgrad_im2col": ({}, KGRAD_IM2COL),
 }

@@ -199,6 +199,11 @@ def cpu_convolutions(name: str):
     _cpu_convolutions = saved
 
 
+def onednn_selected() -> bool:
+  """Whether convolutions traced now run by oneDNN (inside `cpu_convolutions("onednn")`)."""
+  return _cpu_convolutions == "onednn"
+
+
 def traced_with(name: str, fn: Callable) -> Callable:
   """`fn`, whose convolutions run on the CPU by `name` when it is traced (e.g. by jax.jit)."""
   if name == "xla":

@@ -6,7 +6,9 @@ depth-to-space reshape, it computes exactly what `flax.linen.ConvTranspose(featu
 strides=(2, 2))` computes with the same parameters (same names, shapes and flipped-kernel
 convention, so checkpoints are interchangeable), but XLA lowers it to a plain matrix product:
 on CPU the transposed convolution's gradient is a dilated convolution that ran ~30x slower than
-the forward pass (`benchmarks/upconv.py`).
+the forward pass (`benchmarks/upconv.py`). Where oneDNN's convolutions are selected
+(`segjax.layers.conv.cpu_convolutions`), the product is oneDNN's 1x1 convolution to `4 O`
+channels instead: NHWC in and out, where XLA's matrix product transposed its operands and result.
 """
 
 from typing import Any
@@ -14,15 +16,27 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from segjax.layers import conv
 
 Array = jax.Array
 
 
 def upconv2x(x: Array, kernel: Array, bias: Array | None = None) -> Array:
   """`(..., H, W, C)` to `(..., 2H, 2W, O)` with a `(2, 2, C, O)` transposed-conv kernel."""
-  *lead, h, w, _ = x.shape
-  y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1])
-  y = y.reshape(*lead, 2 * h, 2 * w, kernel.shape[-1])
+  *lead, h, w, c = x.shape
+  o = kernel.shape[-1]
+  if conv.onednn_selected() and x.dtype == kernel.dtype == jnp.float32:
+    taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(1, 1, c, 4 * o)  # (a, b, o) last.
+    flat = x.reshape(-1, h, w, c)
+    y = conv.selected(lax.conv_general_dilated)(
+      flat, taps, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    y = y.reshape(-1, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(*lead, h, 2, w, 2, o)
+  else:
+    y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1])
+  y = y.reshape(*lead, 2 * h, 2 * w, o)
   return y if bias is None else y + bias
 
 

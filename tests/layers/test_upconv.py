@@ -60,3 +60,42 @@ def test_dtype_and_no_bias():
   assert set(variables["params"]) == {"kernel"}
   assert variables["params"]["kernel"].dtype == jnp.float32
   assert module.apply(variables, x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)])
+def test_onednn_path_matches_numpy_loop_and_flax(lead):
+  """Under oneDNN's convolutions the product is a 1x1 conv to 4 O channels: same values and
+  gradients as flax's ConvTranspose, any leading axes; bfloat16 keeps the matrix product."""
+  from segjax.kernels import onednn_conv
+  from segjax.layers import conv
+
+  if not onednn_conv.available():
+    pytest.skip("oneDNN unavailable")
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(*lead, 3, 5, 4)), jnp.float32)
+  kernel, bias = rng.normal(size=(2, 2, 4, 6)), rng.normal(size=6)
+  variables = {
+    "params": {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  }
+  reference = nn.ConvTranspose(6, (2, 2), strides=(2, 2))
+
+  def loss(module, variables, x):
+    return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+  with conv.cpu_convolutions("onednn"):
+    text = jax.jit(lambda x: UpConv2x(6).apply(variables, x)).lower(x).as_text()
+    ours = jax.jit(lambda v, x: UpConv2x(6).apply(v, x))(variables, x)
+    ours_grads = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(
+      UpConv2x(6), variables, x
+    )
+    bf16 = jax.jit(lambda x: upconv2x(x, jnp.ones((2, 2, 4, 6), jnp.bfloat16)))
+    bf16_text = bf16.lower(x.astype(jnp.bfloat16)).as_text()
+  assert "segjax_onednn_conv_forward" in text and "segjax_onednn" not in bf16_text
+  flat = np.asarray(x).reshape(-1, 3, 5, 4)
+  np.testing.assert_allclose(
+    np.asarray(ours).reshape(-1, 6, 10, 6), np_upconv2x(flat, kernel, bias), rtol=1e-5, atol=1e-5
+  )
+  reference_grads = jax.grad(loss, argnums=(1, 2))(reference, variables, x)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours_grads, reference_grads
+  )
