@@ -223,7 +223,7 @@ def selected(conv_fn: Callable) -> Callable:
 
   @functools.wraps(conv_fn)
   def conv(*args, **kwargs):
-    if _cpu_convolutions == "onednn":
+    if onednn_selected():
       return onednn_conv.conv_general_dilated(*args, **kwargs)
     return conv_fn(*args, **kwargs)
 
