@@ -100,6 +100,13 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.weights_any, g.dst, g.strides, g.dilation, g.pad_lo, g.pad_hi, Attr());
 }
 
+// The input- or kernel-gradient primitive, with the forward one as its hint.
+template <typename PrimitiveDesc>
+PrimitiveDesc BackwardDesc(const Geometry& g) {
+  return PrimitiveDesc(Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst,
+                       g.strides, g.dilation, g.pad_lo, g.pad_hi, ForwardDesc(g), Attr());
+}
+
 // Runs `body(geometry, stream)` on the call's geometry; oneDNN's errors become XLA's.
 template <typename Body>
 ffi::Error Run(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
@@ -137,10 +144,7 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                      ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
   return Run(dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides, padding, dilation,
              [&](const Geometry& g, dnnl::stream& stream) {
-    auto hint = ForwardDesc(g);
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
-        g.dilation, g.pad_lo, g.pad_hi, hint, Attr());
+    auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g);
     memory diff_dst(g.dst, Engine(), dy.typed_data());
     memory weights(g.weights, Engine(), kernel.typed_data());
     memory diff_src(g.src, Engine(), dx->typed_data());
@@ -156,10 +160,7 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
   return Run(x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides, padding, dilation,
              [&](const Geometry& g, dnnl::stream& stream) {
-    auto hint = ForwardDesc(g);
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.src, g.weights_any, g.dst, g.strides,
-        g.dilation, g.pad_lo, g.pad_hi, hint, Attr());
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g);
     memory src(g.src, Engine(), x.typed_data());
     memory diff_dst(g.dst, Engine(), dy.typed_data());
     memory diff_weights(g.weights, Engine(), dkernel->typed_data());

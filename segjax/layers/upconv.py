@@ -21,6 +21,7 @@ from jax import lax
 from segjax.layers import conv
 
 Array = jax.Array
+_conv = conv.selected(lax.conv_general_dilated)
 
 
 def upconv2x(x: Array, kernel: Array, bias: Array | None = None) -> Array:
@@ -30,9 +31,7 @@ def upconv2x(x: Array, kernel: Array, bias: Array | None = None) -> Array:
   if conv.onednn_selected() and x.dtype == kernel.dtype == jnp.float32:
     taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(1, 1, c, 4 * o)  # (a, b, o) last.
     flat = x.reshape(-1, h, w, c)
-    y = conv.selected(lax.conv_general_dilated)(
-      flat, taps, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    y = _conv(flat, taps, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y.reshape(-1, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(*lead, h, 2, w, 2, o)
   else:
     y = jnp.einsum("...hwc,abco->...hawbo", x, kernel[::-1, ::-1])

@@ -300,8 +300,9 @@ class PmapRunner(JitRunner):
     )
 
   def sum_step(self, step):
+    step = self.traced(step)
     return jax.pmap(
-      per_device(lambda v, b: jax.lax.psum(self.traced(step)(v, b), PMAP_AXIS)),
+      per_device(lambda v, b: jax.lax.psum(step(v, b), PMAP_AXIS)),
       axis_name=PMAP_AXIS,
     )
 
