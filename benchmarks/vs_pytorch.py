@@ -7,8 +7,9 @@
 Needs torch and torchvision (the "benchmark" extra). Every framework runs in its own worker
 process (so each peak RSS is its own), both started before timing; a round times each
 candidate in turn (A B A B ...), `--steps` calls each, and the medians over `--rounds` rounds
-are printed with their ratio and the load average before and after. PyTorch runs with
-`--torch_threads` threads (2: the machine's cores) and channels_last where that is faster.
+are printed with their ratio, the minor page faults per call and the load average before and
+after. PyTorch runs with `--torch_threads` threads (2: the machine's cores) and channels_last
+where that is faster.
 
 Parts:
   unet      the U-Net of configs/unet_shapes.py (depth 4, base width 16, BatchNorm, 2x2
@@ -21,7 +22,9 @@ Parts:
   maskrcnn  Mask R-CNN R50-FPN, 91 classes, frozen BN, stem and res2 frozen, train step (SGD)
             at batch 2, 512x512, 5 ground-truth boxes per image, 256 anchors and 512 ROIs
             sampled per image; inference on one 640x640 image. torchvision's model is built
-            with FrozenBatchNorm2d and min_size = max_size = the image side (no resize).
+            with FrozenBatchNorm2d and min_size = max_size = the image side (no resize);
+            segjax's with `conventions="torchvision"` (its 2 x 2 ROIAlign samples per bin,
+            anchors and size thresholds), the same work.
 With `--compare_kernel_grad` the segjax candidates are also run with XLA's own convolution
 kernel gradient (`segjax.layers.conv.USE_MATMUL_KERNEL_GRAD = False`): before and after. It
 changes the conv and maskrcnn parts where they run XLA's convolutions (`cpu_convolutions="xla"`,
@@ -64,6 +67,12 @@ def _reset_step_peak() -> None:
       f.write("5")
   except OSError:
     pass
+
+
+def _minor_faults() -> int:
+  """Minor page faults of this process so far: first touches of freshly mapped memory (XLA:CPU
+  maps its temporary buffer anew each run when it exceeds glibc's mmap threshold)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _step_peak_gb() -> float:
@@ -175,9 +184,13 @@ def _jax_maskrcnn(kernel_grad: str):
   from segjax.train import state as state_lib
 
   conv_lib.USE_MATMUL_KERNEL_GRAD = kernel_grad == "matmul"
-  # rpn: 256 anchors sampled per image, roi_heads: 512 ROIs, backbone: freeze_at=2 (defaults).
+  # rpn: 256 anchors sampled per image, roi_heads: 512 ROIs, backbone: freeze_at=2 (defaults);
+  # torchvision's conventions, as the model it runs against: 2 x 2 ROIAlign samples per bin
+  # (detectron2's adaptive grid takes up to 5 x 5 slots), its anchors and size thresholds.
   model = create_model(
-    ml_collections.ConfigDict(dict(name="mask_rcnn", roi_heads=dict(num_classes=MRCNN_CLASSES)))
+    ml_collections.ConfigDict(
+      dict(name="mask_rcnn", conventions="torchvision", roi_heads=dict(num_classes=MRCNN_CLASSES))
+    )
   )
   config = ml_collections.ConfigDict(
     dict(
@@ -447,8 +460,8 @@ BUILDERS = {
 
 
 def _worker(framework: str, part: str, arg, conn) -> None:
-  """Builds the candidate's calls, then answers ("run", name, steps) with the mean seconds of
-  `steps` calls and ("peak",) with its peak RSS in GB, until ("stop",)."""
+  """Builds the candidate's calls, then answers ("run", name, steps) with the mean seconds and
+  minor page faults of `steps` calls and ("peak",) with its peak RSS in GB, until ("stop",)."""
   import faulthandler
 
   faulthandler.enable()  # A crash in a worker shows where.
@@ -466,7 +479,9 @@ def _worker(framework: str, part: str, arg, conn) -> None:
         conn.send((_peak_rss_gb(), _step_peak_gb()))
         continue
       _, name, steps = message
-      conn.send(sum(_timed(calls[name]) for _ in range(steps)) / steps)
+      faults = _minor_faults()
+      seconds = sum(_timed(calls[name]) for _ in range(steps)) / steps
+      conn.send((seconds, (_minor_faults() - faults) / steps))
   except BaseException as e:  # Reported to the parent, which stops.
     conn.send(("error", f"{type(e).__name__}: {e}", None))
     raise
@@ -488,7 +503,8 @@ class Candidate:
       raise RuntimeError(f"{self.label} failed to build: {names}")
     self.names, self.info = names, info
 
-  def run(self, name: str, steps: int) -> float:
+  def run(self, name: str, steps: int) -> tuple[float, float]:
+    """(seconds, minor page faults) per call of `name`, means over `steps` calls."""
     self.conn.send(("run", name, steps))
     return self.conn.recv()
 
@@ -531,6 +547,7 @@ def measure_part(part: str, args) -> None:
   steps = args.steps if part != "maskrcnn" else 1
   names = candidates[0].names
   times = {(c.label, n): [] for c in candidates for n in names}
+  faults = {(c.label, n): [] for c in candidates for n in names}
   for _ in range(args.warmup):
     for n in names:
       for c in candidates:
@@ -538,7 +555,9 @@ def measure_part(part: str, args) -> None:
   for _ in range(args.rounds):
     for n in names:
       for c in candidates:
-        times[c.label, n].append(c.run(n, steps))
+        seconds, call_faults = c.run(n, steps)
+        times[c.label, n].append(seconds)
+        faults[c.label, n].append(call_faults)
   torch_label = candidates[-1].label
   for n in names:
     reference = statistics.median(times[torch_label, n])
@@ -551,6 +570,7 @@ def measure_part(part: str, args) -> None:
         line += f"  {flops / median / 1e9:6.1f} GFLOP/s"
       if c.label != torch_label:
         line += f"  segjax/PyTorch {median / reference:5.2f}x"
+      line += f"  {statistics.median(faults[c.label, n]) / 1e3:.1f}k page faults"
       print(line, flush=True)
   for c in candidates:
     peak, step_peak = c.close()
