@@ -506,7 +506,10 @@ class Candidate:
   def run(self, name: str, steps: int) -> tuple[float, float]:
     """(seconds, minor page faults) per call of `name`, means over `steps` calls."""
     self.conn.send(("run", name, steps))
-    return self.conn.recv()
+    reply = self.conn.recv()
+    if reply[0] == "error":
+      raise RuntimeError(f"{self.label} failed running {name}: {reply[1]}")
+    return reply
 
   def close(self) -> tuple[float, float]:
     """(peak RSS of the process, peak RSS since its setup and compilation) in GB."""
