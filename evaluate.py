@@ -11,6 +11,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
 flags.DEFINE_integer("num_visualizations", 0, "PNG panels to write to WORKDIR/visualizations/.")
 cli.define_distributed_flags()
+cli.define_memory_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -19,6 +20,7 @@ def main(argv):
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
   cli.initialize_distributed()
+  cli.reuse_cpu_memory()
   from segjax.train.evaluation import evaluate_checkpoint
 
   evaluate_checkpoint(

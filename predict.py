@@ -29,12 +29,14 @@ flags.DEFINE_integer(
   "Images are padded to multiples of this (and of the model's "
   "stride): one compile per padded size.",
 )
+cli.define_memory_flags()
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
 def main(argv):
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
+  cli.reuse_cpu_memory()
   from segjax import predict
 
   f = flags.FLAGS

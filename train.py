@@ -16,6 +16,7 @@ flags.DEFINE_bool(
   "length and logging); the new config is kept as config.<step>.json.",
 )
 cli.define_distributed_flags()
+cli.define_memory_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +25,7 @@ def main(argv):
   cli.hide_gpus_from_tensorflow()
   cli.quiet_logging()
   cli.initialize_distributed()
+  cli.reuse_cpu_memory()
   from segjax.train.loop import train_and_evaluate
 
   train_and_evaluate(

@@ -9,7 +9,10 @@ process (so each peak RSS is its own), both started before timing; a round times
 candidate in turn (A B A B ...), `--steps` calls each, and the medians over `--rounds` rounds
 are printed with their ratio, the minor page faults per call and the load average before and
 after. PyTorch runs with `--torch_threads` threads (2: the machine's cores) and channels_last
-where that is faster.
+where that is faster. segjax runs as its entry points run it (`--reuse_cpu_memory`: each run of
+a step reuses the previous run's pages, `segjax.train.host_memory.reuse_memory_between_runs`);
+`--torch_kept_heap` also times PyTorch with glibc's malloc set the same way (no mmap, no
+trimming), which PyTorch's users do not get by default.
 
 Parts:
   unet      the U-Net of configs/unet_shapes.py (depth 4, base width 16, BatchNorm, 2x2
@@ -459,15 +462,23 @@ BUILDERS = {
 # Workers and the interleaved schedule
 
 
-def _worker(framework: str, part: str, arg, conn) -> None:
+def _worker(framework: str, part: str, arg, conn, kept_heap: bool = False) -> None:
   """Builds the candidate's calls, then answers ("run", name, steps) with the mean seconds and
   minor page faults of `steps` calls and ("peak",) with its peak RSS in GB, until ("stop",)."""
   import faulthandler
 
   faulthandler.enable()  # A crash in a worker shows where.
   try:
+    if framework == "segjax":  # As train.py, evaluate.py and predict.py run (--reuse_cpu_memory).
+      from segjax.train import host_memory
+
+      reused = host_memory.reuse_memory_between_runs()
+    elif kept_heap:
+      _keep_glibc_heap()
     start = time.perf_counter()
     calls, info = BUILDERS[framework, part](arg)
+    if framework == "segjax":
+      info["reuse_cpu_memory"] = reused
     info["setup_s"] = time.perf_counter() - start
     _reset_step_peak()
     conn.send(("ready", sorted(calls), info))
@@ -487,14 +498,27 @@ def _worker(framework: str, part: str, arg, conn) -> None:
     raise
 
 
+def _keep_glibc_heap() -> None:
+  """`segjax.train.host_memory.keep_heap` without importing JAX into PyTorch's worker."""
+  import ctypes
+  import ctypes.util
+
+  mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+  M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+  if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)):
+    raise RuntimeError("mallopt refused M_MMAP_MAX or M_TRIM_THRESHOLD")
+
+
 class Candidate:
   """One framework's calls for one part, in a worker process of its own."""
 
-  def __init__(self, label: str, framework: str, part: str, arg):
+  def __init__(self, label: str, framework: str, part: str, arg, kept_heap: bool = False):
     self.label = label
     context = multiprocessing.get_context("spawn")
     self.conn, child = context.Pipe()
-    self.process = context.Process(target=_worker, args=(framework, part, arg, child), daemon=True)
+    self.process = context.Process(
+      target=_worker, args=(framework, part, arg, child, kept_heap), daemon=True
+    )
     self.process.start()
 
   def wait_ready(self):
@@ -537,7 +561,11 @@ def measure_part(part: str, args) -> None:
     Candidate("segjax" if kg == "matmul" else "segjax (XLA kernel grad)", "segjax", part, kg)
     for kg in kernel_grads
   ]
-  candidates.append(Candidate("PyTorch", "torch", part, args.torch_threads))
+  if args.torch_kept_heap:
+    candidates.append(
+      Candidate("PyTorch (heap kept)", "torch", part, args.torch_threads, kept_heap=True)
+    )
+  candidates.append(Candidate("PyTorch", "torch", part, args.torch_threads))  # The reference.
   for c in candidates:  # Built one after the other: their setups do not compete.
     c.wait_ready()
   print(f"\n== {part}  ({_load()} before)", flush=True)
@@ -624,6 +652,11 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="Calls per round (not Mask R-CNN).")
   parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
   parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument(
+    "--torch_kept_heap",
+    action="store_true",
+    help="Also time PyTorch with glibc's malloc set as segjax's runs set it (no mmap, no trim).",
+  )
   parser.add_argument(
     "--compare_kernel_grad",
     action="store_true",

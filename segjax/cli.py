@@ -110,6 +110,24 @@ def initialize_distributed() -> None:
   parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
 
 
+def define_memory_flags() -> None:
+  flags.DEFINE_bool(
+    "reuse_cpu_memory",
+    True,
+    "CPU runs: every run of a step reuses the previous run's memory pages instead of mapping "
+    "fresh ones (synchronous dispatch, glibc's heap kept; segjax/train/host_memory.py).",
+  )
+
+
+def reuse_cpu_memory() -> None:
+  """`host_memory.reuse_memory_between_runs` unless `--noreuse_cpu_memory`: before anything
+  starts JAX's backends, after `initialize_distributed`."""
+  if flags.FLAGS.reuse_cpu_memory:
+    from segjax.train import host_memory
+
+    host_memory.reuse_memory_between_runs()
+
+
 def quiet_logging() -> None:
   """Warnings only (orbax logs every save at INFO), unless `--verbosity` was given."""
   from absl import logging
