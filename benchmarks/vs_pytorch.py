@@ -556,17 +556,19 @@ def measure_part(part: str, args) -> None:
     if actual != UNET_SHAPES_MODEL or config.weight_decay != UNET_SHAPES_WEIGHT_DECAY:
       raise AssertionError(f"configs/unet_shapes.py changed: {actual}; update UNET_SHAPES_MODEL.")
   kernel_grads = ["matmul", "xla"] if args.compare_kernel_grad else ["matmul"]
-  candidates = [
-    Candidate("segjax" if kg == "matmul" else "segjax (XLA kernel grad)", "segjax", part, kg)
+  specs = [
+    ("segjax" if kg == "matmul" else "segjax (XLA kernel grad)", "segjax", kg, False)
     for kg in kernel_grads
   ]
   if args.torch_kept_heap:
-    candidates.append(
-      Candidate("PyTorch (heap kept)", "torch", part, args.torch_threads, kept_heap=True)
-    )
-  candidates.append(Candidate("PyTorch", "torch", part, args.torch_threads))  # The reference.
-  for c in candidates:  # Built one after the other: their setups do not compete.
-    c.wait_ready()
+    specs.append(("PyTorch (heap kept)", "torch", args.torch_threads, True))
+  specs.append(("PyTorch", "torch", args.torch_threads, False))  # The reference: last.
+  candidates = []
+  for label, framework, arg, kept_heap in specs:
+    # One after the other: a setup's timings (PyTorch's layout choice) must not compete with
+    # another's compilation. Earlier workers wait, idle, meanwhile.
+    candidates.append(Candidate(label, framework, part, arg, kept_heap=kept_heap))
+    candidates[-1].wait_ready()
   print(f"\n== {part}  ({_load()} before)", flush=True)
   for c in candidates:
     extra = {k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in c.info.items()}
