@@ -57,8 +57,9 @@ def reuse_memory_between_runs() -> bool:
 
 
 def keep_heap() -> bool:
-  """Sets glibc's `malloc` to serve every block from its heaps (no `mmap`) and never to shrink
-  them (`mallopt` M_MMAP_MAX 0, M_TRIM_THRESHOLD -1); False where the C library is not glibc."""
+  """Sets glibc's `malloc` to serve blocks from its heaps rather than by `mmap` (all but the
+  blocks over 64 MB of other threads' arenas) and never to shrink the heaps (`mallopt`
+  M_MMAP_MAX 0, M_TRIM_THRESHOLD -1); False where the C library is not glibc."""
   try:
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
   except (OSError, AttributeError, TypeError):
