@@ -468,17 +468,16 @@ def _worker(framework: str, part: str, arg, conn, kept_heap: bool = False) -> No
 
   faulthandler.enable()  # A crash in a worker shows where.
   try:
+    memory = {}
     if framework == "segjax":  # As train.py, evaluate.py and predict.py run (--reuse_cpu_memory).
       from segjax.train import host_memory
 
-      reused = host_memory.reuse_memory_between_runs()
+      memory["reuse_cpu_memory"] = host_memory.reuse_memory_between_runs()
     elif kept_heap:
       _keep_glibc_heap()
     start = time.perf_counter()
     calls, info = BUILDERS[framework, part](arg)
-    if framework == "segjax":
-      info["reuse_cpu_memory"] = reused
-    info["setup_s"] = time.perf_counter() - start
+    info.update(memory, setup_s=time.perf_counter() - start)
     _reset_step_peak()
     conn.send(("ready", sorted(calls), info))
     while True:

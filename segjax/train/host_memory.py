@@ -44,9 +44,11 @@ def reuse_memory_between_runs() -> bool:
   (`keep_heap`). The process then holds its peak heap until it ends; `release_freed_memory`
   still returns free pages on request.
 
-  Only where JAX's default backend is the CPU and the C library is glibc. Call it before JAX's
-  backends start (the first computation, `jax.devices()`) and after `jax.distributed.initialize`
-  if that is used: it starts them. Returns whether it applied.
+  The heap is kept only where JAX's default backend is the CPU and the C library is glibc;
+  elsewhere only the CPU client's dispatch, which the steps on a GPU or TPU do not use, becomes
+  synchronous (the backend is known only once started, when the dispatch mode is fixed). Call
+  it before JAX's backends start (the first computation, `jax.devices()`) and after
+  `jax.distributed.initialize` if that is used: it starts them. Returns whether it applied.
   """
   from jax._src import xla_bridge
 
