@@ -20,8 +20,9 @@ were adopted; the "previous_" candidates put back what they replaced, so their r
 gain:
   previous_ynn   XLA:CPU's default YNNPACK fusions of convolutions and dots (current: the
              config's `compiler_options`, Eigen's kernels; segjax/train/xla_options.py).
-  previous_concat  the decoder's first conv on the concatenated upsampled features and skip
-             (current: a conv per part, summed; segjax/layers/concat_conv.py).
+  previous_concat  the decoder's first conv as a conv per part (the upsampled features, the
+             skip), summed, under oneDNN too (current: there, one conv on their concatenation;
+             segjax/layers/concat_conv.py).
   previous_pool  flax's reduce_window max pool, whose JVP materialises index iotas of the
              input's size (current: segjax/layers/pool.py, reshape + max, the same gradient).
   previous_topk  evaluation's top-5 membership by `lax.top_k`, a sort (current: counting the
@@ -153,14 +154,6 @@ def previous_in_top_k(scores, labels, k):
   return (top == labels[..., None]).any(-1)
 
 
-class PreviousConcatConv(nn.Conv):
-  """The U-Net decoder's first conv before `segjax.layers.concat_conv`: `nn.Conv` on the
-  materialised concatenation of the upsampled features and the skip (the same variables)."""
-
-  def __call__(self, parts):
-    return super().__call__(jnp.concatenate(parts, axis=-1))
-
-
 def previous_upconv2x(x, kernel, bias=None):
   """The 2x up-convolution before oneDNN: XLA's matrix product (one einsum), always."""
   *lead, h, w, _ = x.shape
@@ -172,7 +165,7 @@ def previous_upconv2x(x, kernel, bias=None):
 # name -> (nn overrides, {module: {attribute: override}})
 PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
-PREVIOUS_CONCAT = {"segjax.layers.conv_blocks": {"ConcatConv": PreviousConcatConv}}
+PREVIOUS_CONCAT = {"segjax.layers.concat_conv": {"onednn_selected": lambda: False}}
 PREVIOUS_BN = {"segjax.layers.norms": {"BatchNorm": nn.BatchNorm}}
 KGRAD_TAPS, KGRAD_IM2COL = (
   {m: {"PlainConv": conv_with_kernel_grad(method)} for m in PATCHED_MODULES[:2]}
@@ -385,7 +378,13 @@ def main():
   if unknown:
     parser.error(f"--only: unknown candidate(s) {unknown}; choose from {sorted(CANDIDATES)}.")
   names = ["current"] + [n for n in names if n != "current"]
-  print(f"U-Net step candidates on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {_load()}")
+  from segjax.train import host_memory
+
+  reused = host_memory.reuse_memory_between_runs()  # As train.py runs its steps.
+  print(
+    f"U-Net step candidates on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+    f"reuse_cpu_memory {reused}; {_load()}"
+  )
   if args.check:
     check(names)
   else:

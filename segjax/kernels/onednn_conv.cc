@@ -3,13 +3,29 @@
 // Layouts are segjax's: activations NHWC, kernels HWIO (flax.linen.Conv's), float32. The
 // activations stay NHWC (oneDNN has direct NHWC kernels); kernels are reordered to the layout
 // oneDNN chooses for the shape, and the kernel gradient back to HWIO.
+//
+// Threads: XLA runs its thunks, these calls included, on its intra-op pool (one thread per
+// core). A call splits its batch into one part per pool thread, each part a single-threaded
+// oneDNN call; the calling thread and tasks on the pool take the parts in turn. Left to its
+// own OpenMP threads instead, every pool thread that calls oneDNN leads a team of its own, and
+// two calls at once (an input and a kernel gradient) put twice as many busy threads as cores.
+// A batch that does not split evenly runs whole, on oneDNN's OpenMP threads.
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+extern "C" int omp_get_max_threads(void);
+extern "C" void omp_set_num_threads(int);
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -23,17 +39,20 @@ dnnl::engine& Engine() {
 }
 
 struct Geometry {
-  memory::desc src, weights, dst;  // NHWC, HWIO, NHWC.
+  memory::desc src, weights, dst;  // NHWC, HWIO, NHWC, of one part: `batch` images.
   memory::desc weights_any;        // The kernel in the layout oneDNN prefers.
   memory::dims strides, dilation, pad_lo, pad_hi;
+  int64_t batch;
+  int64_t image_in, image_out;  // Floats per image of x and y.
 };
 
-// x: (N, H, W, C), kernel: (KH, KW, C, O), y: (N, HO, WO, O); oneDNN's dims are N, C, H, W and
-// O, I, KH, KW whatever the memory layout; its dilation counts the zeros between taps.
+// x: (N, H, W, C), kernel: (KH, KW, C, O), y: (N, HO, WO, O), in `parts` parts of N / parts
+// images; oneDNN's dims are N, C, H, W and O, I, KH, KW whatever the memory layout; its
+// dilation counts the zeros between taps.
 ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                                     ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
                                     ffi::Span<const int64_t> padding,
-                                    ffi::Span<const int64_t> dilation) {
+                                    ffi::Span<const int64_t> dilation, int64_t parts) {
   if (x.size() != 4 || kernel.size() != 4 || y.size() != 4 || strides.size() != 2 ||
       padding.size() != 4 || dilation.size() != 2) {
     return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: expected NHWC/HWIO ranks and 2-D attributes"));
@@ -42,9 +61,10 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const 
     return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: channel or batch sizes disagree"));
   }
   const auto f32 = memory::data_type::f32;
+  const int64_t batch = x[0] / parts;
   Geometry g;
-  g.src = memory::desc({x[0], x[3], x[1], x[2]}, f32, Tag::nhwc);
-  g.dst = memory::desc({y[0], y[3], y[1], y[2]}, f32, Tag::nhwc);
+  g.src = memory::desc({batch, x[3], x[1], x[2]}, f32, Tag::nhwc);
+  g.dst = memory::desc({batch, y[3], y[1], y[2]}, f32, Tag::nhwc);
   memory::dims weight_dims = {kernel[3], kernel[2], kernel[0], kernel[1]};
   g.weights = memory::desc(weight_dims, f32, Tag::hwio);
   g.weights_any = memory::desc(weight_dims, f32, Tag::any);
@@ -52,6 +72,9 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const 
   g.dilation = {dilation[0] - 1, dilation[1] - 1};
   g.pad_lo = {padding[0], padding[2]};
   g.pad_hi = {padding[1], padding[3]};
+  g.batch = batch;
+  g.image_in = x[1] * x[2] * x[3];
+  g.image_out = y[1] * y[2] * y[3];
   return g;
 }
 
@@ -107,47 +130,111 @@ PrimitiveDesc BackwardDesc(const Geometry& g) {
                        g.strides, g.dilation, g.pad_lo, g.pad_hi, ForwardDesc(g), Attr());
 }
 
-// Runs `body(geometry, stream)` on the call's geometry; oneDNN's errors become XLA's.
+// OpenMP, so oneDNN, on one thread for this thread's calls while in scope.
+class SingleThreaded {
+ public:
+  SingleThreaded() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~SingleThreaded() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+// How many parts the batch of `x` (N, H, W, C) splits into: one per pool thread, all the same
+// size; else 1.
+int64_t Parts(const ffi::ThreadPool& pool, ffi::Span<const int64_t> x) {
+  int64_t threads = pool.num_threads();
+  return threads > 1 && x.size() == 4 && x[0] % threads == 0 ? threads : 1;
+}
+
+// Runs part(0) .. part(n - 1), single-threaded each, on this thread and n - 1 pool tasks: each
+// takes the next part not yet taken, so the call ends even when the pool's threads are busy.
+// Returns the first oneDNN error's text, empty when none.
+std::string ForEachPart(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& part) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+    int64_t done = 0;
+    std::string error;
+  };
+  auto state = std::make_shared<State>();
+  // A task that starts after the call returned finds no part left and never touches `part`.
+  auto take_parts = [state, &part, n] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      std::string error;
+      try {
+        SingleThreaded single_threaded;
+        part(i);
+      } catch (const dnnl::error& e) {
+        error = e.what();
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->error.empty()) state->error = error;
+      if (++state->done == n) state->all_done.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < n; ++i) pool.Schedule(std::function<void()>(take_parts));
+  take_parts();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, [&] { return state->done == n; });
+  return state->error;
+}
+
+// Runs `body(geometry, part, stream)` for each part of the batch (the whole batch as part 0 when
+// it does not split); oneDNN's errors become XLA's.
 template <typename Body>
-ffi::Error Run(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
-               ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
-               ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation, Body&& body) {
-  auto geometry = MakeGeometry(x, kernel, y, strides, padding, dilation);
+ffi::Error Run(ffi::ThreadPool& pool, int64_t parts, ffi::Span<const int64_t> x,
+               ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> y,
+               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+               ffi::Span<const int64_t> dilation, Body&& body) {
+  auto geometry = MakeGeometry(x, kernel, y, strides, padding, dilation, parts);
   if (geometry.has_error()) return geometry.error();
-  try {
+  auto run_part = [&](int64_t part) {
     dnnl::stream stream(Engine());
-    body(*geometry, stream);
+    body(*geometry, part, stream);
     stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv: ") + e.what());
+  };
+  std::string error;
+  if (parts == 1) {
+    try {
+      run_part(0);
+    } catch (const dnnl::error& e) {
+      error = e.what();
+    }
+  } else {
+    error = ForEachPart(pool, parts, run_part);
   }
+  if (!error.empty()) return ffi::Error::Internal("oneDNN conv: " + error);
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  return Run(x.dimensions(), kernel.dimensions(), y->dimensions(), strides, padding, dilation,
-             [&](const Geometry& g, dnnl::stream& stream) {
+  int64_t parts = Parts(pool, x.dimensions());
+  return Run(pool, parts, x.dimensions(), kernel.dimensions(), y->dimensions(), strides, padding,
+             dilation, [&](const Geometry& g, int64_t part, dnnl::stream& stream) {
     auto pd = ForwardDesc(g);
-    memory src(g.src, Engine(), x.typed_data());
+    memory src(g.src, Engine(), x.typed_data() + part * g.batch * g.image_in);
     memory weights(g.weights, Engine(), kernel.typed_data());
-    memory dst(g.dst, Engine(), y->typed_data());
+    memory dst(g.dst, Engine(), y->typed_data() + part * g.batch * g.image_out);
     memory weights_used = Reordered(stream, weights, pd.weights_desc());
     Execute<decltype(pd), dnnl::convolution_forward>(
         stream, pd, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights_used}, {DNNL_ARG_DST, dst}});
   });
 }
 
-ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
                      ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  return Run(dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides, padding, dilation,
-             [&](const Geometry& g, dnnl::stream& stream) {
+  int64_t parts = Parts(pool, dx->dimensions());
+  return Run(pool, parts, dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides,
+             padding, dilation, [&](const Geometry& g, int64_t part, dnnl::stream& stream) {
     auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g);
-    memory diff_dst(g.dst, Engine(), dy.typed_data());
+    memory diff_dst(g.dst, Engine(), dy.typed_data() + part * g.batch * g.image_out);
     memory weights(g.weights, Engine(), kernel.typed_data());
-    memory diff_src(g.src, Engine(), dx->typed_data());
+    memory diff_src(g.src, Engine(), dx->typed_data() + part * g.batch * g.image_in);
     memory weights_used = Reordered(stream, weights, pd.weights_desc());
     Execute<decltype(pd), dnnl::convolution_backward_data>(
         stream, pd,
@@ -155,15 +242,24 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
   });
 }
 
-ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+// Each part's kernel gradient goes to its own HWIO buffer (part 0's to the result), summed after.
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dkernel, ffi::Span<const int64_t> strides,
                       ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
-  return Run(x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides, padding, dilation,
-             [&](const Geometry& g, dnnl::stream& stream) {
+  int64_t parts = Parts(pool, x.dimensions());
+  int64_t size = dkernel->element_count();
+  thread_local std::vector<float> buffer;  // The calling thread's; other threads write to it.
+  buffer.resize(size * (parts - 1));
+  float* part_grads = buffer.data();  // Parts 1 .. n - 1.
+  float* result = dkernel->typed_data();
+  ffi::Error error = Run(pool, parts, x.dimensions(), dkernel->dimensions(), dy.dimensions(),
+                         strides, padding, dilation,
+                         [&](const Geometry& g, int64_t part, dnnl::stream& stream) {
     auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g);
-    memory src(g.src, Engine(), x.typed_data());
-    memory diff_dst(g.dst, Engine(), dy.typed_data());
-    memory diff_weights(g.weights, Engine(), dkernel->typed_data());
+    memory src(g.src, Engine(), x.typed_data() + part * g.batch * g.image_in);
+    memory diff_dst(g.dst, Engine(), dy.typed_data() + part * g.batch * g.image_out);
+    float* grad = part == 0 ? result : part_grads + (part - 1) * size;
+    memory diff_weights(g.weights, Engine(), grad);
     bool direct = pd.diff_weights_desc() == g.weights;
     memory computed = direct ? diff_weights : ThreadBuffer(kKernel, pd.diff_weights_desc());
     Execute<decltype(pd), dnnl::convolution_backward_weights>(
@@ -171,6 +267,13 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
         {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, computed}});
     Reordered(stream, computed, g.weights, diff_weights);
   });
+  if (error.success()) {
+    for (int64_t part = 1; part < parts; ++part) {
+      const float* grad = part_grads + (part - 1) * size;
+      for (int64_t i = 0; i < size; ++i) result[i] += grad[i];
+    }
+  }
+  return error;
 }
 
 }  // namespace
@@ -182,18 +285,21 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegjaxOnednnConvForward, Forward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegjaxOnednnConvInputGrad, InputGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegjaxOnednnConvKernelGrad, KernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);

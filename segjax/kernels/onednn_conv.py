@@ -7,6 +7,9 @@ signature and values; float32 NHWC/HWIO convolutions without feature groups or i
 run on the CPU as three XLA FFI custom calls into oneDNN (`onednn_conv.cc`): the forward pass,
 the input gradient and the kernel gradient (a `jax.custom_vjp`). Other backends, dtypes and
 layouts go to `jax.lax` unchanged, chosen at trace time by `jax.lax.platform_dependent`.
+A call whose batch divides among XLA's CPU threads (one per core) runs as one single-threaded
+oneDNN call per thread, on XLA's own thread pool, the kernel gradient summed over them; others
+run whole on oneDNN's OpenMP threads (`onednn_conv.cc` says why).
 
 oneDNN comes from PyPI, a dependency of segjax on Linux x86-64 (`onednn-cpu-gomp`, its headers
 in `onednn-devel-cpu-gomp`); the handlers are compiled with the system's C++ compiler on first

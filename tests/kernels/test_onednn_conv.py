@@ -58,6 +58,19 @@ CASES = [
 
 @pytest.mark.parametrize("x_shape, k_shape, strides, padding, dilation", CASES)
 def test_values_and_gradients_match_lax(x_shape, k_shape, strides, padding, dilation):
+  _assert_matches_lax(x_shape, k_shape, strides, padding, dilation)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_batches_split_across_xla_threads_match_lax(extra):
+  """A batch that divides among XLA's CPU threads (one per core) runs as one single-threaded
+  oneDNN call per thread, the kernel gradient summed over them; one that does not, whole."""
+  batch = 2 * len(os.sched_getaffinity(0)) + extra
+  _assert_matches_lax((batch, 12, 10, 16), (3, 3, 16, 24), (1, 1), "SAME", (1, 1))
+  _assert_matches_lax((batch, 11, 9, 8), (3, 3, 8, 4), (2, 2), "VALID", (1, 1))
+
+
+def _assert_matches_lax(x_shape, k_shape, strides, padding, dilation):
   x, kernel = _normal(0, x_shape, k_shape)
 
   def loss(conv_fn):

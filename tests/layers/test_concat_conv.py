@@ -1,5 +1,6 @@
-"""Tests for segjax/layers/concat_conv.py: the sum of per-input convolutions is flax's Conv on
-the concatenation (variables, outputs and gradients), and ConvBlock takes either form."""
+"""Tests for segjax/layers/concat_conv.py: the sum of per-input convolutions (XLA's) and the
+convolution of the concatenation (oneDNN's) are flax's Conv on the concatenation (variables,
+outputs and gradients), and ConvBlock takes either form."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segjax.kernels import onednn_conv
 from segjax.layers.concat_conv import ConcatConv
+from segjax.layers.conv import cpu_convolutions
 from segjax.layers.conv_blocks import ConvBlock
 
 
@@ -25,7 +28,10 @@ def _parts(channels, seed=0, size=(2, 8, 6)):
     ((6,), (3, 3), True),
   ],
 )
-def test_matches_flax_conv_on_the_concatenation(channels, kernel_size, use_bias):
+@pytest.mark.parametrize("convolutions", ["xla", "onednn"])
+def test_matches_flax_conv_on_the_concatenation(channels, kernel_size, use_bias, convolutions):
+  if convolutions == "onednn" and not onednn_conv.available():
+    pytest.skip("oneDNN unavailable")
   parts = _parts(channels)
   concat = jnp.concatenate(parts, -1)
   split = ConcatConv(5, kernel_size, use_bias=use_bias)
@@ -37,11 +43,15 @@ def test_matches_flax_conv_on_the_concatenation(channels, kernel_size, use_bias)
   jax.tree.map(np.testing.assert_array_equal, variables, reference)  # Same initializers.
   if use_bias:  # A nonzero bias, so that it is checked too.
     variables = {"params": {**variables["params"], "bias": 0.1 * jnp.arange(5.0)}}
-  out = split.apply(variables, parts)
+  with cpu_convolutions(convolutions):
+    out = split.apply(variables, parts)
+    calls = jax.jit(split.apply).lower(variables, parts).as_text().count("segjax_onednn_conv")
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+    grads = jax.grad(lambda v, xs: jnp.sum(split.apply(v, xs) * cotangent), (0, 1))(
+      variables, parts
+    )
+  assert calls == (1 if convolutions == "onednn" else 0)  # oneDNN: one call on the concatenation.
   np.testing.assert_allclose(out, plain.apply(variables, concat), rtol=1e-5, atol=1e-5)
-
-  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
-  grads = jax.grad(lambda v, xs: jnp.sum(split.apply(v, xs) * cotangent), (0, 1))(variables, parts)
   ref = jax.grad(
     lambda v, xs: jnp.sum(plain.apply(v, jnp.concatenate(xs, -1)) * cotangent), (0, 1)
   )(variables, parts)
