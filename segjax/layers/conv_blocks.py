@@ -22,7 +22,7 @@ class ConvBlock(nn.Module):
   """Two 3x3 'SAME' convolutions ("conv_0", "conv_1"), each followed by a norm ("norm_0",
   "norm_1") and ReLU: a U-Net level. The input is an array or a tuple or list of arrays (e.g.
   the upsampled features and the skip) that "conv_0" takes as their channel concatenation
-  (`segjax.layers.concat_conv`: the same variables, without concatenating).
+  (`segjax.layers.concat_conv`: the same variables; with XLA's kernels, without concatenating).
 
   Attributes:
     features: output channels of both convolutions.
