@@ -192,10 +192,10 @@ def test_unet_step_on_onednn_convolutions_computes_the_same():
     for _ in range(2):
       state, metrics = step(state, batch, key)
     results.append((jax.device_get(metrics), jax.device_get(state.params)))
-  # Depth 2: 4 convs in the encoder, 2 in the bottleneck, 2 x 3 in the decoder (its first
-  # ones a conv per part), 2 up-convolutions (1x1 to 4x the channels), the 1x1 head: 15, each
-  # with its gradients but for the image's.
-  assert calls == [[15, 14, 15], [0, 0, 0]]
+  # Depth 2: 4 convs in the encoder, 2 in the bottleneck, 2 x 2 in the decoder (its first ones
+  # on the concatenation of the upsampled features and the skip), 2 up-convolutions (1x1 to 4x
+  # the channels), the 1x1 head: 13, each with its gradients but for the image's.
+  assert calls == [[13, 12, 13], [0, 0, 0]]
   (metrics_a, params_a), (metrics_b, params_b) = results
   np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
   jax.tree.map(
