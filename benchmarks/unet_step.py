@@ -29,6 +29,8 @@ gain:
              higher-ranked classes, `semantic.in_top_k`).
   previous_bn  flax's BatchNorm (current: segjax/layers/batch_norm.py, its sums over the
              batch as matrix-vector products, forward and backward).
+  previous_bn_relu  the ConvBlocks' BatchNorm and ReLU in XLA (current: fused, one FFI call
+             forward and one backward, segjax/kernels/batch_norm_relu.py).
   xla_xnn_greedy  every step compiled with XLA:CPU's XNNPACK graph fusion (greedy).
   previous_upconv  the 2x up-convolutions as XLA's matrix product under oneDNN too (current:
              oneDNN's 1x1 convolution to 4x the channels, segjax/layers/upconv.py).
@@ -167,6 +169,8 @@ PREVIOUS_POOL = {"segjax.layers.pool": {"max_pool_2x2": previous_max_pool_2x2}}
 PREVIOUS_TOPK = {"segjax.train.semantic": {"in_top_k": previous_in_top_k}}
 PREVIOUS_CONCAT = {"segjax.layers.concat_conv": {"onednn_selected": lambda: False}}
 PREVIOUS_BN = {"segjax.layers.norms": {"BatchNorm": nn.BatchNorm}}
+# ConvBlock fuses ReLU into the BatchNorms it recognises: none.
+PREVIOUS_BN_RELU = {"segjax.layers.conv_blocks": {"BatchNorm": type("NoBatchNorm", (), {})}}
 KGRAD_TAPS, KGRAD_IM2COL = (
   {m: {"PlainConv": conv_with_kernel_grad(method)} for m in PATCHED_MODULES[:2]}
   for method in ("taps", "im2col")
@@ -199,6 +203,7 @@ CANDIDATES = {
   "previous_topk": ({}, PREVIOUS_TOPK),
   "previous_concat": ({}, PREVIOUS_CONCAT),
   "previous_bn": ({}, PREVIOUS_BN),
+  "previous_bn_relu": ({}, PREVIOUS_BN_RELU),
   "onednn": ({}, {}),
   "previous_upconv": ({}, {"segjax.layers.upconv": {"upconv2x": previous_upconv2x}}),
   "kgrad_taps": ({}, KGRAD_TAPS),

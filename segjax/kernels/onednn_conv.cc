@@ -11,21 +11,14 @@
 // two calls at once (an input and a kernel gradient) put twice as many busy threads as cores.
 // A batch that does not split evenly runs whole, on oneDNN's OpenMP threads.
 
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "parts.h"
 #include "xla/ffi/api/ffi.h"
-
-extern "C" int omp_get_max_threads(void);
-extern "C" void omp_set_num_threads(int);
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -130,55 +123,11 @@ PrimitiveDesc BackwardDesc(const Geometry& g) {
                        g.strides, g.dilation, g.pad_lo, g.pad_hi, ForwardDesc(g), Attr());
 }
 
-// OpenMP, so oneDNN, on one thread for this thread's calls while in scope.
-class SingleThreaded {
- public:
-  SingleThreaded() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~SingleThreaded() { omp_set_num_threads(saved_); }
-
- private:
-  int saved_;
-};
-
 // How many parts the batch of `x` (N, H, W, C) splits into: one per pool thread, all the same
 // size; else 1.
 int64_t Parts(const ffi::ThreadPool& pool, ffi::Span<const int64_t> x) {
   int64_t threads = pool.num_threads();
   return threads > 1 && x.size() == 4 && x[0] % threads == 0 ? threads : 1;
-}
-
-// Runs part(0) .. part(n - 1), single-threaded each, on this thread and n - 1 pool tasks: each
-// takes the next part not yet taken, so the call ends even when the pool's threads are busy.
-// Returns the first oneDNN error's text, empty when none.
-std::string ForEachPart(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& part) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mutex;
-    std::condition_variable all_done;
-    int64_t done = 0;
-    std::string error;
-  };
-  auto state = std::make_shared<State>();
-  // A task that starts after the call returned finds no part left and never touches `part`.
-  auto take_parts = [state, &part, n] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      std::string error;
-      try {
-        SingleThreaded single_threaded;
-        part(i);
-      } catch (const dnnl::error& e) {
-        error = e.what();
-      }
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->error.empty()) state->error = error;
-      if (++state->done == n) state->all_done.notify_all();
-    }
-  };
-  for (int64_t i = 1; i < n; ++i) pool.Schedule(std::function<void()>(take_parts));
-  take_parts();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->all_done.wait(lock, [&] { return state->done == n; });
-  return state->error;
 }
 
 // Runs `body(geometry, part, stream)` for each part of the batch (the whole batch as part 0 when
@@ -203,7 +152,7 @@ ffi::Error Run(ffi::ThreadPool& pool, int64_t parts, ffi::Span<const int64_t> x,
       error = e.what();
     }
   } else {
-    error = ForEachPart(pool, parts, run_part);
+    error = segjax::ForEachPart(pool, parts, run_part);
   }
   if (!error.empty()) return ffi::Error::Internal("oneDNN conv: " + error);
   return ffi::Error::Success();

@@ -36,6 +36,10 @@ from jax import lax
 Array = jax.Array
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+# Compiled into the same library: BatchNorm + ReLU (segjax/layers/batch_norm.py), and the
+# splitting of a call's work over XLA's threads that both use.
+OTHER_SOURCES = tuple(pathlib.Path(__file__).with_name(n) for n in ("batch_norm_relu.cc",))
+HEADERS = tuple(pathlib.Path(__file__).with_name(n) for n in ("parts.h",))
 LIBRARY_DIST = "onednn-cpu-gomp"
 HEADERS_DIST = "onednn-devel-cpu-gomp"
 ONEDNN_VERSION = "2023.2.0"  # pyproject.toml's; oneDNN 3.2.
@@ -43,6 +47,10 @@ _TARGETS = {
   "forward": "SegjaxOnednnConvForward",
   "input_grad": "SegjaxOnednnConvInputGrad",
   "kernel_grad": "SegjaxOnednnConvKernelGrad",
+}
+_OTHER_TARGETS = {
+  "segjax_batch_norm_relu_forward": "SegjaxBatchNormReluForward",
+  "segjax_batch_norm_relu_backward": "SegjaxBatchNormReluBackward",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _lock = threading.Lock()
@@ -84,7 +92,7 @@ def build() -> pathlib.Path:
     b"\0".join(
       str(part).encode()
       for part in (
-        SOURCE.read_bytes(),
+        *(f.read_bytes() for f in (SOURCE, *OTHER_SOURCES, *HEADERS)),
         jax.__version__,
         importlib.metadata.version(LIBRARY_DIST),
         library,
@@ -100,7 +108,8 @@ def build() -> pathlib.Path:
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     partial = pathlib.Path(tmp) / target.name
     command = [
-      compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", str(partial),
+      compiler, "-O3", "-std=c++17", "-shared", "-fPIC", str(SOURCE), *map(str, OTHER_SOURCES),
+      "-o", str(partial),
       f"-I{jax.ffi.include_dir()}", f"-I{include_dir}", str(library),
       f"-Wl,-rpath,{library.parent}",
     ]  # fmt: skip
@@ -131,10 +140,9 @@ def load() -> None:
     except OnednnUnavailable as e:
       _failure = e
       raise
-    for name, symbol in _TARGETS.items():
-      jax.ffi.register_ffi_target(
-        f"segjax_onednn_conv_{name}", jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
-      )
+    targets = {f"segjax_onednn_conv_{name}": symbol for name, symbol in _TARGETS.items()}
+    for name, symbol in {**targets, **_OTHER_TARGETS}.items():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     _loaded = True
 
 

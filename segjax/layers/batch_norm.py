@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from segjax.kernels import batch_norm_relu
+from segjax.layers.conv import onednn_selected
+
 Array = jax.Array
 
 
@@ -89,9 +92,16 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    self,
+    x: Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: Array | None = None,
+    relu: bool = False,
   ) -> Array:
-    """x: `(..., C)`; mask: boolean, broadcastable to `x.shape[:-1] + (1,)`."""
+    """x: `(..., C)`; mask: boolean, broadcastable to `x.shape[:-1] + (1,)`; relu: ReLU after
+    (fused with the norm on the CPU, `segjax.kernels.batch_norm_relu`, when training on float32
+    without a mask or cross-device axis under `cpu_convolutions("onednn")`)."""
     use_running_average = nn.merge_param(
       "use_running_average", self.use_running_average, use_running_average
     )
@@ -101,6 +111,21 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     rows = x.reshape(-1, c)
+    fused = (
+      relu
+      and not use_running_average
+      and mask is None
+      and self.axis_name is None
+      and onednn_selected()
+      and x.dtype == scale.dtype == bias.dtype == jnp.float32
+      and self.dtype in (None, jnp.float32)
+    )
+    if fused:
+      z, mean, var = batch_norm_relu.batch_norm_relu(rows, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      return z.reshape(x.shape)
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
@@ -120,4 +145,5 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     mul = lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
     y = affine(rows, mean, mul, bias.astype(jnp.float32)).reshape(x.shape)
-    return y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+    y = y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+    return nn.relu(y) if relu else y

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.layers import norms
+from segjax.layers.batch_norm import BatchNorm
 from segjax.layers.concat_conv import ConcatConv
 from segjax.layers.conv import Conv, PlainConv
 
@@ -51,7 +52,10 @@ class ConvBlock(nn.Module):
       layer = norms.norm_layer(
         self.norm, train=train, dtype=self.dtype, name=f"norm_{i}", momentum=self.bn_momentum
       )
-      x = nn.relu(x if layer is None else layer(x))
+      if isinstance(layer, BatchNorm):
+        x = layer(x, relu=True)  # Fused with the norm where it can be.
+      else:
+        x = nn.relu(x if layer is None else layer(x))
     return x
 
 
