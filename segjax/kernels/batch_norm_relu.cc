@@ -38,7 +38,11 @@ int64_t RowParts(const ffi::ThreadPool& pool, int64_t rows) {
 constexpr int64_t kBlock = 256;  // Rows summed in float before adding to the double totals.
 
 // The loops over rows, compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load time).
+#if defined(__x86_64__)
 #define SEGJAX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SEGJAX_CLONES
+#endif
 
 // sums[0:C] += sum of x - pivot, sums[C:2C] += sum of (x - pivot)^2 over rows r (a pivot near
 // the mean keeps E[x^2] - E[x]^2 from cancelling: the first row).
@@ -138,7 +142,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t rows = dims[0], c = dims[1];
   const int64_t parts = RowParts(pool, rows);
   const float* xs = x.typed_data();
-  std::vector<double> sums(parts * 2 * c, 0.0);  // Per part: sum of x, then of x^2.
+  std::vector<double> sums(parts * 2 * c, 0.0);  // Per part: of x - pivot, then its square.
   ffi::Error error = Parallel(pool, parts, [&](int64_t part) {
     std::vector<float> acc(2 * c);
     SumX(xs, c, PartRows(rows, parts, part), xs, acc.data(), acc.data() + c,

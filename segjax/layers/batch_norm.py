@@ -12,7 +12,9 @@ variance, the running averages) is on `(C,)` vectors and left to autodiff.
 "mean", "var" batch statistics), arguments and values: the fast variance `E[x^2] - E[x]^2`
 clipped at 0, statistics in float32 whatever the computation dtype; with a `mask`, statistics
 of the marked rows and every row normalized; under `axis_name`, each device's moments averaged
-over that axis.
+over that axis. `relu=True` applies ReLU after; training on float32 without a mask or
+`axis_name` under `cpu_convolutions("onednn")`, norm and ReLU then run fused on the CPU
+(`segjax.kernels.batch_norm_relu`; the U-Net's ConvBlocks ask for it).
 """
 
 from typing import Any
