@@ -9,19 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.kernels import batch_norm_relu, onednn_conv
+from segjax.kernels import batch_norm_relu
 from segjax.layers.batch_norm import BatchNorm
 from segjax.layers.conv import cpu_convolutions
 
 EPS = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library():
-  try:
-    onednn_conv.load()
-  except onednn_conv.OnednnUnavailable as e:
-    pytest.skip(f"oneDNN's library unavailable: {e}")
 
 
 def _case(rows, c, seed, offset=0.0, constant_channel=False):

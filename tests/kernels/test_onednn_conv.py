@@ -22,14 +22,6 @@ from tests.markers import TEST_XLA_FLAGS
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onednn():
-  try:
-    onednn_conv.load()
-  except onednn_conv.OnednnUnavailable as e:
-    pytest.skip(f"oneDNN unavailable: {e}")
-
-
 def _normal(seed, *shapes):
   rng = np.random.default_rng(seed)
   return [rng.normal(size=shape).astype(np.float32) for shape in shapes]
