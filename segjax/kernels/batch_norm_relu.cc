@@ -74,7 +74,9 @@ SEGJAX_CLONES void NormRelu(const float* __restrict__ xs, float* __restrict__ zs
   for (int64_t i = r.first; i < r.last; ++i) {
     const float* __restrict__ row = xs + i * c;
     float* __restrict__ out = zs + i * c;
-    for (int64_t j = 0; j < c; ++j) out[j] = std::max(0.0f, (row[j] - mean[j]) * mul[j] + bias[j]);
+    for (int64_t j = 0; j < c; ++j) {  // max(v, 0): a NaN stays NaN, as in XLA's ReLU.
+      out[j] = std::max((row[j] - mean[j]) * mul[j] + bias[j], 0.0f);
+    }
   }
 }
 
@@ -160,7 +162,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     }
     double shift = rows > 0 ? s1 / rows : 0.0;  // mean - pivot.
     double mean = rows > 0 ? xs[j] + shift : 0.0;
-    double var = rows > 0 ? std::max(0.0, s2 / rows - shift * shift) : 0.0;
+    double var = rows > 0 ? std::max(s2 / rows - shift * shift, 0.0) : 0.0;  // NaN stays.
     mean_out->typed_data()[j] = static_cast<float>(mean);
     var_out->typed_data()[j] = static_cast<float>(var);
     mul[j] = static_cast<float>(scales[j] / std::sqrt(static_cast<float>(var) + epsilon));

@@ -65,6 +65,16 @@ def test_gradients_match_xla(case):
     np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-4 * (float(jnp.abs(w).max()) + 1e-3))
 
 
+def test_a_nan_row_makes_everything_nan_as_in_xla():
+  x, scale, bias = _case(rows=9, c=4, seed=7)
+  x = x.at[3, 1].set(jnp.nan)
+  got = jax.jit(lambda *a: batch_norm_relu.batch_norm_relu(*a, EPS))(x, scale, bias)
+  want = jax.jit(lambda *a: batch_norm_relu.reference(*a, EPS))(x, scale, bias)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+  assert np.isnan(got[0][:, 1]).all() and not np.isnan(got[0][:, 0]).any()
+
+
 class _Block(nn.Module):
   fused: bool
 
