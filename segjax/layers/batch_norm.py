@@ -122,13 +122,10 @@ class BatchNorm(nn.Module):
       and x.dtype == scale.dtype == bias.dtype == jnp.float32
       and self.dtype in (None, jnp.float32)
     )
+    z = None
     if fused:
       z, mean, var = batch_norm_relu.batch_norm_relu(rows, scale, bias, self.epsilon)
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-      return z.reshape(x.shape)
-    if use_running_average:
+    elif use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
       if mask is None:
@@ -142,9 +139,11 @@ class BatchNorm(nn.Module):
       if self.axis_name is not None and not self.is_initializing():
         mean, mean2 = lax.pmean(jnp.stack([mean, mean2]), self.axis_name)
       var = jnp.maximum(0.0, mean2 - mean * mean)
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if not use_running_average and not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if z is not None:
+      return z.reshape(x.shape)
     mul = lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
     y = affine(rows, mean, mul, bias.astype(jnp.float32)).reshape(x.shape)
     y = y.astype(nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
